@@ -1,0 +1,3 @@
+from artscale.cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""`artscale demo | pack | verify | train | export | generate | info`: parse, then dispatch.
+
+A UserError anywhere becomes one line on stderr and exit code 2. Heavy imports (torch,
+onnxruntime) happen inside the command that needs them, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from artscale import __version__
+from artscale.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_multiple_of_8(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0 or value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 8 (the model pools 3 times)")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on a generated sample collection")
+    p.add_argument("--out", type=Path, default=Path("artscale-demo"), help="where everything goes (default ./artscale-demo)")
+    p.add_argument("--steps", type=int, default=0, help="training steps (default: a few minutes on CPU)")
+
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="pack an image folder (class subfolders) into WebDataset shards")
+    p.add_argument("src", type=Path, help="image folder with one subfolder per class")
+    p.add_argument("out", type=Path, help="shards directory to write")
+    p.add_argument("--size", type=_positive_multiple_of_8, default=128, help="training image size (default 128)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share of files in the val split (default 0.05)")
+    p.add_argument("--workers", type=int, default=0, help="decode processes (default: all cores)")
+    p.add_argument("--classes", default="", help="comma-separated class folders to pack (default: all)")
+    p.add_argument("--resize", choices=["stretch", "center-crop"], default="stretch")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--max-pixels", type=int, default=178_956_970, help="skip larger images (decompression bombs)")
+    p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller (default: off)")
+    p.add_argument("--follow-symlinks", action="store_true", help="pack symlinks that lead outside SRC")
+    p.add_argument("--shard-max-count", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-max-bytes", type=int, default=0, help="bytes per shard (default: no limit)")
+    p.add_argument("--force", action="store_true", help="start over, discarding shards already in OUT")
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="re-check every shard against manifest.json")
+    p.add_argument("shards", type=Path)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train (same code as: accelerate launch launch/train.py ...)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="[--config FILE] [key=value ...]")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="checkpoint to ONNX (uint8 NHWC in and out), parity-checked")
+    p.add_argument("source", type=Path, help="a run dir, a checkpoint, or an article .pth")
+    p.add_argument("out", type=Path, help="the .onnx file to write")
+    p.add_argument("--fp16", action="store_true", help="half precision weights and compute (I/O stays uint8)")
+    p.add_argument("--size", type=_positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)")
+    p.add_argument("--shards", type=Path, default=None, help="val shards for the parity check (default: the run's data)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="run an exported model over a directory tree")
+    p.add_argument("model", type=Path)
+    p.add_argument("in_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
+    p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
+    p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
+    p.add_argument("--shard-index", type=int, default=None, help="default: $SLURM_ARRAY_TASK_ID or 0")
+    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument("--quality", type=int, default=95)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", type=_positive_multiple_of_8, default=0, help="resize to this size (default: the model's training size)")
+    size.add_argument("--native", action="store_true", help="each image at its own size, rounded to a multiple of 8")
+    p.add_argument("--max-side", type=_positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
+    p.add_argument("--restore-size", action="store_true", help="resize outputs back to each input's size")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="decode/encode threads (default: from the core count)")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what a shards dir, run dir, checkpoint or .onnx holds")
+    p.add_argument("path", type=Path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="artscale", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"artscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info):
+        add(sub)
+    return parser
+
+
+def _info(path: Path) -> str:
+    if not path.exists():
+        raise UserError(f"{path} not found")
+    if path.suffix == ".onnx":
+        from artscale.export import describe_onnx
+
+        return describe_onnx(path)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from artscale.shards import describe_shards
+
+        return describe_shards(path)
+    from artscale.checkpoint import describe
+
+    return describe(path)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from artscale.demo import run_demo
+
+        run_demo(args.out, steps=args.steps)
+    elif args.command == "pack":
+        from artscale.shards import pack
+
+        opts = vars(args).copy()
+        for k in ("command", "src", "out"):
+            opts.pop(k)
+        opts["classes"] = [c for c in opts["classes"].split(",") if c]
+        pack(args.src, args.out, **opts)
+    elif args.command == "verify":
+        from artscale.shards import verify
+
+        problems = verify(args.shards)
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 1 if problems else 0
+    elif args.command == "train":
+        from artscale.train import main as train_main
+
+        train_main(args.args)
+    elif args.command == "export":
+        from artscale.export import export_onnx
+
+        export_onnx(args.source, args.out, fp16=args.fp16, size=args.size or None, shards=args.shards)
+    elif args.command == "generate":
+        from artscale.generate import generate
+
+        num_shards = args.num_shards if args.num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+        shard_index = args.shard_index if args.shard_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+        opts = vars(args).copy()
+        for k in ("command", "model", "in_dir", "out_dir", "num_shards", "shard_index"):
+            opts.pop(k)
+        generate(args.model, args.in_dir, args.out_dir, num_shards=num_shards, shard_index=shard_index, **opts)
+    elif args.command == "info":
+        print(_info(args.path))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = _dispatch(args)
+    except UserError as e:
+        print(f"artscale: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("artscale: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Training configuration: the article's values as defaults, a YAML file, then key=value overrides.
+
+`load_config` is a pure function shared by `artscale train` and `launch/train.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from artscale.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    # data and places
+    data: str = "shards/demo"  # a shards dir (with manifest.json) or a webdataset URL pattern
+    run_dir: str = "runs/default"  # checkpoints/, samples/, wandb/, final/ go here
+    image_size: int = 128  # training resolution; must match the shards (multiple of 8)
+    # optimisation (the article: Adam 1e-3, StepLR(30 epochs, 0.1), 150 epochs, batch 32)
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    scale_lr: bool = False  # multiply lr by processes x grad_accum (never done silently)
+    lr_step_epochs: float = 30  # StepLR period, in epochs, applied per optimizer step
+    lr_gamma: float = 0.1
+    epochs: float = 150  # an epoch is the manifest's train count / global batch
+    max_steps: int = 0  # > 0 overrides epochs
+    grad_accum: int = 1
+    max_grad_norm: float = 0.0  # 0 disables clipping (the grad norm is still logged)
+    # loss
+    perceptual_weight: float = 1.0
+    vgg_weights: str = "imagenet"  # imagenet | a local torchvision VGG16 .pth/.safetensors | random
+    # speed
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 2  # DataLoader workers per process
+    hflip: bool = False  # random horizontal flip of training images
+    # policies, in optimizer steps
+    log_every: int = 10
+    sample_every: int = 500
+    val_every: int = 500
+    val_batches: int = 0  # 0: the whole val split
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    # tracking
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
+    wandb_project: str = "artscale"
+    run_name: str = ""
+    tags: list[str] = field(default_factory=list)
+    # runtime
+    seed: int = 0
+    resume: str = "latest"  # latest | a checkpoint path | "" (start fresh; refused if run_dir has checkpoints)
+    force: bool = False  # allow a run_dir whose saved config differs
+    pg_timeout_s: int = 600  # a rank waiting longer than this on its peers fails instead of hanging
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Turn a YAML value or a CLI string into the field's type, or say clearly why not."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise UserError(f"config {name}={value!r}: choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+        origin = get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise UserError(f"config {name}={value!r}: expected true or false")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"config {name}={value!r}: expected a list")
+        return [str(v) for v in value]
+    try:
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config {name}={value!r}: expected {hint.__name__}") from None
+    raise TypeError(f"unhandled config type {hint} for {name}")
+
+
+def _validate(cfg: TrainConfig) -> TrainConfig:
+    if cfg.image_size <= 0 or cfg.image_size % 8:
+        raise UserError(f"config image_size={cfg.image_size}: must be a positive multiple of 8")
+    for name in ("batch_size", "grad_accum", "log_every", "sample_every", "val_every", "checkpoint_every"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"config {name}={getattr(cfg, name)}: must be > 0")
+    if cfg.lr <= 0:
+        raise UserError(f"config lr={cfg.lr}: must be > 0")
+    if cfg.max_steps < 0 or cfg.epochs < 0 or (cfg.max_steps == 0 and cfg.epochs == 0):
+        raise UserError("config: set epochs > 0 or max_steps > 0")
+    if cfg.keep_checkpoints < 1:
+        raise UserError(f"config keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML (or JSON) file at `path`, then `key=value` overrides, validated."""
+    hints = get_type_hints(TrainConfig)
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {p} must hold a mapping of key: value")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"expected key=value, got {item!r}")
+        values[key.strip().replace("-", "_")] = value
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UserError(f"unknown config key {', '.join(unknown)}; valid keys: {', '.join(hints)}")
+    cfg = TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+    return _validate(cfg)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A config saved as config.json (in a run dir or a checkpoint), ignoring keys that no longer exist."""
+    hints = get_type_hints(TrainConfig)
+    return TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items() if k in hints})
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Write config.json atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
