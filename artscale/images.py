@@ -7,6 +7,7 @@ also generates, and every bad file is skipped with the same reason in both.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,10 @@ IMAGE_EXTENSIONS = frozenset(
 # Files that are never images and never worth a skip line: OS junk and sidecar text.
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
 JUNK_EXTENSIONS = frozenset({".txt", ".md", ".json", ".csv", ".xml", ".xmp", ".ini", ".log", ".db", ".html", ".pdf.txt"})
+# Formats people keep in art collections that Pillow cannot decode: named, not "not an image".
+UNSUPPORTED_EXTENSIONS = frozenset(
+    {".heic", ".heif", ".svg", ".svgz", ".pdf", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raw", ".orf", ".rw2", ".jxl", ".kra", ".xcf"}
+)
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 x MAX_IMAGE_PIXELS)
 
 Resize = Literal["stretch", "center-crop"]
@@ -38,6 +43,14 @@ def is_ignored(path: Path) -> bool:
 
 def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's hard bomb limit when the caller allows more; it only ever grows, so
+    threads racing here are harmless (the caller's own check is the one that counts)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and max_pixels > 2 * limit:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -72,29 +85,44 @@ def load_image(
     size: tuple[int, int] | None = None,
     resize: Resize = "stretch",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 0,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `path` to an oriented RGB image, resized to `size` (width, height) when given.
 
     Returns the image and the original oriented size. Raises SkipImage with the reason for any
-    file that is not a whole, decodable image. JPEGs are decoded at reduced scale with
+    file that is not a whole, decodable image, has more than `max_pixels` pixels, or a shorter
+    side below `min_side`. JPEGs are decoded at reduced scale with
     `draft()` when a smaller size is asked for (DCT scaling: about 2.5x faster).
     """
     path = Path(path)
+    _allow_pixels(max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit (max_pixels) decides below; Pillow's warning would fire at a fixed 89 Mpx.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise SkipImage(f"too many pixels (limit {max_pixels})") from None
     except UnidentifiedImageError:
+        if path.suffix.lower() in UNSUPPORTED_EXTENSIONS:
+            raise SkipImage(f"unsupported format ({path.suffix.lower()})") from None
         raise SkipImage("not an image") from None
     except IsADirectoryError:
-        raise SkipImage("not a file") from None
+        raise SkipImage("unreadable: a folder, not a file") from None
+    except FileNotFoundError:
+        raise SkipImage("unreadable: missing (a broken symlink?)") from None
     except OSError as e:
-        raise SkipImage(f"unreadable: {e.strerror or e}") from None
+        if e.errno is not None:  # the file system said no
+            raise SkipImage(f"unreadable: {e.strerror or e}") from None
+        raise SkipImage(f"truncated or corrupt: {e}") from None  # Pillow's parser gave up on the header
+    except (SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise SkipImage(f"truncated or corrupt: {e}") from None
     with im:
         if im.width * im.height > max_pixels:
             raise SkipImage(f"too many pixels: {im.width}x{im.height} (limit {max_pixels})")
+        if min(im.size) < min_side:
+            raise SkipImage(f"too small: {im.width}x{im.height} (min size {min_side})")
+        full = im.size  # draft() below shrinks im.size; the manifest wants the real one
         if size is not None and im.format == "JPEG":
             # Orientation may swap the sides: ask for a scale that covers the larger side both ways.
             side = max(size)
@@ -103,14 +131,17 @@ def load_image(
             # Decode first: on a PNG, reading EXIF (getexif) would load a corrupt image and fail
             # in a place that swallowed the error (FACTS.md).
             im.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
+            if "not available" in str(e):  # Pillow built without that codec (e.g. JPEG 2000)
+                raise SkipImage(f"unsupported: {e}") from None
             raise SkipImage(f"truncated or corrupt: {e}") from None
         try:
             oriented = ImageOps.exif_transpose(im)
         except Exception as e:  # a broken EXIF block must not lose an otherwise good image
             warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({e})")
             oriented = im
-        original = oriented.size
+        turned = oriented.size != im.size  # a 90-degree EXIF rotation swaps the sides
+        original = (full[1], full[0]) if turned else full
         rgb = _to_rgb(oriented)
         if rgb is im:
             rgb = im.copy()
@@ -138,3 +169,8 @@ def decode_bytes(data: bytes) -> Image.Image:
     """Decode an already-validated image (a shard sample) to RGB."""
     with Image.open(io.BytesIO(data)) as im:
         return _to_rgb(im) if im.mode != "RGB" else im.copy()
+
+
+def resize_image(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Stretch an RGB image to `size` (width, height): generate's --native and --restore-size."""
+    return _fit(im, size, "stretch")
