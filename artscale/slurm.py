@@ -1,0 +1,282 @@
+"""SLURM glue: the per-node `accelerate launch` line, signal forwarding, and merging generation reports.
+
+The sbatch scripts in slurm/ stay thin and call `python -m artscale.slurm ...` for anything a
+test should check: the launch line is a pure function (`accelerate_launch_command`), so what
+2 nodes x 8 GPUs start is asserted without a cluster. `artscale submit` lives in
+artscale/submit.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from artscale.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "launch" / "train.py"
+
+
+def accelerate_launch_command(
+    *,
+    num_machines: int,
+    machine_rank: int,
+    processes_per_machine: int,
+    main_ip: str,
+    main_port: int,
+    mixed_precision: str = "no",
+    use_gpu: bool = True,
+    script: str = "launch/train.py",
+    script_args: Sequence[str] = (),
+    accelerate: str = "accelerate",
+) -> tuple[list[str], dict[str, str]]:
+    """The command one machine runs, and the environment it needs on top of its own.
+
+    Every machine runs the same line except `--machine_rank`. `--rdzv_backend static`: SLURM
+    fixes the machines and their ranks before anything starts, so there is nothing to elect.
+    CPU ranks: accelerate 1.15's `--cpu` never starts more than one process, so a CPU job is
+    `--multi_gpu` with ACCELERATE_USE_CPU=1 (gloo).
+    """
+    if num_machines < 1 or processes_per_machine < 1:
+        raise UserError(f"need at least 1 machine and 1 process per machine, got {num_machines} x {processes_per_machine}")
+    if not 0 <= machine_rank < num_machines:
+        raise UserError(f"machine rank {machine_rank} is outside 0..{num_machines - 1}")
+    total = num_machines * processes_per_machine
+    cmd = [accelerate, "launch"]
+    env: dict[str, str] = {}
+    if not use_gpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+        if total == 1:
+            cmd.append("--cpu")
+    if total > 1:
+        cmd.append("--multi_gpu")
+    cmd += ["--num_machines", str(num_machines), "--num_processes", str(total)]
+    if num_machines > 1:
+        cmd += [
+            "--machine_rank", str(machine_rank),
+            "--main_process_ip", main_ip,
+            "--main_process_port", str(main_port),
+            "--rdzv_backend", "static",
+            "--same_network",
+        ]
+    cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", script, *script_args]
+    return cmd, env
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (`node[01-04]` -> `node01`), as scontrol expands it."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    hosts = out.stdout.split()
+    if not hosts:
+        raise UserError(f"scontrol could not expand the node list {nodelist!r}")
+    return hosts[0]
+
+
+def gpus_on_node(env: Mapping[str, str]) -> int:
+    """GPUs this task may use: ARTSCALE_GPUS_PER_NODE, else what SLURM granted, else CUDA_VISIBLE_DEVICES."""
+    for key in ("ARTSCALE_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE"):
+        if env.get(key, "").strip():
+            return int(env[key])
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return len([d for d in visible.split(",") if d]) if visible and visible != "-1" else 0
+
+
+def main_port(env: Mapping[str, str]) -> int:
+    """ARTSCALE_MAIN_PORT, else a port picked from the job id, so two jobs on one host do not collide."""
+    if env.get("ARTSCALE_MAIN_PORT", "").strip():
+        return int(env["ARTSCALE_MAIN_PORT"])
+    return 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+
+
+def node_launch_command(env: Mapping[str, str], main_ip: str, train_args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The launch line for this srun task, from the SLURM environment it runs in.
+
+    One srun task per machine: `SLURM_NTASKS` machines, this one is `SLURM_PROCID`. With
+    `--ntasks-per-node=1` that is the node's rank (`SLURM_NODEID`); using the task id instead
+    also lets one node play two machines, which is how the tests run it on one host.
+    """
+    from artscale.config import load_config
+
+    config, overrides = _split_train_args(train_args)
+    cfg = load_config(config, overrides)
+    gpus = gpus_on_node(env)
+    per_machine = gpus if gpus > 0 else int(env.get("ARTSCALE_CPU_PROCESSES", "1"))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    return accelerate_launch_command(
+        num_machines=int(env.get("SLURM_NTASKS", "1")),
+        machine_rank=int(env.get("SLURM_PROCID", "0")),
+        processes_per_machine=per_machine,
+        main_ip=main_ip,
+        main_port=main_port(env),
+        mixed_precision=cfg.mixed_precision,
+        use_gpu=gpus > 0,
+        script=str(TRAIN_SCRIPT),
+        script_args=train_args,
+        accelerate=accelerate,
+    )
+
+
+def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`--config FILE` (or `--config=FILE`) and the key=value overrides, as launch/train.py reads them."""
+    config, rest, it = None, [], iter(args)
+    for a in it:
+        if a == "--config":
+            config = next(it, None)
+            if config is None:
+                raise UserError("--config needs a file")
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return config, rest
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc (the training ranks of an `accelerate launch`)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def run_node(train_args: Sequence[str]) -> int:
+    """Run this machine's `accelerate launch`, passing USR1/TERM to the training ranks themselves.
+
+    The launcher does not forward SIGUSR1 (its default action would kill it and orphan the
+    ranks), so the signal goes to its children: each rank checkpoints at the next step and exits.
+    """
+    env = dict(os.environ)
+    main_ip = first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1"
+    cmd, extra = node_launch_command(env, main_ip, train_args)
+    rank = env.get("SLURM_PROCID", "0")
+    print(f"artscale: machine {rank}: {' '.join(cmd)}", flush=True)
+    launcher = subprocess.Popen(cmd, env={**env, **extra})
+
+    def forward(signum: int, _frame: object) -> None:
+        kids = _children(launcher.pid)
+        print(f"artscale: machine {rank}: {signal.Signals(signum).name} -> training ranks {kids}", flush=True)
+        for kid in kids:
+            try:
+                os.kill(kid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGUSR1, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return launcher.wait()
+
+
+def run_finished(train_args: Sequence[str]) -> bool:
+    """Has this run reached its last step? (Then a job must not requeue itself.)"""
+    from artscale.config import load_config
+
+    config, overrides = _split_train_args(train_args)
+    cfg = load_config(config, overrides)
+    return (Path(cfg.run_dir) / "final").is_dir()
+
+
+def merge_reports(out_dir: Path, num_shards: int) -> dict:
+    """Merge OUT/report-I-of-K.json (I = 0..K-1) into one report; UserError if any is missing or leaves an input out."""
+    out_dir = Path(out_dir)
+    shards = []
+    for i in range(num_shards):
+        path = out_dir / f"report-{i}-of-{num_shards}.json"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
+        shards.append(json.loads(path.read_text()))
+    merged = _combine(shards)
+    merged["num_shards"] = num_shards
+    return merged
+
+
+def _combine(shards: list[dict]) -> dict:
+    counts = ("inputs", "written", "already_done", "skipped")
+    merged: dict = {k: 0 for k in counts}
+    merged["skipped_files"] = []
+    for i, rep in enumerate(shards):
+        for k in counts:
+            merged[k] += _count(rep.get(k, 0))
+        merged["skipped_files"] += rep.get("skipped_files", rep.get("skipped") if isinstance(rep.get("skipped"), list) else [])
+        accounted = sum(_count(rep.get(k, 0)) for k in counts[1:])
+        if accounted != _count(rep.get("inputs", 0)):
+            raise UserError(f"shard {i}: {rep.get('inputs')} inputs but only {accounted} written, already done or skipped")
+    return merged
+
+
+def _count(value: object) -> int:
+    return len(value) if isinstance(value, (list, dict)) else int(value or 0)
+
+
+def write_merged(out_dir: Path, num_shards: int) -> dict:
+    """merge_reports, then OUT/report.json written atomically."""
+    merged = merge_reports(out_dir, num_shards)
+    target = Path(out_dir) / "report.json"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    tmp.replace(target)
+    return merged
+
+
+def wait_for_job(job_id: str, timeout: float, poll: float = 0.5) -> str:
+    """Poll `scontrol show job` until the job leaves PENDING/RUNNING/REQUEUED...; its final state."""
+    deadline = time.monotonic() + timeout
+    active = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
+    state = ""
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state and state not in active:
+            return state
+        time.sleep(poll)
+    raise TimeoutError(f"job {job_id} still {state or 'unknown'} after {timeout:.0f} s")
+
+
+def job_state(job_id: str) -> str:
+    """JobState from `scontrol show job` ('' when SLURM no longer knows the job)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    for word in out.stdout.split():
+        if word.startswith("JobState="):
+            return word.split("=", 1)[1]
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry for the sbatch scripts: `python -m artscale.slurm node|finished|merge ...`."""
+    p = argparse.ArgumentParser(prog="python -m artscale.slurm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    node = sub.add_parser("node", help="run this machine's accelerate launch (one srun task per machine)")
+    node.add_argument("train_args", nargs=argparse.REMAINDER)
+    fin = sub.add_parser("finished", help="exit 0 when the run has reached its last step")
+    fin.add_argument("train_args", nargs=argparse.REMAINDER)
+    merge = sub.add_parser("merge", help="merge per-shard generation reports into OUT/report.json")
+    merge.add_argument("out_dir", type=Path)
+    merge.add_argument("--num-shards", type=int, required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "node":
+            return run_node(args.train_args)
+        if args.cmd == "finished":
+            return 0 if run_finished(args.train_args) else 1
+        merged = write_merged(args.out_dir, args.num_shards)
+        print(f"artscale: merged {args.num_shards} reports: {merged['inputs']} inputs, {merged['written']} written, "
+              f"{merged['already_done']} already done, {merged['skipped']} skipped")
+        return 0
+    except UserError as e:
+        print(f"artscale: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
