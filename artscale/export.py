@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +150,14 @@ def _export_graph(model: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
     wrapper = Uint8Model(copy.deepcopy(model).to(dtype), dtype).eval()
     buf = io.BytesIO()
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
-    torch.onnx.export(
-        wrapper, (example,), buf, dynamo=False, opset_version=OPSET,  # dynamo needs onnxscript (FACTS.md)
-        input_names=[INPUT], output_names=[OUTPUT, FLOAT_OUTPUT],
-        dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (INPUT, OUTPUT, FLOAT_OUTPUT)},
-        training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript exporter": chosen on purpose
+        torch.onnx.export(
+            wrapper, (example,), buf, dynamo=False, opset_version=OPSET,  # dynamo needs onnxscript (FACTS.md)
+            input_names=[INPUT], output_names=[OUTPUT, FLOAT_OUTPUT],
+            dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (INPUT, OUTPUT, FLOAT_OUTPUT)},
+            training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True,
+        )
     return onnx.load_from_string(buf.getvalue())
 
 

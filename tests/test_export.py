@@ -1,0 +1,155 @@
+"""Export: real torch.onnx exports read back by real onnxruntime sessions, compared with PyTorch.
+Models here have random weights and random BatchNorm statistics (no training, no VGG at all)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from _onnx_helpers import make_run_dir, random_model
+from artscale import __version__
+from artscale.errors import UserError
+from artscale.export import FP16_TOLERANCE, describe_onnx, export_onnx
+from artscale.model import normalize
+from conftest import run_cli
+
+
+def torch_uint8(model, images: np.ndarray) -> np.ndarray:
+    """The reference written out independently of export.py: normalise, model, x255, round."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        y = model(normalize(x))
+    return torch.round(y * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def onnx_run(path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images})[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model = random_model(1)
+    run = make_run_dir(root / "run", size=16, step=7, model=model)
+    report = export_onnx(run, root / "model.onnx")
+    return model, run, root / "model.onnx", report
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("hw", [(16, 16), (24, 40)])
+def test_onnx_matches_pytorch_for_any_batch_and_size(exported, n, hw):
+    model, _, path, report = exported
+    assert report["parity"]["max_float_diff"] <= 1e-4 and report["parity"]["max_uint8_diff"] <= 1
+    images = np.random.default_rng(n).integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+    got = onnx_run(path, images)
+    want = torch_uint8(model, images)
+    assert got.dtype == np.uint8 and got.shape == (n, *hw, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert got.std() > 5  # a real image came out, not a constant
+
+
+def test_graph_signature_metadata_and_info(exported):
+    _, run, path, _ = exported
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["generated"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    weights = run / "final" / "model.safetensors"
+    assert meta["artscale_version"] == __version__ and meta["step"] == "7" and meta["image_size"] == "16"
+    assert meta["source_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert json.loads(meta["config"])["image_size"] == 16
+    assert json.loads(meta["parity"])["images"] == "8 generated images"
+    text = describe_onnx(path)
+    assert "images: uint8 [N, H, W, 3]" in text and "generated: uint8 [N, H, W, 3]" in text
+    assert "step: 7" in text and f"source_sha256: {meta['source_sha256']}" in text
+
+
+@pytest.mark.slow
+def test_article_pth_exports_and_info_prints_it(tmp_path):
+    model = random_model(2)
+    torch.save(model.state_dict(), tmp_path / "article.pth")  # what the article's script saves
+    out = tmp_path / "exports" / "article.onnx"
+    result = run_cli("export", tmp_path / "article.pth", out, "--size", "24")
+    assert result.returncode == 0, result.stderr
+    assert "parity on 8 generated images" in result.stdout
+    images = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
+    assert np.abs(onnx_run(out, images).astype(int) - torch_uint8(model, images).astype(int)).max() <= 1
+    info = run_cli("info", out)
+    assert info.returncode == 0 and "image_size: 24" in info.stdout and "step: \n" in info.stdout + "\n"
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"PK\x03\x04 this was a checkpoint once")
+    result = run_cli("export", bad, tmp_path / "m.onnx")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("artscale: error: cannot read checkpoint")
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(UserError, match="not a ConvDiffusionModel state dict"):
+        export_onnx(tmp_path / "other.pth", tmp_path / "m.onnx", size=16)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_fp16_export_is_within_its_reported_tolerance(tmp_path):
+    model = random_model(3)
+    report = export_onnx(make_run_dir(tmp_path / "run", model=model), tmp_path / "half.onnx", fp16=True)
+    assert report["precision"] == "fp16" and report["parity"]["tolerance"] == list(FP16_TOLERANCE)
+    assert 0 < report["parity"]["max_float_diff"] <= FP16_TOLERANCE[0]
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 32, 3), dtype=np.uint8)
+    got = onnx_run(tmp_path / "half.onnx", images)
+    assert got.dtype == np.uint8 and np.abs(got.astype(int) - torch_uint8(model, images).astype(int)).max() <= FP16_TOLERANCE[1]
+
+
+def test_failed_parity_gate_writes_nothing(tmp_path):
+    """Weights that overflow half precision: fp32 PyTorch is fine, the fp16 graph gives inf/NaN."""
+    model = random_model(4)
+    with torch.no_grad():
+        model.enc1[0].weight.mul_(1e4)
+    run = make_run_dir(tmp_path / "run", model=model)
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous good export")
+    with pytest.raises(UserError, match="parity gate failed"):
+        export_onnx(run, out, fp16=True)
+    assert out.read_bytes() == b"the previous good export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "run"]
+
+
+def _val_shards(root, size: int, count: int):
+    """A shards dir as `artscale pack` writes it (manifest + val tar of jpg/png samples)."""
+    root.mkdir()
+    with tarfile.open(root / "val-000000.tar", "w") as tar:
+        for i in range(count):
+            arr = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, "PNG")
+            for name, data in ((f"s{i:03d}.png", buf.getvalue()), (f"s{i:03d}.cls", b"1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    manifest = {"image_size": size, "shards": [{"name": "val-000000.tar", "split": "val", "count": count}]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_parity_runs_on_the_val_shards(tmp_path):
+    shards = _val_shards(tmp_path / "shards", 16, 3)
+    run = make_run_dir(tmp_path / "run", data=str(shards))
+    report = export_onnx(run, tmp_path / "m.onnx")
+    assert report["parity"]["images"] == f"3 val images from {shards}"
+    with pytest.raises(UserError, match="no manifest.json"):
+        export_onnx(run, tmp_path / "m2.onnx", shards=tmp_path / "nowhere")
