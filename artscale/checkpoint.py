@@ -161,3 +161,150 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     model = ConvDiffusionModel()
     model.load_state_dict(weights.state_dict)
     return model.to(device).eval(), weights
+
+
+# Keys whose change alters what a run computes: a run dir trained with other values is refused
+# unless force=true. The rest (steps, logging, workers, tracker, resume) may change between runs.
+RUN_DEFINING_KEYS = (
+    "data", "image_size", "batch_size", "lr", "scale_lr", "lr_step_epochs", "lr_gamma", "grad_accum",
+    "max_grad_norm", "perceptual_weight", "vgg_weights", "mixed_precision", "hflip", "seed",
+)
+
+
+def check_run_dir(run_dir: str | Path, config: dict[str, Any], force: bool) -> None:
+    """Refuse to continue a run dir whose saved config.json defines a different run (unless forced)."""
+    saved = _read_json(Path(run_dir) / CONFIG_NAME)
+    if saved is None or force:
+        return
+    changed = [k for k in RUN_DEFINING_KEYS if k in saved and saved[k] != config.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}={saved[k]!r} there, {config.get(k)!r} now" for k in changed[:4])
+        raise UserError(f"run_dir {run_dir} was trained with another config ({diffs}): pick a new run_dir, or force=true")
+
+
+def resume_point(run_dir: str | Path, resume: str) -> Path | None:
+    """`latest` -> the newest complete checkpoint (or None); a path -> that checkpoint; "" -> None, if run_dir has none."""
+    if resume == "latest":
+        return latest_checkpoint(run_dir)
+    if not resume:
+        found = list_checkpoints(run_dir)
+        if found:
+            raise UserError(f"run_dir {run_dir} holds checkpoints up to step {found[-1][0]}: resume=latest continues it; or pick a new run_dir")
+        return None
+    path = Path(resume).expanduser()
+    if not (path / STATE_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise UserError(f"resume={resume}: not a complete checkpoint (expected {STATE_NAME} and {WEIGHTS_NAME} in it)")
+    return path
+
+
+class CheckpointManager:
+    """Owns when, where and how many: accelerate `save_state` into step-XXXXXX.tmp, config and
+    trainer state beside it, rename when complete, keep the newest `keep`.
+
+    Weights are saved from the plain module (`net`), never the DDP or torch.compile wrapper, so
+    their keys are the model's own (`enc1.0.weight`, not `module.` or `_orig_mod.`) and a
+    checkpoint from N processes loads in M. Needs run_dir on a filesystem all ranks share.
+    """
+
+    def __init__(self, accelerator: Any, run_dir: str | Path, config: dict[str, Any], net: torch.nn.Module,
+                 every: int, keep: int) -> None:
+        self.accelerator, self.config, self.net = accelerator, config, net
+        self.root = Path(run_dir) / "checkpoints"
+        self.every, self.keep = every, keep
+        self.last_saved: int | None = None
+        accelerator.register_save_state_pre_hook(self._save_plain_weights)
+        accelerator.register_load_state_pre_hook(self._load_plain_weights)
+
+    def _save_plain_weights(self, models: list, weights: list, output_dir: str) -> None:
+        weights[0] = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+
+    def _load_plain_weights(self, models: list, input_dir: str) -> None:
+        weights = load_weights(input_dir)
+        self.net.load_state_dict(weights.state_dict)
+        models.pop(0)  # loaded: accelerate would look for its own (wrapped) keys
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Model, optimizer, scaler and RNG state from `path`; returns its trainer state."""
+        self.accelerator.load_state(str(path))
+        state = _read_json(path / STATE_NAME) or {}
+        self.last_saved = state.get("step")
+        return state
+
+    def maybe_save(self, step: int, state: dict[str, Any]) -> Path | None:
+        return self.save(step, state) if step % self.every == 0 else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Every rank calls this at the same step. A failed write (disk full) keeps the previous checkpoint."""
+        acc = self.accelerator
+        final = self.root / step_dir_name(step)
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        error: OSError | None = None
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                write_json_atomic(tmp / CONFIG_NAME, self.config)
+                write_json_atomic(tmp / STATE_NAME, {**state, "step": step})
+        except OSError as e:  # ENOSPC, EFBIG, EDQUOT, EIO: say so on every rank, keep what was there
+            error = e
+        failed = acc.reduce(torch.tensor(float(error is not None), device=acc.device), "sum").item()
+        if failed:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = latest_checkpoint(self.root.parent)
+            why = f"{type(error).__name__}: {error}" if error else "failed on another rank"
+            raise UserError(f"could not write checkpoint {final} ({why}); kept {kept or 'no earlier checkpoint'}")
+        if acc.is_main_process:
+            if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
+                shutil.rmtree(final)
+            tmp.replace(final)
+            self._prune()
+        acc.wait_for_everyone()
+        self.last_saved = step
+        return final
+
+    def _prune(self) -> None:
+        for _, path in list_checkpoints(self.root.parent)[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for leftover in self.root.glob("step-*" + TMP_SUFFIX):  # from a run killed while saving
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _size(path: Path) -> str:
+    n = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return f"{n / 1e6:.1f} MB"
+
+
+def describe(path: str | Path) -> str:
+    """What a run dir, a checkpoint dir or a weights file holds (for `artscale info`)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} not found")
+    lines: list[str] = []
+    config = _read_json(path / CONFIG_NAME) if path.is_dir() else None
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "final").is_dir()):
+        lines.append(f"run dir {path}")
+        if config:
+            lines.append("  config: " + ", ".join(f"{k}={config.get(k)}" for k in ("data", "image_size", "batch_size", "lr", "max_steps", "epochs", "mixed_precision")))
+        found = list_checkpoints(path)
+        lines.append(f"  checkpoints: {len(found)}" + (f" (steps {', '.join(str(s) for s, _ in found)}; latest {found[-1][1]})" if found else ""))
+        for tmp in sorted((path / "checkpoints").glob("*" + TMP_SUFFIX)):
+            lines.append(f"  incomplete: {tmp.name} (a save that did not finish; ignored, removed by the next save)")
+        final = _read_json(path / "final" / STATE_NAME)
+        lines.append(f"  final weights: step {final.get('step')} ({path / 'final' / WEIGHTS_NAME})" if final else "  final weights: none yet")
+        return "\n".join(lines)
+    if path.is_dir() and (path / STATE_NAME).is_file():
+        state = _read_json(path / STATE_NAME) or {}
+        lines.append(f"checkpoint {path} ({_size(path)})")
+        lines.append("  state: " + ", ".join(f"{k}={v}" for k, v in sorted(state.items())))
+        if config:
+            lines.append("  config: " + ", ".join(f"{k}={config.get(k)}" for k in ("data", "image_size", "batch_size", "lr")))
+        lines.append("  files: " + ", ".join(sorted(p.name for p in path.iterdir())))
+        return "\n".join(lines)
+    weights = load_weights(path)
+    params = sum(v.numel() for v in weights.state_dict.values())
+    lines.append(f"weights {weights.path}: ConvDiffusionModel, {len(weights.state_dict)} tensors, {params:,} values")
+    lines.append(f"  step: {weights.step if weights.step is not None else 'unknown (article .pth)'}")
+    return "\n".join(lines)
