@@ -155,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from artscale.train import main as train_main
 
-        train_main(args.args)
+        return train_main(args.args)
     elif args.command == "export":
         from artscale.export import export_onnx
 
