@@ -1,0 +1,330 @@
+"""Bulk generation: an exported model over a directory tree, mirrored into OUT_DIR.
+
+decode threads (images.py, `draft()` for JPEGs) -> a bounded window -> batches of equal size
+through one onnxruntime session -> encode/write threads. Pillow and onnxruntime release the GIL,
+so plain threads overlap on real cores. Each output is written under a temporary name and
+renamed; a rerun skips outputs that exist. No torch here: workers start in well under a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from artscale.errors import UserError
+from artscale.images import SkipImage, encode_image, is_ignored, is_image_name, load_image, resize_image
+
+INPUT, OUTPUT = "images", "generated"
+TMP_SUFFIX = ".artscale-tmp"
+EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of IN_DIR: its relative path, its output's relative path, or why it has none."""
+
+    rel: str
+    out: str = ""
+    ignored: bool = False
+    reason: str = ""  # set when the file is skipped before decoding
+
+
+def output_names(names: list[str], ext: str, folders: set[str] = frozenset()) -> dict[str, str]:
+    """File names of one folder -> output names: `x.jpg` -> `x.png`, but when two inputs (or a
+    folder) would share that name, each keeps its whole name: `x.jpg.png`, `x.png.png`.
+    Names that still clash with a folder map to ""."""
+    whole: set[str] = set()
+    while True:
+        out = {n: (n if n in whole else os.path.splitext(n)[0]) + ext for n in names}
+        users: dict[str, list[str]] = {}
+        for name, target in out.items():
+            users.setdefault(target, []).append(name)
+        clash = {n for target, group in users.items() if len(group) > 1 or target in folders for n in group}
+        if not clash - whole:
+            return {n: ("" if out[n] in folders else out[n]) for n in names}
+        whole |= clash
+
+
+def list_inputs(in_dir: Path, ext: str) -> list[Entry]:
+    """Every file under in_dir in a stable order (sorted walk), named over the whole listing."""
+    entries: list[Entry] = []
+    for dirpath, dirnames, filenames in os.walk(in_dir):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(in_dir)
+        links = {d for d in dirnames if (here / d).is_symlink()}
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
+        candidates = []
+        for name in sorted(filenames) + sorted(links):
+            rel = (rel_dir / name).as_posix()
+            if name in links:
+                entries.append(Entry(rel, reason="symlink to a folder (not followed)"))
+            elif is_ignored(Path(name)):
+                entries.append(Entry(rel, ignored=True))
+            elif not is_image_name(Path(name)):
+                entries.append(Entry(rel, reason=f"not an image file name ({Path(name).suffix or 'no extension'})"))
+            else:
+                candidates.append(name)
+        names = output_names(candidates, ext, set(dirnames) | links)
+        for name in candidates:
+            rel = (rel_dir / name).as_posix()
+            out = names[name]
+            entries.append(Entry(rel, (rel_dir / out).as_posix()) if out else Entry(rel, reason="its output name is a folder's name"))
+    return entries
+
+
+def shard_of(rel: str, num_shards: int) -> int:
+    """A stable shard for a relative path: the same on every machine, unchanged when files are added."""
+    return int.from_bytes(hashlib.sha1(os.fsencode(rel)).digest()[:8], "big") % num_shards
+
+
+def native_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """An image's own size, scaled down to fit max_side, each side rounded to a multiple of 8."""
+    scale = min(1.0, max_side / max(size))
+    return tuple(max(8, int(side * scale / 8 + 0.5) * 8) for side in size)  # type: ignore[return-value]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cuda_hint() -> str:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver here (libcuda.so.1 not found)"
+    return "CUDA 13 / cuDNN 9 libraries missing or no usable GPU"
+
+
+def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: str, threads: int):
+    """An onnxruntime session on the device asked for; returns (session, provider actually used).
+
+    onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
+    is disabled in the session, and `get_providers()` is read back after creation (FACTS.md).
+    """
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)  # its C++ lines about missing libraries: we say it in one line
+
+    def options(strict: bool):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # Decode/encode threads share these cores: idle onnxruntime workers must sleep, not spin.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if strict:
+            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        return opts
+
+    def cpu_session():
+        try:
+            return ort.InferenceSession(str(model), options(False), providers=["CPUExecutionProvider"])
+        except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail: not a usable model
+            raise UserError(f"cannot load {model} as an ONNX model: {str(e).splitlines()[0][:200]}") from None
+
+    if device == "cpu":
+        return cpu_session(), "CPUExecutionProvider"
+    available = ort.get_available_providers()
+    wanted = (["TensorrtExecutionProvider"] if provider == "tensorrt" else []) + ["CUDAExecutionProvider"]
+    problem = ""
+    if not set(wanted) <= set(available):
+        problem = f"this onnxruntime has no {' or '.join(p for p in wanted if p not in available)} (install onnxruntime-gpu)"
+    else:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels torch brings, without importing torch
+        try:
+            session = ort.InferenceSession(str(model), options(True), providers=wanted)
+            used = session.get_providers()[0]
+            if used in GPU_PROVIDERS:
+                return session, used
+            problem = f"onnxruntime chose {used}"
+        except Exception as e:  # the fallback-disabled Fail, or a model error the CPU session names below
+            problem = str(e).splitlines()[0][:160]
+    session = cpu_session()
+    why = problem if problem.startswith("this onnxruntime") else _cuda_hint()
+    if device == "cuda" and not allow_cpu_fallback:
+        raise UserError(f"--device cuda: CUDA does not run here ({why}); use --device cpu, or add --allow-cpu-fallback")
+    print(f"artscale: --device {device}: CUDA does not run here ({why}); running on CPU", file=sys.stderr)
+    return session, "CPUExecutionProvider"
+
+
+class Runner:
+    """session.run for one batch; on a GPU with IO binding, so onnxruntime copies host <-> device
+    around its own compute while the decode/encode threads keep the CPU busy."""
+
+    def __init__(self, session, io_device: str | None) -> None:
+        self.session = session
+        self.binding = session.io_binding() if io_device else None
+        self.io_device = io_device
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.binding is None:
+            return self.session.run([OUTPUT], {INPUT: batch})[0]
+        self.binding.bind_cpu_input(INPUT, batch)
+        self.binding.bind_output(OUTPUT, self.io_device)
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.copy_outputs_to_cpu()[0]
+
+
+def _decode(path: Path, size: int, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    if size:
+        im, original = load_image(path, (size, size))
+    else:
+        im, original = load_image(path)
+        target = native_size(original, max_side)
+        if im.size != target:
+            im = resize_image(im, target)
+    return np.asarray(im), original
+
+
+def _write(path: Path, pixels: np.ndarray, original: tuple[int, int] | None, fmt: str, quality: int) -> None:
+    im = Image.fromarray(pixels, "RGB")
+    if original and im.size != original:
+        im = resize_image(im, original)
+    data = encode_image(im, fmt, quality)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")  # one name per output: a rerun overwrites a stale one
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _check_args(model: Path, in_dir: Path, out_dir: Path, num_shards: int, shard_index: int, quality: int, size: int, batch_size: int, workers: int) -> None:
+    if not model.is_file():
+        raise UserError(f"model {model} not found")
+    if not in_dir.is_dir():
+        raise UserError(f"input folder {in_dir} not found")
+    src, dst = in_dir.resolve(), out_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise UserError(f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: its outputs would become inputs; choose another place")
+    if dst in src.parents:
+        raise UserError(f"IN_DIR {in_dir} is inside OUT_DIR {out_dir}: outputs could land among the inputs; choose another place")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard-index {shard_index} --num-shards {num_shards}: need num-shards >= 1 and 0 <= shard-index < num-shards")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality {quality}: must be 1..100")
+    if size < 0 or size % 8:
+        raise UserError(f"--size {size}: must be a positive multiple of 8")
+    if batch_size < 1 or workers < 0:
+        raise UserError("--batch-size must be >= 1 and --workers >= 0")
+
+
+def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_shards: int = 1, shard_index: int = 0,
+             device: str = "auto", allow_cpu_fallback: bool = False, provider: str = "default", image_format: str = "png",
+             quality: int = 95, size: int = 0, native: bool = False, max_side: int = 1024, restore_size: bool = False,
+             batch_size: int = 8, workers: int = 0) -> dict:
+    """Run MODEL over this shard of IN_DIR into OUT_DIR; returns the report (also written as JSON)."""
+    model, in_dir, out_dir = Path(model), Path(in_dir), Path(out_dir)
+    _check_args(model, in_dir, out_dir, num_shards, shard_index, quality, size, batch_size, workers)
+    if image_format not in EXTENSIONS:
+        raise UserError(f"--format {image_format}: choose one of {', '.join(EXTENSIONS)}")
+    cores = _cores()
+    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=cores)
+    inp = session.get_inputs()[0]
+    if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+        raise UserError(f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)")
+    trained = session.get_modelmeta().custom_metadata_map.get("image_size", "")
+    if not native and not size:
+        if not trained.isdigit():
+            raise UserError(f"{model} does not say its image size; pass --size or --native")
+        size = int(trained)
+    workers = workers or cores
+
+    started = time.perf_counter()
+    entries = [e for e in list_inputs(in_dir, EXTENSIONS[image_format]) if shard_of(e.rel, num_shards) == shard_index]
+    skipped = [{"path": e.rel, "reason": e.reason} for e in entries if e.reason]
+    ignored = sum(e.ignored for e in entries)
+    candidates = [e for e in entries if e.out]
+    todo = [e for e in candidates if not (out_dir / e.out).exists()]
+    already_done = len(candidates) - len(todo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    run = _Pipeline(Runner(session, None if used == "CPUExecutionProvider" else "cuda"), batch_size, workers,
+                    size=size, max_side=max_side, restore=restore_size, fmt=image_format, quality=quality)
+    written, batches = run(todo, in_dir, out_dir, skipped)
+    wall = time.perf_counter() - started
+    report = {
+        "model": str(model), "in_dir": str(in_dir), "out_dir": str(out_dir), "shard_index": shard_index, "num_shards": num_shards,
+        "inputs_seen": len(entries), "written": written, "already_done": already_done, "skipped": len(skipped),
+        "ignored": ignored, "skipped_files": sorted(skipped, key=lambda s: s["path"]), "provider": used,
+        "size": "native" if native else size, "format": image_format, "batches": batches,
+        "wall_s": round(wall, 3), "img_per_s": round(written / wall, 2) if wall > 0 else 0.0,
+    }
+    name = "report.json" if num_shards == 1 else f"report-{shard_index}-of-{num_shards}.json"
+    tmp = out_dir / f".{name}{TMP_SUFFIX}"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out_dir / name)
+    print(f"generated {written} images ({already_done} already done, {len(skipped)} skipped, {ignored} ignored) "
+          f"in {wall:.1f} s, {report['img_per_s']} img/s on {used}; report: {out_dir / name}")
+    return report
+
+
+class _Pipeline:
+    """decode pool -> in-order window -> batches by shape -> session -> encode/write pool; all bounded."""
+
+    def __init__(self, runner: Runner, batch_size: int, workers: int, *, size: int, max_side: int, restore: bool, fmt: str, quality: int) -> None:
+        self.runner, self.batch_size, self.workers = runner, batch_size, workers
+        self.size, self.max_side, self.restore, self.fmt, self.quality = size, max_side, restore, fmt, quality
+        self.limit = 2 * batch_size + workers  # images in flight per stage: memory stays bounded
+
+    def __call__(self, todo: list[Entry], in_dir: Path, out_dir: Path, skipped: list[dict]) -> tuple[int, int]:
+        pending: dict[tuple, list] = {}  # shape -> [(entry, pixels, original)], native sizes batch apart
+        writes: deque[Future] = deque()
+        window: deque[tuple[Entry, Future]] = deque()
+        batches = written = 0
+        bar = tqdm(total=len(todo), unit="img", desc="generate", disable=None, dynamic_ncols=True)
+        source = iter(todo)
+        with ThreadPoolExecutor(self.workers, "decode") as decoders, ThreadPoolExecutor(self.workers, "encode") as encoders:
+
+            def refill() -> None:
+                while len(window) < self.limit and (entry := next(source, None)) is not None:
+                    window.append((entry, decoders.submit(_decode, in_dir / entry.rel, self.size, self.max_side)))
+
+            def flush(shape: tuple) -> None:
+                nonlocal batches, written
+                group = pending.pop(shape)
+                outputs = self.runner(np.stack([pixels for _, pixels, _ in group]))
+                batches += 1
+                for (entry, _, original), pixels in zip(group, outputs):
+                    future = encoders.submit(_write, out_dir / entry.out, pixels, original if self.restore else None, self.fmt, self.quality)
+                    future.add_done_callback(lambda _: bar.update())
+                    writes.append(future)
+                written += len(group)
+                while len(writes) > self.limit:
+                    writes.popleft().result()  # re-raises a failed write: that fails the run
+
+            refill()
+            while window:
+                entry, future = window.popleft()
+                try:
+                    pixels, original = future.result()
+                except SkipImage as e:
+                    skipped.append({"path": entry.rel, "reason": str(e)})
+                    bar.update()
+                    refill()
+                    continue
+                refill()
+                group = pending.setdefault(pixels.shape, [])
+                group.append((entry, pixels, original))
+                if len(group) >= self.batch_size:
+                    flush(pixels.shape)
+                elif sum(map(len, pending.values())) > self.limit:
+                    flush(max(pending, key=lambda s: len(pending[s])))
+            for shape in list(pending):
+                flush(shape)
+            for future in writes:
+                future.result()
+        bar.close()
+        return written, batches

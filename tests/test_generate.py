@@ -1,0 +1,202 @@
+"""Generation: real onnxruntime sessions over real folders of real (and broken) image files.
+The model is exported once from random weights (no training, no VGG)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from _onnx_helpers import make_run_dir
+from artscale.errors import UserError
+from artscale.export import export_onnx
+from artscale.generate import TMP_SUFFIX, Runner, generate, list_inputs, native_size, output_names
+from conftest import VENV_BIN, make_image, run_cli
+
+
+def _cuda_usable() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def model16(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    export_onnx(make_run_dir(root / "run", size=16), root / "m16.onnx")
+    return root / "m16.onnx"
+
+
+GOOD = {  # input -> output, for --format png
+    "top.jpg": "top.png",
+    "x.jpg": "x.jpg.png", "x.png": "x.png.png",  # side by side: each keeps its whole name
+    "a/deep/er/leaf.jpeg": "a/deep/er/leaf.png",
+    "a/UPPER.JPG": "a/UPPER.png",
+    "a/with space & ünïcödé.png": "a/with space & ünïcödé.png",
+    "a/dots.in.name.webp": "a/dots.in.name.png",
+    "b/grey.png": "b/grey.png",
+    "b/rgba.png": "b/rgba.png",
+}
+BAD = {  # input -> reason (from images.py or the listing)
+    "broken.jpg": "", "a/empty.png": "", "b/text-not-image.png": "", "b/model.psd": "not an image file name (.psd)",
+}
+JUNK = [".DS_Store", "a/notes.txt", "b/Thumbs.db"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tree") / "in"
+    for i, rel in enumerate(GOOD):
+        make_image(root / rel, (20 + 7 * i, 40 - 2 * i), seed=i, fmt="WEBP" if rel.endswith("webp") else None)
+    Image.open(root / "b/grey.png").convert("L").save(root / "b/grey.png")
+    Image.open(root / "b/rgba.png").convert("RGBA").save(root / "b/rgba.png")
+    (root / "broken.jpg").write_bytes((root / "top.jpg").read_bytes()[:200])
+    (root / "a/empty.png").write_bytes(b"")
+    (root / "b/text-not-image.png").write_text("hello")
+    (root / "b/model.psd").write_bytes(b"8BPS")
+    for rel in JUNK:
+        (root / rel).write_bytes(b"junk")
+    (root / ".hidden").mkdir()
+    make_image(root / ".hidden/skipme.jpg", (16, 16), seed=99)
+    return root
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_output_names_follow_the_rule():
+    names = output_names(["x.jpg", "x.png", "x.jpg.jpg", "y.jpeg", "z.png", "sub.jpg"], ".png", {"sub.png"})
+    assert names == {"x.jpg": "x.jpg.png", "x.png": "x.png.png", "x.jpg.jpg": "x.jpg.jpg.png", "y.jpeg": "y.png",
+                     "z.png": "z.png", "sub.jpg": "sub.jpg.png"}
+    assert native_size((1000, 333), 512) == (512, 168) and native_size((20, 30), 1024) == (24, 32)
+
+
+def test_tree_is_mirrored_and_every_input_is_accounted_for(tree, model16, tmp_path):
+    out = tmp_path / "out"
+    report = generate(model16, tree, out, device="cpu", workers=2, batch_size=3)
+    assert _files(out) == set(GOOD.values()) | {"report.json"}
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["inputs_seen"] == len(GOOD) + len(BAD) + len(JUNK)
+    assert (report["written"], report["already_done"], report["skipped"], report["ignored"]) == (len(GOOD), 0, len(BAD), len(JUNK))
+    reasons = {s["path"]: s["reason"] for s in report["skipped_files"]}
+    assert set(reasons) == set(BAD) and reasons["b/model.psd"] == BAD["b/model.psd"]
+    assert reasons["broken.jpg"].startswith("truncated or corrupt") and reasons["a/empty.png"] == "not an image"
+    assert report["provider"] == "CPUExecutionProvider" and report["size"] == 16
+    for rel in GOOD.values():
+        with Image.open(out / rel) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and im.size == (16, 16)
+    assert not list(out.rglob(f"*{TMP_SUFFIX}"))
+
+
+def test_rerun_skips_finished_outputs(tree, model16, tmp_path):
+    out = tmp_path / "out"
+    generate(model16, tree, out, device="cpu")
+    (out / "top.png").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    report = generate(model16, tree, out, device="cpu")
+    assert (report["written"], report["already_done"]) == (1, len(GOOD) - 1)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert (out / "top.png").is_file()
+
+
+def test_shards_partition_the_files_exactly(tree, model16, tmp_path):
+    whole = generate(model16, tree, tmp_path / "whole", device="cpu")
+    out = tmp_path / "sharded"
+    reports = [generate(model16, tree, out, num_shards=3, shard_index=i, device="cpu") for i in range(3)]
+    assert _files(out) == (_files(tmp_path / "whole") - {"report.json"}) | {f"report-{i}-of-3.json" for i in range(3)}
+    assert sum(r["written"] for r in reports) == whole["written"] and all(r["already_done"] == 0 for r in reports)
+    assert sum(r["inputs_seen"] for r in reports) == whole["inputs_seen"]
+    skipped = [s["path"] for r in reports for s in r["skipped_files"]]
+    assert sorted(skipped) == sorted(s["path"] for s in whole["skipped_files"])
+    assert min(r["inputs_seen"] for r in reports) > 0
+    for rel in GOOD.values():
+        assert (out / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()
+
+
+def test_native_size_restore_size_and_formats(tree, model16, tmp_path):
+    entries = {e.rel: e for e in list_inputs(tree, ".jpg")}
+    report = generate(model16, tree, tmp_path / "native", device="cpu", native=True, max_side=24, image_format="jpg", quality=90)
+    assert report["written"] == len(GOOD) and report["size"] == "native"
+    for rel in GOOD:
+        with Image.open(tree / rel) as src, Image.open(tmp_path / "native" / entries[rel].out) as im:
+            assert im.format == "JPEG" and im.size == native_size(src.size, 24)
+    generate(model16, tree, tmp_path / "restored", device="cpu", size=32, restore_size=True, image_format="webp")
+    webp = {e.rel: e.out for e in list_inputs(tree, ".webp")}
+    assert webp["x.jpg"] == "x.jpg.webp" and webp["top.jpg"] == "top.webp"
+    for rel in GOOD:
+        with Image.open(tree / rel) as src, Image.open(tmp_path / "restored" / webp[rel]) as im:
+            assert im.format == "WEBP" and im.size == src.size
+
+
+def test_io_binding_runner_gives_the_same_pixels(model16):
+    session = ort.InferenceSession(str(model16), providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(0).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
+    plain, bound = Runner(session, None)(batch), Runner(session, "cpu")(batch)
+    assert plain.shape == (3, 16, 24, 3) and np.array_equal(plain, bound)
+
+
+def test_user_mistakes_are_refused(tree, model16, tmp_path):
+    with pytest.raises(UserError, match="inside IN_DIR"):
+        generate(model16, tree, tree / "out", device="cpu")
+    with pytest.raises(UserError, match="shard-index 3"):
+        generate(model16, tree, tmp_path / "o", num_shards=3, shard_index=3)
+    (tmp_path / "fake.onnx").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="cannot load"):
+        generate(tmp_path / "fake.onnx", tree, tmp_path / "o", device="cpu")
+    assert not (tree / "out").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cuda_usable(), reason="this machine has an NVIDIA driver: --device cuda may really run")
+def test_device_cuda_without_a_gpu(tree, model16, tmp_path):
+    out = tmp_path / "out"
+    strict = run_cli("generate", model16, tree, out, "--device", "cuda")
+    assert strict.returncode == 2 and strict.stderr.count("\n") == 1
+    assert strict.stderr.startswith("artscale: error: --device cuda: CUDA does not run here") and not out.exists()
+    # SLURM array defaults: task 1 of 2 writes its own report.
+    fallback = run_cli("generate", model16, tree, out, "--device", "cuda", "--allow-cpu-fallback",
+                       env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "1"})
+    assert fallback.returncode == 0, fallback.stderr
+    report = json.loads((out / "report-1-of-2.json").read_text())
+    assert report["provider"] == "CPUExecutionProvider" and report["written"] > 0 and report["shard_index"] == 1
+    assert "running on CPU" in fallback.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model16, tmp_path):
+    src = tmp_path / "in"
+    for i in range(160):
+        make_image(src / f"d{i % 4}" / f"img{i:03d}.jpg", (24 + i % 17, 32), seed=i)
+    cmd = [str(VENV_BIN / "artscale"), "generate", str(model16), str(src), "--device", "cpu", "--size", "128",
+           "--batch-size", "1", "--workers", "1"]
+    full = subprocess.run([*cmd[:4], str(tmp_path / "full"), *cmd[4:]], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd[:4], str(killed), *cmd[4:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(list(killed.rglob("*.png"))) < 20:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(killed.rglob("*.png")))
+    assert 20 <= done_at_kill < 160 and not (killed / "report.json").exists()
+    rerun = subprocess.run([*cmd[:4], str(killed), *cmd[4:]], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads((killed / "report.json").read_text())
+    assert report["already_done"] == done_at_kill and report["written"] == 160 - done_at_kill
+    assert _files(killed) == _files(tmp_path / "full")
+    assert not [p for p in killed.rglob("*") if p.name.endswith(TMP_SUFFIX)]
+    for rel in _files(killed) - {"report.json"}:
+        assert (killed / rel).read_bytes() == (tmp_path / "full" / rel).read_bytes(), rel
