@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -188,36 +187,55 @@ def run_finished(train_args: Sequence[str]) -> bool:
     return (Path(cfg.run_dir) / "final").is_dir()
 
 
+COUNTS = ("inputs_seen", "written", "already_done", "skipped", "ignored")
+
+
 def merge_reports(out_dir: Path, num_shards: int) -> dict:
-    """Merge OUT/report-I-of-K.json (I = 0..K-1) into one report; UserError if any is missing or leaves an input out."""
+    """Merge OUT/report-I-of-K.json (I = 0..K-1) into one report, checked against the input tree.
+
+    UserError when a shard's report is missing, when a shard does not account for each of its
+    inputs (written, already done, skipped with a reason, or ignored), when the shards together
+    did not see exactly the files IN_DIR holds, or when an output is missing.
+    """
+    from artscale.generate import EXTENSIONS, list_inputs, shard_of
+
     out_dir = Path(out_dir)
-    shards = []
+    reports = []
     for i in range(num_shards):
         path = out_dir / f"report-{i}-of-{num_shards}.json"
         if not path.is_file():
             raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
-        shards.append(json.loads(path.read_text()))
-    merged = _combine(shards)
-    merged["num_shards"] = num_shards
+        rep = json.loads(path.read_text())
+        if (rep.get("shard_index"), rep.get("num_shards")) != (i, num_shards):
+            raise UserError(f"{path} says shard {rep.get('shard_index')} of {rep.get('num_shards')}")
+        accounted = sum(rep[k] for k in COUNTS[1:])
+        if accounted != rep["inputs_seen"]:
+            raise UserError(f"{path}: {rep['inputs_seen']} inputs but {accounted} written, already done, skipped or ignored")
+        reports.append(rep)
+    in_dirs = {rep["in_dir"] for rep in reports}
+    if len(in_dirs) != 1:
+        raise UserError(f"the shards read different input folders: {', '.join(sorted(in_dirs))}")
+    in_dir = Path(in_dirs.pop())
+    if not in_dir.is_dir():
+        raise UserError(f"input folder {in_dir} not found (the merge checks every input against it)")
+    entries = list_inputs(in_dir, EXTENSIONS[reports[0]["format"]])
+    for i, rep in enumerate(reports):
+        expected = sum(shard_of(e.rel, num_shards) == i for e in entries)
+        if rep["inputs_seen"] != expected:
+            raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {in_dir} holds {expected} for it now")
+    skipped = {s["path"] for rep in reports for s in rep["skipped_files"]}
+    missing = [e.out for e in entries if e.out and e.rel not in skipped and not (out_dir / e.out).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} outputs are missing from {out_dir}, e.g. {missing[0]}")
+    merged = {k: sum(rep[k] for rep in reports) for k in COUNTS}
+    merged.update(
+        in_dir=str(in_dir), out_dir=str(out_dir), num_shards=num_shards,
+        skipped_files=sorted((s for rep in reports for s in rep["skipped_files"]), key=lambda s: s["path"]),
+        providers=sorted({rep.get("provider", "") for rep in reports}),
+        wall_s_max=max(rep.get("wall_s", 0.0) for rep in reports),
+        shards=[{k: rep.get(k) for k in ("shard_index", "inputs_seen", "written", "wall_s", "img_per_s", "provider")} for rep in reports],
+    )
     return merged
-
-
-def _combine(shards: list[dict]) -> dict:
-    counts = ("inputs", "written", "already_done", "skipped")
-    merged: dict = {k: 0 for k in counts}
-    merged["skipped_files"] = []
-    for i, rep in enumerate(shards):
-        for k in counts:
-            merged[k] += _count(rep.get(k, 0))
-        merged["skipped_files"] += rep.get("skipped_files", rep.get("skipped") if isinstance(rep.get("skipped"), list) else [])
-        accounted = sum(_count(rep.get(k, 0)) for k in counts[1:])
-        if accounted != _count(rep.get("inputs", 0)):
-            raise UserError(f"shard {i}: {rep.get('inputs')} inputs but only {accounted} written, already done or skipped")
-    return merged
-
-
-def _count(value: object) -> int:
-    return len(value) if isinstance(value, (list, dict)) else int(value or 0)
 
 
 def write_merged(out_dir: Path, num_shards: int) -> dict:
@@ -228,28 +246,6 @@ def write_merged(out_dir: Path, num_shards: int) -> dict:
     tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     tmp.replace(target)
     return merged
-
-
-def wait_for_job(job_id: str, timeout: float, poll: float = 0.5) -> str:
-    """Poll `scontrol show job` until the job leaves PENDING/RUNNING/REQUEUED...; its final state."""
-    deadline = time.monotonic() + timeout
-    active = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
-    state = ""
-    while time.monotonic() < deadline:
-        state = job_state(job_id)
-        if state and state not in active:
-            return state
-        time.sleep(poll)
-    raise TimeoutError(f"job {job_id} still {state or 'unknown'} after {timeout:.0f} s")
-
-
-def job_state(job_id: str) -> str:
-    """JobState from `scontrol show job` ('' when SLURM no longer knows the job)."""
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
-    for word in out.stdout.split():
-        if word.startswith("JobState="):
-            return word.split("=", 1)[1]
-    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "finished":
             return 0 if run_finished(args.train_args) else 1
         merged = write_merged(args.out_dir, args.num_shards)
-        print(f"artscale: merged {args.num_shards} reports: {merged['inputs']} inputs, {merged['written']} written, "
-              f"{merged['already_done']} already done, {merged['skipped']} skipped")
+        print(f"artscale: merged {args.num_shards} reports: {merged['inputs_seen']} inputs, {merged['written']} written, "
+              f"{merged['already_done']} already done, {merged['skipped']} skipped, {merged['ignored']} ignored")
         return 0
     except UserError as e:
         print(f"artscale: error: {e}", file=sys.stderr)

@@ -68,6 +68,8 @@ SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 # look at pending jobs every second (defaults 60 s / 30 s: a requeued job would idle that long)
 SchedulerParameters=sched_interval=1,bf_interval=1
+# a job whose dependency failed is cancelled instead of pending forever
+DependencyParameters=kill_invalid_depend
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1

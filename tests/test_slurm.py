@@ -4,13 +4,26 @@ cannot be downloaded on these machines."""
 
 from __future__ import annotations
 
+import filecmp
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from artscale.errors import UserError
+from conftest import make_image, run_cli
+
 from artscale.slurm import accelerate_launch_command, gpus_on_node, main_port, merge_reports, node_launch_command
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parents[1]
+CLUSTER_DIR = Path(os.environ.get("ARTSCALE_SLURM_DIR", "/tmp/artscale-slurm"))
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
 
 
 def test_launch_line_for_2_nodes_x_8_gpus():
@@ -78,3 +91,124 @@ def test_gpu_count_and_port_defaults():
     assert gpus_on_node({}) == 0
     assert main_port({"SLURM_JOB_ID": "123"}) == 20123 != main_port({"SLURM_JOB_ID": "124"})
     assert main_port({"ARTSCALE_MAIN_PORT": "29500", "SLURM_JOB_ID": "123"}) == 29500
+
+
+# --- on a real SLURM -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A SLURM that answers: $SLURM_CONF if set, else the local cluster (started when it is down)."""
+    if not shutil.which("sbatch"):
+        pytest.skip("sbatch not found: SLURM is not installed here (slurm/local-cluster.sh up installs Debian's slurm-wlm)")
+    if "SLURM_CONF" not in os.environ:
+        os.environ["SLURM_CONF"] = str(CLUSTER_DIR / "slurm.conf")
+        if subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode != 0 or \
+                not (CLUSTER_DIR / "slurm.conf").is_file():
+            up = subprocess.run([str(ROOT / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True, timeout=300)
+            assert up.returncode == 0, f"slurm/local-cluster.sh up failed:\n{up.stdout}{up.stderr}"
+    os.environ["ARTSCALE_VENV"] = str(VENV)
+    return os.environ["SLURM_CONF"]
+
+
+def sbatch(*args: str, cwd: Path) -> str:
+    out = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> list[dict[str, str]]:
+    """`scontrol show job` as one dict per record (an array has one per task); [] once SLURM forgets it."""
+    out = subprocess.run(["scontrol", "show", "-o", "job", job], capture_output=True, text=True)
+    records = []
+    for line in out.stdout.splitlines():
+        fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        if "JobState" in fields:
+            records.append(fields)
+    return records
+
+
+def wait_job(job: str, timeout: float, until=None) -> list[dict[str, str]]:
+    """Poll every 0.5 s (sbatch --wait polls slowly; there is no sacct) until every record has
+    left the active states, or `until(records)` holds."""
+    deadline = time.monotonic() + timeout
+    records: list[dict[str, str]] = []
+    while time.monotonic() < deadline:
+        records = job_info(job)
+        if records and (until(records) if until else all(r["JobState"] not in ACTIVE for r in records)):
+            return records
+        time.sleep(0.5)
+    subprocess.run(["scancel", job])
+    pytest.fail(f"job {job} not done after {timeout:.0f} s: {[(r.get('JobId'), r['JobState'], r.get('Reason')) for r in records]}")
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith("report")}
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A random-weight model exported through the CLI, the way an article .pth is exported."""
+    import torch
+
+    from artscale.model import ConvDiffusionModel
+
+    d = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    torch.save(ConvDiffusionModel().state_dict(), d / "article.pth")
+    out = run_cli("export", d / "article.pth", d / "tiny.onnx", "--size", "16")
+    assert out.returncode == 0, out.stderr
+    return d / "tiny.onnx"
+
+
+def make_tree(root: Path) -> Path:
+    for i in range(7):
+        make_image(root / ("a" if i % 2 else "b/c") / f"img {i}.jpg", (16 + 8 * (i % 3), 24), seed=i)
+    make_image(root / "b" / "x.png", (20, 20), seed=10)
+    make_image(root / "b" / "x.jpg", (20, 20), seed=11)
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "a" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
+    tree = make_tree(tmp_path / "in")
+    one = run_cli("generate", tiny_onnx, tree, tmp_path / "one", "--batch-size", "1", "--workers", "1", "--device", "cpu")
+    assert one.returncode == 0, one.stderr
+    reference = json.loads((tmp_path / "one" / "report.json").read_text())
+
+    array = sbatch("--array=0-2", "--cpus-per-task=1", "--output=gen-%a.log", ROOT / "slurm" / "generate.sbatch",
+                   tiny_onnx, tree, tmp_path / "out", "--batch-size", "1", "--workers", "1", "--device", "cpu", cwd=tmp_path)
+    merge = sbatch(f"--dependency=afterok:{array}", "--output=merge.log", ROOT / "slurm" / "generate-merge.sbatch",
+                   tmp_path / "out", "3", cwd=tmp_path)
+    tasks = wait_job(array, 180)
+    assert sorted(r["JobState"] for r in tasks) == ["COMPLETED"] * 3, [(tmp_path / f"gen-{i}.log").read_text() for i in range(3)]
+    [merged_job] = wait_job(merge, 60)
+    assert merged_job["JobState"] == "COMPLETED", (tmp_path / "merge.log").read_text()
+    assert "merged 3 reports" in (tmp_path / "merge.log").read_text()
+
+    assert tree_files(tmp_path / "out") == tree_files(tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "out").glob("report*.json")) == [
+        "report-0-of-3.json", "report-1-of-3.json", "report-2-of-3.json", "report.json"]
+    merged = json.loads((tmp_path / "out" / "report.json").read_text())
+    for key in ("inputs_seen", "written", "skipped", "ignored", "skipped_files"):
+        assert merged[key] == reference[key], key
+    assert merged["inputs_seen"] == 11 and merged["written"] == 9 and merged["already_done"] == 0
+    assert "a/broken.jpg" in {s["path"] for s in merged["skipped_files"]} and merged["skipped"] + merged["ignored"] == 2
+    assert [s["shard_index"] for s in merged["shards"]] == [0, 1, 2]
+
+    # the merge refuses a tree with an output or a shard report gone
+    victim = next((tmp_path / "out" / "a").glob("*.png"))
+    victim.unlink()
+    with pytest.raises(UserError, match="1 outputs are missing"):
+        merge_reports(tmp_path / "out", 3)
+    (tmp_path / "out" / "report-1-of-3.json").unlink()
+    with pytest.raises(UserError, match="shard 1 of 3 did not finish"):
+        merge_reports(tmp_path / "out", 3)
+    failed = sbatch("--output=merge-fail.log", ROOT / "slurm" / "generate-merge.sbatch", tmp_path / "out", "3", cwd=tmp_path)
+    [record] = wait_job(failed, 60)
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0"
+    assert "did not finish" in (tmp_path / "merge-fail.log").read_text()
