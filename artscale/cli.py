@@ -151,6 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         problems = verify(args.shards)
         for line in problems:
             print(line, file=sys.stderr)
+        if not problems:
+            print(f"{args.shards}: every shard matches manifest.json")
         return 1 if problems else 0
     elif args.command == "train":
         from artscale.train import main as train_main

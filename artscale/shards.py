@@ -46,6 +46,16 @@ def _init_worker(settings: dict[str, Any]) -> None:
     _SETTINGS.update(settings)
 
 
+def _tar_bytes(sample: dict) -> int:
+    """What a sample adds to a tar: a 512-byte header per field plus its data padded to 512."""
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+
+
+def _tar_file_bytes(members: int) -> int:
+    """A streamed tar's file size: the members, two zero blocks, padded to 20 x 512 bytes."""
+    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -117,6 +127,7 @@ class _SplitWriter:
         self.start_shard, self.max_count, self.max_bytes = start_shard, max_count, max_bytes
         self.writer = None
         self.file = None
+        self.tar_bytes = 0  # members written to the open shard, as tar bytes
         self.pending_skips: list[dict] = []
         self.records: list[dict] = []
         self._new_record()
@@ -147,12 +158,18 @@ class _SplitWriter:
         if self.writer is None:
             import webdataset as wds
 
-            self.writer = wds.ShardWriter(self.pattern, maxcount=self.max_count, maxsize=self.max_bytes or float("inf"),
+            self.writer = wds.ShardWriter(self.pattern, maxcount=self.max_count, maxsize=float("inf"),
                                           post=self._finish, start_shard=self.start_shard, verbose=0,
                                           opener=self._open, mtime=SHARD_MTIME, encoder=False)
         meta = {"path": entry.rel, "class": entry.cls_name, "original_size": list(info)}
         sample = {"__key__": entry.key, self.ext: data, "cls": str(entry.cls).encode("ascii"),
                   "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+        grows = _tar_bytes(sample)
+        if self.max_bytes and self.writer.count and _tar_file_bytes(self.tar_bytes + grows) > self.max_bytes:
+            self.writer.next_stream()  # by file size, headers included (ShardWriter counts payload only)
+        if self.writer.count == 0 or self.writer.count >= self.max_count:
+            self.tar_bytes = 0
+        self.tar_bytes += grows
         self.writer.write(sample)  # may finish the previous shard first (post=_finish)
         per_class = self.current["per_class"]
         per_class[str(entry.cls)] = per_class.get(str(entry.cls), 0) + 1
