@@ -108,7 +108,7 @@ def _cuda_hint() -> str:
     return "CUDA 13 / cuDNN 9 libraries missing or no usable GPU"
 
 
-def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: str, threads: int):
+def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: str, threads: int, cache_dir: Path | None = None):
     """An onnxruntime session on the device asked for; returns (session, provider actually used).
 
     onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
@@ -137,21 +137,27 @@ def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: s
     if device == "cpu":
         return cpu_session(), "CPUExecutionProvider"
     available = ort.get_available_providers()
-    wanted = (["TensorrtExecutionProvider"] if provider == "tensorrt" else []) + ["CUDAExecutionProvider"]
+    wanted: list = ["CUDAExecutionProvider"]
+    if provider == "tensorrt":  # engines are built per input shape: cache them beside the outputs
+        wanted.insert(0, ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")}))
+    names = [w[0] if isinstance(w, tuple) else w for w in wanted]
     problem = ""
-    if not set(wanted) <= set(available):
-        problem = f"this onnxruntime has no {' or '.join(p for p in wanted if p not in available)} (install onnxruntime-gpu)"
+    if not set(names) <= set(available):
+        problem = f"this onnxruntime has no {' or '.join(n for n in names if n not in available)} (install onnxruntime-gpu)"
     else:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels torch brings, without importing torch
-        try:
-            session = ort.InferenceSession(str(model), options(True), providers=wanted)
+        # Strict first (every node on the GPU); then let a few nodes sit on CPU, as long as the GPU runs.
+        for strict in (True, False):
+            try:
+                session = ort.InferenceSession(str(model), options(strict), providers=wanted if strict else [*wanted, "CPUExecutionProvider"])
+            except Exception as e:  # the fallback-disabled Fail, or a model error the CPU session names below
+                problem = str(e).splitlines()[0][:160]
+                continue
             used = session.get_providers()[0]
             if used in GPU_PROVIDERS:
                 return session, used
             problem = f"onnxruntime chose {used}"
-        except Exception as e:  # the fallback-disabled Fail, or a model error the CPU session names below
-            problem = str(e).splitlines()[0][:160]
     session = cpu_session()
     why = problem if problem.startswith("this onnxruntime") else _cuda_hint()
     if device == "cuda" and not allow_cpu_fallback:
@@ -231,7 +237,9 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     if image_format not in EXTENSIONS:
         raise UserError(f"--format {image_format}: choose one of {', '.join(EXTENSIONS)}")
     cores = _cores()
-    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=cores)
+    if provider == "tensorrt" and device == "cpu":
+        raise UserError("--provider tensorrt runs on a GPU: use it with --device cuda or auto")
+    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=cores, cache_dir=out_dir / ".trt-cache")
     inp = session.get_inputs()[0]
     if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
         raise UserError(f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)")
@@ -257,7 +265,7 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     wall = time.perf_counter() - started
     report = {
         "model": str(model), "in_dir": str(in_dir), "out_dir": str(out_dir), "shard_index": shard_index, "num_shards": num_shards,
-        "inputs_seen": len(entries), "written": written, "already_done": already_done, "skipped": len(skipped),
+        "device": device, "inputs_seen": len(entries), "written": written, "already_done": already_done, "skipped": len(skipped),
         "ignored": ignored, "skipped_files": sorted(skipped, key=lambda s: s["path"]), "provider": used,
         "size": "native" if native else size, "format": image_format, "batches": batches,
         "wall_s": round(wall, 3), "img_per_s": round(written / wall, 2) if wall > 0 else 0.0,

@@ -1,0 +1,141 @@
+"""Bulk generation speed: `artscale generate` end to end against the article's per-image PyTorch
+loop and against the CPU-time ceiling, all measured in this run on the same files.
+
+    .venv/bin/python bench/generate.py                 # ~1-2 minutes on 2 cores
+    .venv/bin/python bench/generate.py --images 2000 --device cuda
+
+Ceiling: decode (draft) alone, onnxruntime alone (1 thread, pre-decoded batches) and PNG encode
+alone, each per core; their per-image CPU times added up, times the cores. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from artscale.generate import Runner, _cores, generate, open_session  # noqa: E402
+from artscale.images import encode_image, load_image  # noqa: E402
+
+
+def make_collection(root: Path, count: int, min_side: int, max_side: int) -> list[Path]:
+    """Mixed-size JPEGs like an art collection: smooth gradients, blocks and grain."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        w, h = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 255
+        arr = base + rng.normal(0, 12, (h, w, 3)).astype(np.float32)
+        for _ in range(4):
+            x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+            arr[y0:y0 + h // 4, x0:x0 + w // 4] = rng.integers(0, 255, 3)
+        path = root / f"c{i % 5}" / f"art_{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def export_random_model(root: Path, size: int):
+    """Speed does not depend on the weights: a random model, exported the usual way."""
+    import torch
+
+    from artscale.checkpoint import save_final
+    from artscale.config import TrainConfig
+    from artscale.export import export_onnx
+    from artscale.model import ConvDiffusionModel
+
+    torch.manual_seed(0)
+    model = ConvDiffusionModel().eval()
+    save_final(model.state_dict(), root / "run", TrainConfig(image_size=size).to_dict(), 0)
+    export_onnx(root / "run", root / "model.onnx")
+    return model, root / "model.onnx"
+
+
+def article_loop(model, paths: list[Path], out: Path, size: int) -> float:
+    """The article's generation: one file at a time, verify, reopen, transform, forward, save_image."""
+    import torch
+    from torchvision import transforms
+    from torchvision.utils import save_image
+
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                    transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            im.verify()
+        image = transform(Image.open(path).convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            generated = model(image)
+        save_image(generated, out / f"{i}.png")
+    return len(paths) / (time.perf_counter() - start)
+
+
+def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: str) -> dict:
+    """Per-core rates of each stage alone, and onnxruntime alone on the device generate uses."""
+    start = time.perf_counter()
+    decoded = [np.asarray(load_image(p, (size, size))[0]) for p in paths]
+    decode = len(paths) / (time.perf_counter() - start)
+    batches = [np.stack(decoded[i:i + batch]) for i in range(0, len(decoded) - batch + 1, batch)]
+
+    def rate(runner: Runner) -> tuple[float, list[np.ndarray]]:
+        runner(batches[0])  # warm-up
+        start = time.perf_counter()
+        outs = [runner(b) for b in batches]
+        return len(batches) * batch / (time.perf_counter() - start), outs
+
+    one_thread, outs = rate(Runner(open_session(model_path, "cpu", False, "default", threads=1)[0], None))
+    session, used = open_session(model_path, device, True, "default", threads=_cores())
+    alone, _ = rate(Runner(session, None if used == "CPUExecutionProvider" else "cuda"))
+    images = [Image.fromarray(o) for b in outs for o in b]
+    start = time.perf_counter()
+    for im in images:
+        encode_image(im, "png")
+    encode = len(images) / (time.perf_counter() - start)
+    per_image = 1 / decode + 1 / one_thread + 1 / encode
+    return {"decode_img_s_per_core": decode, "ort_img_s_per_core": one_thread, "encode_png_img_s_per_core": encode,
+            "ceiling_img_s": _cores() / per_image, "ort_alone_img_s": alone, "ort_alone_provider": used}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=120)
+    p.add_argument("--min-side", type=int, default=300)
+    p.add_argument("--max-side", type=int, default=1600)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--article-images", type=int, default=60, help="files for the (slow) article loop")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line only
+        root = Path(tmp)
+        paths = make_collection(root / "in", args.images, args.min_side, args.max_side)
+        model, onnx_path = export_random_model(root, args.size)
+        parts = ceiling(onnx_path, paths, args.size, args.batch_size, args.device)
+        report = generate(onnx_path, root / "in", root / "out", device=args.device, allow_cpu_fallback=False,
+                          size=args.size, batch_size=args.batch_size, workers=args.workers)
+        article = article_loop(model, paths[: args.article_images], root / "article", args.size)
+    ours = report["img_per_s"]
+    result = {
+        "bench": "generate", "images": args.images, "size": args.size, "cores": _cores(), "provider": report["provider"],
+        "artscale_img_s": ours, "article_img_s": article, "speedup_vs_article": ours / article,
+        **parts, "fraction_of_ceiling": ours / parts["ceiling_img_s"], "fraction_of_ort_alone": ours / parts["ort_alone_img_s"],
+    }
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
