@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from torch.utils.data import get_worker_info
 
 from artscale.errors import UserError
 from artscale.images import decode_bytes
+from artscale.shards import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +47,11 @@ class DataSpec:
     image_size: int | None
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["shards"], manifest["image_size"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {e} (pack the shards again)") from None
-    return manifest
-
-
 def data_spec(data: str, image_size: int) -> DataSpec:
     """Check `data` (a shards dir with manifest.json, or a webdataset URL pattern) before training starts."""
     root = Path(data).expanduser()
     if root.is_dir():
-        if not (root / "manifest.json").is_file():
-            raise UserError(f"data={data}: no manifest.json there (make shards with: artscale pack SRC {data})")
-        manifest = _read_manifest(root / "manifest.json")
+        manifest = read_manifest(root)
         if manifest["image_size"] != image_size:
             raise UserError(
                 f"data={data} holds {manifest['image_size']} px images but image_size={image_size}: "
@@ -107,18 +96,21 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def _worker() -> tuple[int, int]:
+def _worker(skip: int = 0) -> tuple[int, int]:
+    """(this DataLoader worker's role, workers). DataLoader takes batches from workers in turn,
+    always starting at worker 0: after skipping `skip` batches, worker w plays the part that
+    worker (w + skip) % W played in the uninterrupted run, so the batch order is the same."""
     info = get_worker_info()
-    return (info.id, info.num_workers) if info else (0, 1)
+    return ((info.id + skip) % info.num_workers, info.num_workers) if info else (0, 1)
 
 
-def _worker_seed(rank: int) -> int:
-    return rank * 1000 + _worker()[0]
+def _worker_seed(rank: int, skip: int) -> int:
+    return rank * 1000 + _worker(skip)[0]
 
 
-def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int) -> Iterator:
+def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, skip: int) -> Iterator:
     """A shuffle buffer seeded per rank, worker and epoch (webdataset's default seeds from the clock)."""
-    rng = random.Random(_seed(seed, epoch, rank, _worker()[0]))
+    rng = random.Random(_seed(seed, epoch, rank, _worker(skip)[0]))
     buf: list = []
     for sample in src:
         if len(buf) < bufsize:
@@ -132,9 +124,9 @@ def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int) -> I
 
 
 def _skip_batches(src: Iterator, batches: int, batch_size: int) -> Iterator:
-    """Drop what this worker contributed to the first `batches` batches (DataLoader takes workers in turn)."""
-    worker, workers = _worker()
-    mine = max(0, (batches - worker + workers - 1) // workers)
+    """Drop what this worker's role contributed to the first `batches` batches."""
+    role, workers = _worker(batches)
+    mine = max(0, (batches - role + workers - 1) // workers)
     return itertools.islice(src, mine * batch_size, None)
 
 
@@ -173,9 +165,9 @@ def train_loader(spec: DataSpec, *, batch_size: int, batches: int, seed: int, ep
     counter = SkipCounter()
     size = spec.image_size
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(spec.train_urls, seed=_seed(seed, epoch), worker_seed=partial(_worker_seed, rank), deterministic=True),
+        wds.ResampledShards(spec.train_urls, seed=_seed(seed, epoch), worker_seed=partial(_worker_seed, rank, skip), deterministic=True),
         wds.tarfile_to_samples(handler=counter),
-        wds.pipelinefilter(_shuffle)(shuffle_buffer, seed, epoch, rank),
+        wds.pipelinefilter(_shuffle)(shuffle_buffer, seed, epoch, rank, skip),
         wds.pipelinefilter(_skip_batches)(skip, batch_size),
         wds.map(partial(_decode, size=size, flip_seed=_seed(seed, epoch) if hflip else None), handler=counter),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
