@@ -197,6 +197,12 @@ def resume_point(run_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def _is_write_failure(e: Exception) -> bool:
+    """A full disk surfaces as OSError from Python, but as SafetensorError or torch.save's RuntimeError too."""
+    text = str(e)
+    return isinstance(e, OSError) or any(s in text for s in ("os error", "I/O error", "file write failed", "No space left"))
+
+
 class CheckpointManager:
     """Owns when, where and how many: accelerate `save_state` into step-XXXXXX.tmp, config and
     trainer state beside it, rename when complete, keep the newest `keep`.
@@ -241,13 +247,15 @@ class CheckpointManager:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        error: OSError | None = None
+        error: Exception | None = None
         try:
             acc.save_state(str(tmp))
             if acc.is_main_process:
                 write_json_atomic(tmp / CONFIG_NAME, self.config)
                 write_json_atomic(tmp / STATE_NAME, {**state, "step": step})
-        except OSError as e:  # ENOSPC, EFBIG, EDQUOT, EIO: say so on every rank, keep what was there
+        except Exception as e:  # ENOSPC, EFBIG, EDQUOT, EIO: say so on every rank, keep what was there
+            if not _is_write_failure(e):
+                raise
             error = e
         failed = acc.reduce(torch.tensor(float(error is not None), device=acc.device), "sum").item()
         if failed:

@@ -1,0 +1,124 @@
+"""The checkpoint manager with a real (1-process, CPU) Accelerator: layout, keep-last-K, resume
+points, refusing a different run, a failed write, and `describe`."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import pytest
+import torch
+
+from artscale.checkpoint import (CheckpointManager, check_run_dir, describe, latest_checkpoint, list_checkpoints,
+                                 load_model, resume_point)
+from artscale.errors import UserError
+from artscale.model import ConvDiffusionModel
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    acc = Accelerator(cpu=True, project_dir=str(tmp_path))
+    net = ConvDiffusionModel()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    model, opt = acc.prepare(net, opt)
+    yield acc, net, model, opt, tmp_path / "run"
+    AcceleratorState._reset_state(True)
+
+
+def one_step(model, opt):
+    x = torch.rand(2, 3, 16, 16)
+    model(x).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_keeps_exactly_the_last_k_complete_checkpoints_and_no_temporaries(setup):
+    acc, net, model, opt, run = setup
+    mgr = CheckpointManager(acc, run, {"lr": 1e-3}, net, every=2, keep=2)
+    (run / "checkpoints" / "step-000001.tmp").mkdir(parents=True)  # a save killed half-way
+    saved = [mgr.maybe_save(step, {"skipped_samples": 0}) for step in range(1, 8)]
+    assert [p.name if p else None for p in saved] == [None, "step-000002", None, "step-000004", None, "step-000006", None]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    assert [s for s, _ in list_checkpoints(run)] == [4, 6]
+    ckpt = latest_checkpoint(run)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 6
+    assert json.loads((ckpt / "config.json").read_text()) == {"lr": 1e-3}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_weights_are_saved_with_the_models_own_keys_and_load_back_exactly(setup):
+    acc, net, model, opt, run = setup
+    mgr = CheckpointManager(acc, run, {}, net, every=1, keep=3)
+    one_step(model, opt)
+    path = mgr.save(1, {})
+    loaded, weights = load_model(path)  # what export uses
+    assert weights.step == 1 and set(weights.state_dict) == set(ConvDiffusionModel().state_dict())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    exp_opt = opt.state_dict()["state"][0]["exp_avg"].clone()
+    one_step(model, opt)
+    assert not torch.equal(net.state_dict()["enc1.0.weight"], expected["enc1.0.weight"])
+    assert mgr.load(path)["step"] == 1
+    assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], exp_opt)
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(setup):
+    acc, net, model, opt, run = setup
+    mgr = CheckpointManager(acc, run, {}, net, every=1, keep=3)
+    good = mgr.save(1, {})
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    one_step(model, opt)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))  # files over 1 MB fail (EFBIG), like a full disk
+    try:
+        with pytest.raises(UserError, match=r"could not write checkpoint .*step-000002 .*File too large.*kept .*step-000001"):
+            mgr.save(2, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert mgr.save(2, {}).name == "step-000002"  # space is back: saving works again
+
+
+def test_resume_points(tmp_path):
+    run = tmp_path / "run"
+    assert resume_point(run, "latest") is None and resume_point(run, "") is None
+    for step in (3, 12):
+        d = run / "checkpoints" / f"step-{step:06d}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (d / "model.safetensors").write_bytes(b"")
+    (run / "checkpoints" / "step-000020.tmp").mkdir()
+    assert resume_point(run, "latest").name == "step-000012"
+    assert resume_point(run, str(run / "checkpoints" / "step-000003")).name == "step-000003"
+    with pytest.raises(UserError, match="holds checkpoints up to step 12: resume=latest"):
+        resume_point(run, "")
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        resume_point(run, str(run / "checkpoints" / "step-000020.tmp"))
+
+
+def test_a_run_dir_from_another_config_is_refused_unless_forced(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.001, "batch_size": 32, "max_steps": 10}))
+    check_run_dir(tmp_path, {"lr": 0.001, "batch_size": 32, "max_steps": 99}, force=False)  # more steps: fine
+    with pytest.raises(UserError, match=r"another config \(batch_size=32 there, 8 now\).*force=true"):
+        check_run_dir(tmp_path, {"lr": 0.001, "batch_size": 8}, force=False)
+    check_run_dir(tmp_path, {"lr": 0.001, "batch_size": 8}, force=True)
+    check_run_dir(tmp_path / "fresh", {"batch_size": 8}, force=False)
+
+
+def test_describe_a_run_dir_a_checkpoint_and_weights(setup):
+    acc, net, model, opt, run = setup
+    mgr = CheckpointManager(acc, run, {"data": "shards/x", "image_size": 16}, net, every=1, keep=3)
+    ckpt = mgr.save(5, {"skipped_samples": 2})
+    (run / "config.json").write_text(json.dumps({"data": "shards/x", "image_size": 16}))
+    text = describe(run)
+    assert "checkpoints: 1 (steps 5;" in text and "image_size=16" in text and "final weights: none yet" in text
+    text = describe(ckpt)
+    assert "step=5" in text and "skipped_samples=2" in text and "model.safetensors" in text
+    assert "step: 5" in describe(ckpt / "model.safetensors")
+    with pytest.raises(UserError, match="not found"):
+        describe(run / "nope")
