@@ -179,12 +179,21 @@ def run_node(train_args: Sequence[str]) -> int:
 
 
 def run_finished(train_args: Sequence[str]) -> bool:
-    """Has this run reached its last step? (Then a job must not requeue itself.)"""
+    """Has this run reached its last step? Then a job must not requeue itself.
+
+    True when run_dir/final exists and is at least as new as the newest checkpoint (a run
+    extended with a larger max_steps after it finished once has newer checkpoints than final/).
+    """
+    from artscale.checkpoint import STATE_NAME, list_checkpoints
     from artscale.config import load_config
 
     config, overrides = _split_train_args(train_args)
-    cfg = load_config(config, overrides)
-    return (Path(cfg.run_dir) / "final").is_dir()
+    run_dir = Path(load_config(config, overrides).run_dir)
+    state = run_dir / "final" / STATE_NAME
+    if not state.is_file():
+        return False
+    found = list_checkpoints(run_dir)
+    return int(json.loads(state.read_text()).get("step", -1)) >= (found[-1][0] if found else 0)
 
 
 COUNTS = ("inputs_seen", "written", "already_done", "skipped", "ignored")

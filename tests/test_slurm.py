@@ -4,9 +4,9 @@ cannot be downloaded on these machines."""
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +92,25 @@ def test_gpu_count_and_port_defaults():
     assert main_port({"SLURM_JOB_ID": "123"}) == 20123 != main_port({"SLURM_JOB_ID": "124"})
     assert main_port({"ARTSCALE_MAIN_PORT": "29500", "SLURM_JOB_ID": "123"}) == 29500
 
+
+
+def test_run_finished_only_when_final_is_newest(tmp_path):
+    """The requeue check: final/ at least as new as the newest checkpoint (a real dir layout, by hand)."""
+    from artscale.slurm import run_finished
+
+    run = tmp_path / "run"
+    args = [f"run_dir={run}"]
+    assert not run_finished(args)
+    for step in (5, 10):
+        (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step:06d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    assert not run_finished(args)  # preempted at step 10: requeue
+    (run / "final").mkdir()
+    (run / "final" / "trainer_state.json").write_text(json.dumps({"step": 10}))
+    assert run_finished(args)  # reached its last step: never requeue
+    (run / "checkpoints" / "step-000015").mkdir()
+    (run / "checkpoints" / "step-000015" / "trainer_state.json").write_text(json.dumps({"step": 15}))
+    assert not run_finished(args)  # extended past an earlier finish, then preempted
 
 # --- on a real SLURM -------------------------------------------------------------------------
 
@@ -212,3 +231,68 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
     [record] = wait_job(failed, 60)
     assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0"
     assert "did not finish" in (tmp_path / "merge-fail.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(image_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    packed = run_cli("pack", image_folder, out, "--size", "16", "--val-fraction", "0.2", "--workers", "1")
+    assert packed.returncode == 0, packed.stderr
+    return out
+
+
+def train_args(shards: Path, run_dir: Path, max_steps: int) -> list[str]:
+    """A tiny CPU run (16 px, batch 4, random VGG weights: pretrained ones cannot be downloaded here)."""
+    return [f"data={shards}", f"run_dir={run_dir}", "image_size=16", "batch_size=4", f"max_steps={max_steps}",
+            "vgg_weights=random", "tracker=none", "num_workers=0", "log_every=1", "sample_every=1000",
+            "val_every=1000", "checkpoint_every=1000", "pg_timeout_s=60"]
+
+
+# one host plays 2 machines: 2 srun tasks, machine_rank 0 and 1, one CPU rank each (gloo)
+TWO_MACHINES = ("--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path):
+    job = sbatch(*TWO_MACHINES, "--output=train.log", ROOT / "slurm" / "train.sbatch",
+                 *train_args(tiny_shards, tmp_path / "run", 3), cwd=tmp_path)
+    [record] = wait_job(job, 240)
+    log = (tmp_path / "train.log").read_text()
+    assert record["JobState"] == "COMPLETED", log
+    assert "--machine_rank 0" in log and "--machine_rank 1" in log and "--num_processes 2" in log
+    assert log.count("world size 2,") == 2  # each machine's local main process says so
+    assert json.loads((tmp_path / "run" / "final" / "trainer_state.json").read_text())["step"] == 3
+    assert record["Restarts"] == "0"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, tmp_path):
+    max_steps = 60  # about 3 steps/s here: the signal (delivered in ~2 s) lands mid-run
+    args = train_args(tiny_shards, tmp_path / "run", max_steps)
+    log_path = tmp_path / "train.log"
+    job = sbatch(*TWO_MACHINES, f"--output={log_path.name}", ROOT / "slurm" / "train.sbatch", *args, cwd=tmp_path)
+    deadline = time.monotonic() + 180
+    while "world size" not in (log_path.read_text() if log_path.exists() else ""):
+        assert time.monotonic() < deadline, f"training did not start: {job_info(job)}"
+        time.sleep(0.5)
+    time.sleep(0.5)  # the ranks install their signal handlers just after that line
+    # what --signal=B:USR1@N does near the time limit, without waiting for it
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    [record] = wait_job(job, 300)
+    log = log_path.read_text()
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
+    stopped = sorted({int(s) for s in re.findall(r"stopped by a signal at step (\d+)", log)})
+    assert len(stopped) == 1 and 0 < stopped[0] < max_steps, log
+    k = stopped[0]
+    assert f"resumed from step {k} (" in log and f"step-{k:06d})" in log
+    assert log.index("requeueing job") < log.index(f"resumed from step {k}")
+    assert log.count(f"artscale: job {job} start") == 2 and f"artscale: job {job} start 2" in log
+    assert json.loads((tmp_path / "run" / "final" / "trainer_state.json").read_text())["step"] == max_steps
+    # it finished: it is not requeued again, and the requeue check agrees
+    time.sleep(3)
+    [record] = job_info(job)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1"
+    finished = subprocess.run([sys.executable, "-m", "artscale.slurm", "finished", *args], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
