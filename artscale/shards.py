@@ -231,7 +231,12 @@ def _refuse(out: Path, old: dict, new: dict) -> None:
 
 def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[dict | None, list[dict]]:
     """Decide what OUT already holds: (a finished manifest to keep, or None; journal records to keep)."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {out} is a file; pick a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create OUT {out}: {e.strerror or e}") from None
     if force:
         _clean(out)
         return None, []
@@ -240,7 +245,7 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         try:
             old = json.loads((out / MANIFEST).read_text())
         except ValueError:
-            old = {}
+            raise UserError(f"{out / MANIFEST} is not valid JSON; use --force to pack {out} again") from None
         if {"source": old.get("source"), "settings": old.get("settings")} != identity:
             _refuse(out, old, identity)
         intact = all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in old["shards"])

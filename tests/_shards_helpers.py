@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,8 @@ def write_messy_collection(root: Path, outside: Path) -> dict:
     odd = write_odd_images(src / "a" / "odd")
     for i in range(6):
         Image.new("RGB", (30 + i, 20 + i), (40 * i, 100, 200)).save(src / "a" / f"plain {i}.jpg", quality=95)
+    Image.new("RGB", (20, 20), RED).save(src / "a" / ("long " * 40 + "name.v1.png"))  # > ustar's 100 chars
+    Image.new("RGB", (20, 20), RED).save(os.fsencode(src / "a") + b"/latin1 caf\xe9.png", "PNG")  # not UTF-8
     (src / "a" / "sub" / "deeper").mkdir(parents=True)
     Image.new("RGB", (24, 24), GREEN).save(src / "a" / "sub" / "deeper" / "nested.png")
     bad = write_bad_files(src / "b")
@@ -130,7 +133,7 @@ def write_messy_collection(root: Path, outside: Path) -> dict:
             "c/link-broken.png": "unreadable",
         },
         "per_class": {
-            "a": {"seen": len(odd) + 7, "packed": len(odd) + 7, "skipped": 0, "ignored": 0},
+            "a": {"seen": len(odd) + 9, "packed": len(odd) + 9, "skipped": 0, "ignored": 0},
             "b": {"seen": len(bad) + 1, "packed": 1, "skipped": len(bad), "ignored": 0},
             "c": {"seen": 11, "packed": 2, "skipped": 4, "ignored": 5},
         },

@@ -103,6 +103,9 @@ def test_messy_collection_every_file_accounted_with_its_reason(messy, tmp_path):
         assert reasons[path].startswith(start), (path, reasons[path])
     packed = _samples_by_path(out)
     assert sum(c["packed"] for c in m["per_class"].values()) == len(packed)
+    keys = [k for s in m["shards"] for k in _members(out / s["name"])]
+    assert len(set(keys)) == len(keys) == len(packed) and not any("." in k for k in keys)
+    assert "a/latin1 caf\udce9.png" in packed and any(p.startswith("a/long long") for p in packed)
     assert {"c/link-inside.png", "c/real.png", "b/fine.png", "a/sub/deeper/nested.png"} <= set(packed)
     for path, (size, centre) in want["odd"].items():
         split, meta, im = packed[path]
@@ -196,6 +199,11 @@ def test_out_holding_another_collection_or_settings_is_refused(image_folder, mes
     with pytest.raises(UserError, match="not empty"):
         pack(image_folder, foreign, size=16, workers=1)
     assert (foreign / "thesis.pdf").read_bytes() == b"mine"
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        pack(image_folder, out, size=24, workers=1)
+    with pytest.raises(UserError, match="is a file"):
+        pack(image_folder, foreign / "thesis.pdf", size=16, workers=1)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_class_folders", "file"])
