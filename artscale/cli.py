@@ -83,10 +83,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="run an exported model over a directory tree")
-    p.add_argument("model", type=Path)
-    p.add_argument("in_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("model", type=Path, help="an .onnx file from `artscale export`")
+    p.add_argument("in_dir", type=Path, help="folder of images, walked recursively")
+    p.add_argument("out_dir", type=Path, help="where the mirrored tree and report.json go (not inside IN_DIR)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs")
     p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
     p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
@@ -98,7 +98,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--native", action="store_true", help="each image at its own size, rounded to a multiple of 8")
     p.add_argument("--max-side", type=_positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
     p.add_argument("--restore-size", action="store_true", help="resize outputs back to each input's size")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per onnxruntime call (default 8; on a GPU try 64)")
     p.add_argument("--workers", type=int, default=0, help="decode/encode threads (default: from the core count)")
 
 
@@ -165,8 +165,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from artscale.generate import generate
 
-        num_shards = args.num_shards if args.num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-        shard_index = args.shard_index if args.shard_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+        env = os.environ
+        num_shards = args.num_shards if args.num_shards is not None else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+        # --array=1-4 or 0-10:2 numbers tasks from MIN by STEP: shard index = (ID - MIN) / STEP.
+        task = (int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+        shard_index = args.shard_index if args.shard_index is not None else task
         opts = vars(args).copy()
         for k in ("command", "model", "in_dir", "out_dir", "num_shards", "shard_index"):
             opts.pop(k)
