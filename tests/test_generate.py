@@ -165,9 +165,9 @@ def test_device_cuda_without_a_gpu(tree, model16, tmp_path):
     strict = run_cli("generate", model16, tree, out, "--device", "cuda")
     assert strict.returncode == 2 and strict.stderr.count("\n") == 1
     assert strict.stderr.startswith("artscale: error: --device cuda: CUDA does not run here") and not out.exists()
-    # SLURM array defaults: task 1 of 2 writes its own report.
+    # SLURM array defaults: task 2 of --array=1-2 is shard 1 of 2 and writes its own report.
     fallback = run_cli("generate", model16, tree, out, "--device", "cuda", "--allow-cpu-fallback",
-                       env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "1"})
+                       env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1"})
     assert fallback.returncode == 0, fallback.stderr
     report = json.loads((out / "report-1-of-2.json").read_text())
     assert report["provider"] == "CPUExecutionProvider" and report["written"] > 0 and report["shard_index"] == 1
@@ -180,7 +180,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model16, tmp_pat
     for i in range(160):
         make_image(src / f"d{i % 4}" / f"img{i:03d}.jpg", (24 + i % 17, 32), seed=i)
     cmd = [str(VENV_BIN / "artscale"), "generate", str(model16), str(src), "--device", "cpu", "--size", "128",
-           "--batch-size", "1", "--workers", "1"]
+           "--batch-size", "1", "--workers", "1", "--num-shards", "1", "--shard-index", "0"]
     full = subprocess.run([*cmd[:4], str(tmp_path / "full"), *cmd[4:]], capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
     killed = tmp_path / "killed"
