@@ -2,8 +2,8 @@
 
 The sbatch scripts in slurm/ stay thin and call `python -m artscale.slurm ...` for anything a
 test should check: the launch line is a pure function (`accelerate_launch_command`), so what
-2 nodes x 8 GPUs start is asserted without a cluster. `artscale submit` lives in
-artscale/submit.py.
+2 nodes x 8 GPUs start is asserted without a cluster. `artscale submit` builds the sbatch
+lines (also pure functions) and submits them.
 """
 
 from __future__ import annotations
@@ -255,6 +255,89 @@ def write_merged(out_dir: Path, num_shards: int) -> dict:
     tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     tmp.replace(target)
     return merged
+
+
+SLURM_DIR = ROOT / "slurm"
+
+
+def _common_sbatch(time_limit: str, partition: str, account: str, sbatch_args: Sequence[str]) -> list[str]:
+    opts = [f"--time={time_limit}"] if time_limit else []
+    opts += [f"--partition={partition}"] if partition else []
+    opts += [f"--account={account}"] if account else []
+    return opts + list(sbatch_args)
+
+
+def train_sbatch_command(
+    train_args: Sequence[str], *, nodes: int = 1, gpus_per_node: int = 0, cpu_processes: int = 1, cpus_per_task: int = 0,
+    time_limit: str = "", partition: str = "", account: str = "", signal_seconds: int = 300, sbatch_args: Sequence[str] = (),
+) -> list[str]:
+    """The `sbatch` line for slurm/train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0)."""
+    if nodes < 1 or gpus_per_node < 0 or cpu_processes < 1 or signal_seconds < 0:
+        raise UserError("--nodes and --cpu-processes must be >= 1, --gpus-per-node and --signal-seconds >= 0")
+    cmd = ["sbatch", f"--nodes={nodes}", "--ntasks-per-node=1"]
+    if gpus_per_node:
+        cmd.append(f"--gpus-per-node={gpus_per_node}")
+    else:
+        cmd.append(f"--export=ALL,ARTSCALE_CPU_PROCESSES={cpu_processes}")
+    cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    cmd += [f"--signal=B:USR1@{signal_seconds}"] if signal_seconds else []
+    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
+    return [*cmd, str(SLURM_DIR / "train.sbatch"), *train_args]
+
+
+def generate_sbatch_commands(
+    model: str, in_dir: str, out_dir: str, *, tasks: int, max_running: int = 0, gpus_per_task: int = 0, cpus_per_task: int = 0,
+    time_limit: str = "", partition: str = "", account: str = "", sbatch_args: Sequence[str] = (),
+    generate_args: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
+    """The array line for slurm/generate.sbatch, and the merge line; its `{array}` is the array's job id."""
+    if tasks < 1 or max_running < 0:
+        raise UserError(f"--tasks {tasks}: need at least 1 task (and --max-running >= 0)")
+    array = f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")
+    cmd = ["sbatch", array]
+    cmd += [f"--gpus-per-task={gpus_per_task}"] if gpus_per_task else []
+    cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
+    device = [] if any(a.startswith("--device") for a in generate_args) else ["--device", "cuda" if gpus_per_task else "auto"]
+    cmd += [str(SLURM_DIR / "generate.sbatch"), model, in_dir, out_dir, *device, *generate_args]
+    merge = ["sbatch", "--dependency=afterok:{array}", *_common_sbatch("", partition, account, sbatch_args),
+             str(SLURM_DIR / "generate-merge.sbatch"), out_dir, str(tasks)]
+    return cmd, merge
+
+
+def _sbatch(cmd: list[str]) -> str:
+    if not shutil.which("sbatch"):
+        raise UserError("sbatch not found: run this on a SLURM login node (or see the commands with --dry-run)")
+    out = subprocess.run([cmd[0], "--parsable", *cmd[1:]], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UserError(f"sbatch refused the job: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return out.stdout.strip().split(";")[0]
+
+
+def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
+    """`artscale submit train|generate`: submit (or print, with dry_run) the sbatch lines; the job ids."""
+    import shlex
+
+    if what == "train":
+        from artscale.config import load_config
+
+        load_config(*_split_train_args(opts["train_args"]))  # a typo fails now, not after hours in the queue
+        cmds = [train_sbatch_command(**opts)]
+    else:
+        opts = dict(opts)
+        array, merge = generate_sbatch_commands(opts.pop("model"), opts.pop("in_dir"), opts.pop("out_dir"), **opts)
+        cmds = [array, merge]
+    if dry_run:
+        for cmd in cmds:
+            print(shlex.join(cmd))
+        return []
+    ids = [_sbatch(cmds[0])]
+    if what == "generate":
+        ids.append(_sbatch([a.replace("{array}", ids[0]) for a in cmds[1]]))
+        print(f"submitted generation array {ids[0]} ({opts['tasks']} tasks) and merge job {ids[1]} (after all succeed)")
+    else:
+        print(f"submitted training job {ids[0]}")
+    return ids
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,6 +112,26 @@ def test_run_finished_only_when_final_is_newest(tmp_path):
     (run / "checkpoints" / "step-000015" / "trainer_state.json").write_text(json.dumps({"step": 15}))
     assert not run_finished(args)  # extended past an earlier finish, then preempted
 
+
+def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
+    out = run_cli("submit", "train", "--nodes", "2", "--gpus-per-node", "8", "--time", "24:00:00", "--partition", "gpu",
+                  "--sbatch-arg=--qos=high", "--dry-run", f"run_dir={tmp_path / 'run'}", "mixed_precision=bf16")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=B:USR1@300", "--time=24:00:00",
+        "--partition=gpu", "--qos=high", str(ROOT / "slurm" / "train.sbatch"), f"run_dir={tmp_path / 'run'}", "mixed_precision=bf16"]
+    out = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "100", "--max-running", "20", "--gpus-per-task", "1",
+                  "--generate-args", "--batch-size 64", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    array, merge = out.stdout.splitlines()
+    assert array.split() == ["sbatch", "--array=0-99%20", "--gpus-per-task=1", str(ROOT / "slurm" / "generate.sbatch"),
+                             "m.onnx", "in", "out", "--device", "cuda", "--batch-size", "64"]
+    assert merge.split() == ["sbatch", "'--dependency=afterok:{array}'", str(ROOT / "slurm" / "generate-merge.sbatch"), "out", "100"]
+    bad = run_cli("submit", "train", "--dry-run", "no_such_key=1")
+    assert bad.returncode == 2 and "unknown config key no_such_key" in bad.stderr and bad.stdout == ""
+    bad = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "0", "--dry-run")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tasks 0" in bad.stderr
+
 # --- on a real SLURM -------------------------------------------------------------------------
 
 
@@ -199,15 +219,16 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
     assert one.returncode == 0, one.stderr
     reference = json.loads((tmp_path / "one" / "report.json").read_text())
 
-    array = sbatch("--array=0-2", "--cpus-per-task=1", "--output=gen-%a.log", ROOT / "slurm" / "generate.sbatch",
-                   tiny_onnx, tree, tmp_path / "out", "--batch-size", "1", "--workers", "1", "--device", "cpu", cwd=tmp_path)
-    merge = sbatch(f"--dependency=afterok:{array}", "--output=merge.log", ROOT / "slurm" / "generate-merge.sbatch",
-                   tmp_path / "out", "3", cwd=tmp_path)
+    submitted = run_cli("submit", "generate", tiny_onnx, tree, tmp_path / "out", "--tasks", "3", "--cpus-per-task", "1",
+                        "--generate-args", "--batch-size 1 --workers 1 --device cpu", cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    array, merge = re.search(r"generation array (\d+) \(3 tasks\) and merge job (\d+)", submitted.stdout).groups()
     tasks = wait_job(array, 180)
-    assert sorted(r["JobState"] for r in tasks) == ["COMPLETED"] * 3, [(tmp_path / f"gen-{i}.log").read_text() for i in range(3)]
+    assert sorted(r["JobState"] for r in tasks) == ["COMPLETED"] * 3, [p.read_text() for p in tmp_path.glob("slurm-*.out")]
     [merged_job] = wait_job(merge, 60)
-    assert merged_job["JobState"] == "COMPLETED", (tmp_path / "merge.log").read_text()
-    assert "merged 3 reports" in (tmp_path / "merge.log").read_text()
+    merge_log = (tmp_path / f"slurm-artscale-generate-merge-{merge}.out").read_text()
+    assert merged_job["JobState"] == "COMPLETED", merge_log
+    assert "merged 3 reports" in merge_log
 
     assert tree_files(tmp_path / "out") == tree_files(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "out").glob("report*.json")) == [
