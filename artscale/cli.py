@@ -107,11 +107,43 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=Path)
 
 
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="submit training or generation to SLURM (slurm/*.sbatch), or print the sbatch lines")
+    what = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+
+    def cluster_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--time", dest="time_limit", default="", help="time limit, e.g. 24:00:00 (default: the script's)")
+        q.add_argument("--partition", default="")
+        q.add_argument("--account", default="")
+        q.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per task (default: the script's)")
+        q.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="ARG",
+                       help="one more sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+        q.add_argument("--dry-run", action="store_true", help="print the sbatch line(s), submit nothing")
+
+    t = what.add_parser("train", help="slurm/train.sbatch on N nodes x G GPUs (or CPU ranks); requeues on preemption")
+    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
+    t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
+    t.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit: checkpoint, requeue")
+    t.add_argument("--config", default=None, help="a YAML file of training config keys")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys")
+    cluster_flags(t)
+    g = what.add_parser("generate", help="slurm/generate.sbatch as a job array, then one merged report.json")
+    g.add_argument("model")
+    g.add_argument("in_dir")
+    g.add_argument("out_dir")
+    g.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the input tree")
+    g.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
+    g.add_argument("--gpus-per-task", type=int, default=0)
+    g.add_argument("--generate-args", default="", help='more `artscale generate` flags, quoted: "--format jpg --batch-size 64"')
+    cluster_flags(g)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="artscale", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"artscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info):
+    for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info, _add_submit):
         add(sub)
     return parser
 
@@ -174,6 +206,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         for k in ("command", "model", "in_dir", "out_dir", "num_shards", "shard_index"):
             opts.pop(k)
         generate(args.model, args.in_dir, args.out_dir, num_shards=num_shards, shard_index=shard_index, **opts)
+    elif args.command == "submit":
+        import shlex
+
+        from artscale.slurm import submit
+
+        opts = vars(args).copy()
+        for k in ("command", "what", "dry_run", "config", "overrides", "generate_args"):
+            opts.pop(k, None)
+        if args.what == "train":
+            opts["train_args"] = (["--config", args.config] if args.config else []) + args.overrides
+        else:
+            opts["generate_args"] = shlex.split(args.generate_args)
+        submit(args.what, opts, dry_run=args.dry_run)
     elif args.command == "info":
         print(_info(args.path))
     return 0
