@@ -8,7 +8,6 @@ journal with its sha256, and a shard carries its final name only once it is comp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -22,12 +21,12 @@ from artscale import __version__
 from artscale.collection import Collection, Entry, scan_collection
 from artscale.errors import UserError
 from artscale.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
+from artscale.shard_writer import Journal, SplitWriter, sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 JOURNAL = ".pack-journal.jsonl"
 SPLITS = ("train", "val")
 MIN_TRAIN_SHARDS = 8  # fewer shards than nodes x loader workers leaves some of them idle
-SHARD_MTIME = 946_684_800  # 2000-01-01: tar members get a fixed time, so reruns are byte-identical
 _SETTINGS: dict[str, Any] = {}  # the decode settings, set once per worker process
 
 
@@ -46,33 +45,6 @@ def _init_worker(settings: dict[str, Any]) -> None:
     _SETTINGS.update(settings)
 
 
-def _tar_bytes(sample: dict) -> int:
-    """What a sample adds to a tar: a 512-byte header per field plus its data padded to 512."""
-    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
-
-
-def _tar_file_bytes(members: int) -> int:
-    """A streamed tar's file size: the members, two zero blocks, padded to 20 x 512 bytes."""
-    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def read_manifest(out: Path) -> dict:
     """The manifest of a shards dir; a UserError (one line) when it is missing or unreadable."""
     path = Path(out) / MANIFEST
@@ -86,106 +58,6 @@ def read_manifest(out: Path) -> dict:
     if not isinstance(manifest, dict) or missing:
         raise UserError(f"{path} lacks {', '.join(missing) or 'a mapping'}; run `artscale pack` again with --force")
     return manifest
-
-
-class _Journal:
-    """Append-only record of finished shards (JSON lines, fsynced); a torn last line is ignored."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break
-        return records
-
-    def start(self, header: dict) -> None:
-        _write_atomic(self.path, json.dumps(header) + "\n")
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-class _SplitWriter:
-    """One split's shards through webdataset's ShardWriter: each tar is written as NAME.partial,
-    then hashed, renamed and journaled; skips are booked with the shard of the next sample."""
-
-    def __init__(self, out: Path, split: str, journal: _Journal, start_shard: int, total: int, settings: dict):
-        self.out, self.split, self.journal, self.total = out, split, journal, total
-        self.ext = settings["image_format"]
-        max_count, max_bytes = settings["shard_max_count"], settings["shard_max_bytes"]
-        self.pattern = str(out).replace("%", "%%") + f"/{split}-%06d.tar"
-        self.start_shard, self.max_count, self.max_bytes = start_shard, max_count, max_bytes
-        self.writer = None
-        self.file = None
-        self.tar_bytes = 0  # members written to the open shard, as tar bytes
-        self.pending_skips: list[dict] = []
-        self.records: list[dict] = []
-        self._new_record()
-
-    def _new_record(self) -> None:
-        self.current: dict[str, Any] = {"per_class": {}, "skipped": [], "end": 0}
-
-    def _open(self, fname: str):
-        self.file = open(fname + ".partial", "wb")
-        return self.file
-
-    def _finish(self, fname: str) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        partial, final = Path(fname + ".partial"), Path(fname)
-        record = {"kind": "shard", "name": final.name, "split": self.split, "count": sum(self.current["per_class"].values()),
-                  "bytes": partial.stat().st_size, "sha256": _sha256(partial), **self.current}
-        partial.replace(final)
-        self.journal.append(record)
-        self.records.append(record)
-        self._new_record()
-
-    def add(self, index: int, entry: Entry, data: bytes | None, info: Any) -> None:
-        if data is None:
-            self.pending_skips.append({"path": entry.rel, "reason": info, "cls": entry.cls})
-            return
-        if self.writer is None:
-            import webdataset as wds
-
-            self.writer = wds.ShardWriter(self.pattern, maxcount=self.max_count, maxsize=float("inf"),
-                                          post=self._finish, start_shard=self.start_shard, verbose=0,
-                                          opener=self._open, mtime=SHARD_MTIME, encoder=False)
-        meta = {"path": entry.rel, "class": entry.cls_name, "original_size": list(info)}
-        sample = {"__key__": entry.key, self.ext: data, "cls": str(entry.cls).encode("ascii"),
-                  "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
-        grows = _tar_bytes(sample)
-        if self.max_bytes and self.writer.count and _tar_file_bytes(self.tar_bytes + grows) > self.max_bytes:
-            self.writer.next_stream()  # by file size, headers included (ShardWriter counts payload only)
-        if self.writer.count == 0 or self.writer.count >= self.max_count:
-            self.tar_bytes = 0
-        self.tar_bytes += grows
-        self.writer.write(sample)  # may finish the previous shard first (post=_finish)
-        per_class = self.current["per_class"]
-        per_class[str(entry.cls)] = per_class.get(str(entry.cls), 0) + 1
-        self.current["skipped"] += self.pending_skips
-        self.current["end"] = index + 1
-        self.pending_skips = []
-
-    def close(self) -> list[dict]:
-        """Finish the last shard; returns skips not booked with any shard (a split without samples)."""
-        if self.writer is None:
-            return self.pending_skips
-        self.current["skipped"] += self.pending_skips
-        self.current["end"] = self.total
-        self.pending_skips = []
-        self.writer.close()
-        return []
 
 
 def _settings(size, val_fraction, classes, resize, image_format, quality, max_pixels, min_size, follow_symlinks,
@@ -240,7 +112,7 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
     if force:
         _clean(out)
         return None, []
-    journal = _Journal(out / JOURNAL)
+    journal = Journal(out / JOURNAL)
     if (out / MANIFEST).is_file():
         try:
             old = json.loads((out / MANIFEST).read_text())
@@ -273,7 +145,7 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
     kept, broken = [], set()
     for r in records[1:]:
         path = out / r["name"]
-        if r["split"] in broken or not path.is_file() or path.stat().st_size != r["bytes"] or _sha256(path) != r["sha256"]:
+        if r["split"] in broken or not path.is_file() or path.stat().st_size != r["bytes"] or sha256_file(path) != r["sha256"]:
             broken.add(r["split"])
             continue
         kept.append(r)
@@ -301,28 +173,28 @@ def pack(src: Path, out: Path, *, size: int = 128, val_fraction: float = 0.05, w
     if done is not None:
         print(f"{out} already holds this collection's shards: nothing to do")
         return done
-    journal = _Journal(out / JOURNAL)
+    journal = Journal(out / JOURNAL)
     if not kept:
         journal.start({"kind": "header", "identity": identity, "fingerprint": coll.fingerprint})
-    records = _run(coll, out, settings, kept, journal, workers, started)
+    records = _run(coll, out, settings, kept, journal, workers)
     manifest = _manifest(coll, identity, records)
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
     journal.path.unlink()
     _summary(manifest, src, out, time.perf_counter() - started)
     return manifest
 
 
-def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal: _Journal, workers: int, started: float) -> list[dict]:
+def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal: Journal, workers: int) -> list[dict]:
     """Decode what the kept shards do not cover, in a process pool, and write it in order."""
     from tqdm import tqdm
 
     todo: list[tuple[str, int, Entry]] = []
-    writers: dict[str, _SplitWriter] = {}
+    writers: dict[str, SplitWriter] = {}
     for split in SPLITS:
         mine = [r for r in kept if r["split"] == split]
         begin = mine[-1]["end"] if mine else 0
         files = coll.splits[split]
-        writers[split] = _SplitWriter(out, split, journal, len(mine), len(files), settings)
+        writers[split] = SplitWriter(out, split, journal, len(mine), len(files), settings)
         writers[split].records = list(mine)
         todo += [(split, i, files[i]) for i in range(begin, len(files))]
     if kept:
@@ -421,7 +293,7 @@ def verify(out: Path) -> list[str]:
             continue
         if path.stat().st_size != s["bytes"]:
             problems.append(f"{s['name']}: {path.stat().st_size} bytes, manifest says {s['bytes']}")
-        if _sha256(path) != s["sha256"]:
+        if sha256_file(path) != s["sha256"]:
             problems.append(f"{s['name']}: sha256 differs from the manifest (the file changed or is corrupt)")
             continue
         try:
