@@ -225,7 +225,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # everything after `train` is train's own: --config FILE, key=value
+        args = argparse.Namespace(command="train", args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         code = _dispatch(args)
     except UserError as e:
