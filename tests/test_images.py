@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artscale.images import SkipImage, decode_bytes, encode_image, is_ignored, load_image
+from artscale.images import SkipImage, decode_bytes, encode_image, is_ignored, load_image, resize_image
 from _shards_helpers import write_bad_files, write_odd_images
+
+RED_PIXEL = (200, 10, 10)
 
 
 def _rgb(im: Image.Image, xy: tuple[int, int]) -> np.ndarray:
@@ -87,3 +89,9 @@ def test_ignored_names():
         assert is_ignored(Path(name)), name
     for name in ("a.jpg", "B.PNG", "x.tiff", "scan"):
         assert not is_ignored(Path(name)), name
+
+
+def test_resize_image_stretches_to_width_height():
+    im = Image.new("RGB", (40, 10), RED_PIXEL)
+    out = resize_image(im, (8, 24))
+    assert out.size == (8, 24) and out.getpixel((4, 12)) == RED_PIXEL
