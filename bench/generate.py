@@ -136,11 +136,18 @@ def main() -> None:
                           size=args.size, batch_size=args.batch_size, workers=args.workers)
         ours_cpu_ms = (time.process_time() - cpu) * 1000 / max(report["written"], 1)
         article, article_cpu_ms = article_loop(model, paths[: args.article_images], root / "article", args.size)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # its CPU cost per image without OpenMP threads spinning on a busy machine
+        _, article_cpu_ms_1t = article_loop(model, paths[: args.article_images // 2], root / "article-1t", args.size)
+        torch.set_num_threads(threads)
     ours = report["img_per_s"]
     result = {
         "bench": "generate", "images": args.images, "size": args.size, "cores": _cores(), "provider": report["provider"],
         "artscale_img_s": ours, "article_img_s": article, "speedup_vs_article": ours / article,
         "artscale_cpu_ms_per_img": ours_cpu_ms, "article_cpu_ms_per_img": article_cpu_ms,
+        "article_cpu_ms_per_img_1_thread": article_cpu_ms_1t, "cpu_speedup_vs_article_1_thread": article_cpu_ms_1t / ours_cpu_ms,
         **parts, "fraction_of_ceiling": ours / parts["ceiling_img_s"], "fraction_of_ort_alone": ours / parts["ort_alone_img_s"],
         "cpu_efficiency_vs_ceiling": parts["ceiling_cpu_ms_per_img"] / ours_cpu_ms, "load_avg_1min": os.getloadavg()[0],
     }
