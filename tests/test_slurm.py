@@ -145,6 +145,8 @@ def slurm():
         if subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode != 0 or \
                 not (CLUSTER_DIR / "slurm.conf").is_file():
             up = subprocess.run([str(ROOT / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True, timeout=300)
+            if up.returncode == 3:
+                pytest.skip(f"sbatch is here but slurmctld/slurmd cannot be installed: {up.stderr.strip()}")
             assert up.returncode == 0, f"slurm/local-cluster.sh up failed:\n{up.stdout}{up.stderr}"
     os.environ["ARTSCALE_VENV"] = str(VENV)
     return os.environ["SLURM_CONF"]
