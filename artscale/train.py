@@ -327,6 +327,7 @@ def train(cfg: TrainConfig) -> int:
         save_final(net.state_dict(), run_dir, cfg.to_dict(), plan.total_steps)
     acc.wait_for_everyone()
     acc.print(f"done: step {plan.total_steps}, final weights in {run_dir / 'final'} (skipped samples: {progress.skipped})")
+    print(f"rank {acc.process_index}/{plan.world} finished at step {plan.total_steps}", flush=True)
     acc.end_training()
     return 0
 

@@ -136,7 +136,8 @@ def wandb_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = {p.parent for p in run_dir.rglob("events.out.tfevents.*")}
+    # the shallowest events file holds the scalars; accelerate puts the hparams one in a subdir
+    events = min((p.parent for p in run_dir.rglob("events.out.tfevents.*")), key=lambda p: len(p.parts))
     acc = EventAccumulator(str(events))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]

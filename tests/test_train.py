@@ -1,0 +1,232 @@
+"""Training end to end in real processes: `accelerate launch` with 2 gloo CPU ranks, `artscale
+train` in 1, signals, resume, trackers read back. Tiny shards (16 px), random VGG weights
+(pretrained ones cannot be downloaded in tests)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from _train_helpers import (accelerate_cmd, children, env, launch, manifest, metrics, shards, tensorboard_scalars,  # noqa: F401
+                            tiny, train_cli, wait_for_step, wandb_history)
+from artscale.config import load_config
+from artscale.errors import UserError
+from artscale.loader import data_spec
+from artscale.train import EXIT_PREEMPTED, Plan, main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def article_lr(step: int, steps_per_epoch: int, lr: float = 1e-3, gamma: float = 0.5, step_epochs: int = 1) -> float:
+    """The article's StepLR, stepped once per epoch, read at optimizer step `step`."""
+    return lr * gamma ** ((step // steps_per_epoch) // step_epochs)
+
+
+LR_KEYS = ["lr_step_epochs=1", "lr_gamma=0.5"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(shards, tmp_path_factory):
+    """One 2-rank run over uneven shards: wandb, val, samples, checkpoints every 2 steps, keep 2."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    t = time.monotonic()
+    proc = launch(2, tiny(run, shards, "max_steps=6", "tracker=wandb", "checkpoint_every=2", "keep_checkpoints=2",
+                          "val_every=3", "sample_every=3", *LR_KEYS), port=free_port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc, time.monotonic() - t
+
+
+@pytest.mark.slow
+def test_two_ranks_over_uneven_shards_finish_having_run_the_same_steps(two_ranks, shards):
+    run, proc, _ = two_ranks
+    assert "world size 2, global batch 8 (4 per process x 2 processes x grad_accum 1)" in proc.stdout
+    assert "rank 0/2 finished at step 6" in proc.stdout and "rank 1/2 finished at step 6" in proc.stdout
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (run / "checkpoints" / "step-000006").iterdir()}
+    sizes = {s["count"] for s in manifest(shards)["shards"] if s["split"] == "train"}
+    assert len(sizes) > 1
+
+
+@pytest.mark.slow
+def test_keep_last_k_leaves_exactly_k_complete_checkpoints(two_ranks):
+    run, _, _ = two_ranks
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    assert (run / "final" / "model.safetensors").is_file() and (run / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_wandb_offline_records_hold_the_logged_values(two_ranks):
+    run, _, _ = two_ranks
+    history = wandb_history(run)
+    logged = {m["step"]: m for m in metrics(run) if "loss" in m}
+    assert sorted(s for s, _ in history["loss"]) == sorted(logged) == [1, 2, 3, 4, 5, 6]
+    for step, value in history["loss"]:
+        assert value == pytest.approx(logged[step]["loss"], rel=1e-6)
+    assert {"mse", "perceptual", "lr", "grad_norm", "img_per_s", "data_wait_s", "val/psnr", "val/ssim"} <= set(history)
+
+
+@pytest.mark.slow
+def test_validation_covers_the_whole_val_split_once_across_ranks(two_ranks, shards):
+    run, _, _ = two_ranks
+    val = [m for m in metrics(run) if "val/mse" in m]
+    assert [m["step"] for m in val] == [3, 6]
+    for m in val:
+        assert m["val/images"] == manifest(shards)["splits"]["val"]["count"]
+        assert 0 < m["val/mse"] < 1 and 0 < m["val/psnr"] < 60 and -1 <= m["val/ssim"] <= 1
+
+
+@pytest.mark.slow
+def test_sample_grids_are_written_as_png(two_ranks):
+    run, _, _ = two_ranks
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
+    with Image.open(run / "samples" / "step-000006.png") as im:
+        assert im.size[0] == 2 * 16 + 3 * 2  # input | output, 2 px padding
+
+
+@pytest.mark.slow
+def test_lr_by_step_is_the_articles_schedule_with_1_and_2_processes(two_ranks, shards, tmp_path):
+    run2, _, _ = two_ranks
+    run1 = tmp_path / "run"
+    proc = train_cli(tiny(run1, shards, "batch_size=8", "max_steps=6", "tracker=tensorboard", *LR_KEYS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_epoch = manifest(shards)["splits"]["train"]["count"] // 8  # same global batch: 8 x 1 and 4 x 2
+    expected = [article_lr(step - 1, per_epoch) for step in range(1, 7)]  # logged after step s: the lr it used
+    assert len(set(expected)) > 1, "the schedule must drop within the run for this test to mean anything"
+    one = [v for _, v in sorted(tensorboard_scalars(run1, "lr"))]
+    two = [v for _, v in sorted(wandb_history(run2)["lr"])]
+    assert one == pytest.approx(expected) and two == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_in_one_process(two_ranks, shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_ranks[0], run)
+    proc = train_cli(tiny(run, shards, "max_steps=8", *LR_KEYS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[:3]
+    assert f"resumed from step 6 ({run / 'checkpoints' / 'step-000006'})" in first
+    assert "steps 6 -> 8" in proc.stdout and "rank 0/1 finished at step 8" in proc.stdout
+    assert [m["step"] for m in metrics(run) if "loss" in m][-2:] == [7, 8]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shards, tmp_path):
+    opts = ["max_steps=10", "grad_accum=2", "hflip=true", "checkpoint_every=4"]
+    whole = train_cli(tiny(tmp_path / "whole", shards, *opts))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*train_cli_cmd(), *tiny(cut, shards, *opts)], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(cut, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    stopped = int(out.split("stopped by a signal at step ")[1].split(":")[0])
+    assert 5 <= stopped < 10 and (cut / "checkpoints" / f"step-{stopped:06d}").is_dir()
+    again = train_cli(tiny(cut, shards, *opts))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {stopped}" in again.stdout and "finished at step 10" in again.stdout
+    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    b = load_file(cut / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_cli_cmd() -> list[str]:
+    from _train_helpers import VENV_BIN
+
+    return [str(VENV_BIN / "artscale"), "train"]
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_finishes(shards, tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny(run, shards, "max_steps=200", "batch_size=2")
+    proc = subprocess.Popen(accelerate_cmd(2, free_port()) + overrides, env={**env(), "ACCELERATE_USE_CPU": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 2, proc)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2
+    time.sleep(0.5)
+    subprocess.run(["kill", "-USR1", str(ranks[-1])], check=True)
+    out, err = proc.communicate(timeout=120)
+    # Every rank exits EXIT_PREEMPTED; the launcher reports a failed child (exit 1) with that code.
+    assert proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in err
+    (step, ckpt), = [(int(p.name[5:]), p) for p in (run / "checkpoints").iterdir()]
+    assert 2 <= step < 200 and {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
+    again = launch(2, tiny(run, shards, f"max_steps={step + 2}", "batch_size=2"), port=free_port())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {step} ({ckpt})" in again.stdout
+    assert f"rank 1/2 finished at step {step + 2}" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_second_sigint_exits_at_once(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*train_cli_cmd(), *tiny(run, shards, "max_steps=500")], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)  # two signals at once reach Python's handler once; a person presses twice
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_mid_run_is_skipped_and_counted_in_bf16(shards, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    for victim in sorted(bad.glob("train-*.tar"))[:-1]:  # all but one: headers and images torn after the first member
+        data = bytearray(victim.read_bytes())
+        data[1024:-1024] = b"\x5a" * (len(data) - 2048)
+        victim.write_bytes(bytes(data))
+    run = tmp_path / "run"
+    proc = train_cli(tiny(run, bad, "max_steps=8", "mixed_precision=bf16"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped corrupt data" in proc.stderr
+    import json
+
+    state = json.loads((run / "final" / "trainer_state.json").read_text())
+    assert state["step"] == 8
+    skipped = json.loads((run / "checkpoints" / "step-000008" / "trainer_state.json").read_text())["skipped_samples"]
+    assert skipped > 0 and [m for m in metrics(run) if "loss" in m][-1]["skipped_samples"] == skipped
+
+
+def test_bad_inputs_are_one_line_and_exit_2(shards, tmp_path):
+    proc = train_cli(tiny(tmp_path / "run", tmp_path / "no-shards"), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "not a shards directory" in proc.stderr
+    with pytest.raises(UserError, match="holds 16 px images but image_size=32"):
+        main([*tiny(tmp_path / "run", shards), "image_size=32"])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text('{"batch_size": 64}')
+    with pytest.raises(UserError, match="trained with another config"):
+        main(tiny(tmp_path / "old", shards))
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is here")
+        main([*tiny(tmp_path / "run", shards), "mixed_precision=fp16"])
+
+
+def test_the_plan_counts_steps_and_lr_by_optimizer_step(shards):
+    spec = data_spec(str(shards), 16)
+    n = spec.train_count
+    one = Plan.make(load_config(None, ["batch_size=8", "epochs=4", *LR_KEYS]), spec, world=1)
+    two = Plan.make(load_config(None, ["batch_size=4", "epochs=4", *LR_KEYS]), spec, world=2)
+    assert one.steps_per_epoch == two.steps_per_epoch == n // 8 and one.total_steps == 4 * (n // 8)
+    assert [one.lr_at(s) for s in range(20)] == [two.lr_at(s) for s in range(20)] == [article_lr(s, n // 8) for s in range(20)]
+    scaled = Plan.make(load_config(None, ["batch_size=4", "grad_accum=2", "scale_lr=true"]), spec, world=2)
+    assert scaled.global_batch == 16 and scaled.lr == pytest.approx(4e-3)
+    assert Plan.make(load_config(None, ["batch_size=4", "max_steps=7"]), spec, world=3).total_steps == 7
