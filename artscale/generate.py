@@ -212,6 +212,8 @@ def _check_args(model: Path, in_dir: Path, out_dir: Path, num_shards: int, shard
         raise UserError(f"model {model} not found")
     if not in_dir.is_dir():
         raise UserError(f"input folder {in_dir} not found")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"OUT_DIR {out_dir} exists and is not a folder")
     src, dst = in_dir.resolve(), out_dir.resolve()
     if dst == src or src in dst.parents:
         raise UserError(f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: its outputs would become inputs; choose another place")
@@ -318,8 +320,9 @@ class _Pipeline:
                 entry, future = window.popleft()
                 try:
                     pixels, original = future.result()
-                except SkipImage as e:
-                    skipped.append({"path": entry.rel, "reason": str(e)})
+                except Exception as e:  # SkipImage, or a Pillow error images.py did not foresee: counted, never fatal
+                    reason = str(e) if isinstance(e, SkipImage) else f"decoder error: {type(e).__name__}: {str(e)[:160]}"
+                    skipped.append({"path": entry.rel, "reason": reason})
                     bar.update()
                     refill()
                     continue

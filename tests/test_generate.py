@@ -18,7 +18,7 @@ from PIL import Image
 
 from _onnx_helpers import make_run_dir
 from artscale.errors import UserError
-from artscale.export import export_onnx
+from artscale.export import describe_onnx, export_onnx
 from artscale.generate import TMP_SUFFIX, Runner, generate, list_inputs, native_size, output_names
 from conftest import VENV_BIN, make_image, run_cli
 
@@ -127,8 +127,10 @@ def test_shards_partition_the_files_exactly(tree, model16, tmp_path):
 
 def test_native_size_restore_size_and_formats(tree, model16, tmp_path):
     entries = {e.rel: e for e in list_inputs(tree, ".jpg")}
-    report = generate(model16, tree, tmp_path / "native", device="cpu", native=True, max_side=24, image_format="jpg", quality=90)
-    assert report["written"] == len(GOOD) and report["size"] == "native"
+    # batch 2, 1 worker: at most 5 images wait for a batch, so mixed sizes flush in small groups.
+    report = generate(model16, tree, tmp_path / "native", device="cpu", native=True, max_side=24, image_format="jpg",
+                      quality=90, batch_size=2, workers=1)
+    assert report["written"] == len(GOOD) and report["size"] == "native" and report["batches"] >= 5
     for rel in GOOD:
         with Image.open(tree / rel) as src, Image.open(tmp_path / "native" / entries[rel].out) as im:
             assert im.format == "JPEG" and im.size == native_size(src.size, 24)
@@ -155,6 +157,11 @@ def test_user_mistakes_are_refused(tree, model16, tmp_path):
     (tmp_path / "fake.onnx").write_bytes(b"not a model")
     with pytest.raises(UserError, match="cannot load"):
         generate(tmp_path / "fake.onnx", tree, tmp_path / "o", device="cpu")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        generate(model16, tree, tmp_path / "file", device="cpu")
+    with pytest.raises(UserError, match="is not an ONNX model"):
+        describe_onnx(tmp_path / "fake.onnx")
     assert not (tree / "out").exists() and not (tmp_path / "o").exists()
 
 
