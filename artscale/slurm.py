@@ -158,7 +158,8 @@ def run_node(train_args: Sequence[str]) -> int:
     ranks), so the signal goes to its children: each rank checkpoints at the next step and exits.
     """
     env = dict(os.environ)
-    main_ip = first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1"
+    main_ip = env.get("ARTSCALE_MAIN_ADDR", "").strip() or (
+        first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1")
     cmd, extra = node_launch_command(env, main_ip, train_args)
     rank = env.get("SLURM_PROCID", "0")
     print(f"artscale: machine {rank}: {' '.join(cmd)}", flush=True)

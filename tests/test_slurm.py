@@ -310,6 +310,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
     assert len(stopped) == 1 and 0 < stopped[0] < max_steps, log
     k = stopped[0]
     assert f"resumed from step {k} (" in log and f"step-{k:06d})" in log
+    assert log.count("SIGUSR1 -> training ranks [") == 2  # both machines passed it to their rank
     assert log.index("requeueing job") < log.index(f"resumed from step {k}")
     assert log.count(f"artscale: job {job} start") == 2 and f"artscale: job {job} start 2" in log
     assert json.loads((tmp_path / "run" / "final" / "trainer_state.json").read_text())["step"] == max_steps
@@ -319,3 +320,17 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1"
     finished = subprocess.run([sys.executable, "-m", "artscale.slurm", "finished", *args], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_pack_sbatch_packs_what_pack_packs(slurm, image_folder, tmp_path):
+    job = sbatch("--cpus-per-task=1", "--output=pack.log", ROOT / "slurm" / "pack.sbatch", image_folder, tmp_path / "shards",
+                 "--size", "16", cwd=tmp_path)
+    [record] = wait_job(job, 120)
+    log = (tmp_path / "pack.log").read_text()
+    assert record["JobState"] == "COMPLETED", log
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["image_size"] == 16 and "packed 40 of" in log
+    verified = run_cli("verify", tmp_path / "shards")
+    assert verified.returncode == 0, verified.stderr
