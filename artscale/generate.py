@@ -108,7 +108,8 @@ def _cuda_hint() -> str:
     return "CUDA 13 / cuDNN 9 libraries missing or no usable GPU"
 
 
-def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: str, threads: int, cache_dir: Path | None = None):
+def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: str, threads: int,
+                 cache_dir: Path | None = None, varied_shapes: bool = False):
     """An onnxruntime session on the device asked for; returns (session, provider actually used).
 
     onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
@@ -137,10 +138,11 @@ def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: s
     if device == "cpu":
         return cpu_session(), "CPUExecutionProvider"
     available = ort.get_available_providers()
-    wanted: list = ["CUDAExecutionProvider"]
+    # cuDNN's exhaustive algorithm search runs once per input shape: worth it for one size only.
+    wanted: list = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC" if varied_shapes else "EXHAUSTIVE"})]
     if provider == "tensorrt":  # engines are built per input shape: cache them beside the outputs
         wanted.insert(0, ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")}))
-    names = [w[0] if isinstance(w, tuple) else w for w in wanted]
+    names = [name for name, _ in wanted]
     problem = ""
     if not set(names) <= set(available):
         problem = f"this onnxruntime has no {' or '.join(n for n in names if n not in available)} (install onnxruntime-gpu)"
@@ -241,7 +243,7 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     cores = _cores()
     if provider == "tensorrt" and device == "cpu":
         raise UserError("--provider tensorrt runs on a GPU: use it with --device cuda or auto")
-    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=cores, cache_dir=out_dir / ".trt-cache")
+    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=cores, cache_dir=out_dir / ".trt-cache", varied_shapes=native)
     inp = session.get_inputs()[0]
     if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
         raise UserError(f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)")
