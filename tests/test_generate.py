@@ -207,3 +207,15 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model16, tmp_pat
     assert not [p for p in killed.rglob("*") if p.name.endswith(TMP_SUFFIX)]
     for rel in _files(killed) - {"report.json"}:
         assert (killed / rel).read_bytes() == (tmp_path / "full" / rel).read_bytes(), rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_usable(), reason="needs an NVIDIA GPU and driver")
+def test_cuda_runs_with_io_binding_and_matches_cpu(tree, model16, tmp_path):
+    cpu = generate(model16, tree, tmp_path / "cpu", device="cpu")
+    gpu = generate(model16, tree, tmp_path / "gpu", device="cuda", batch_size=4)
+    assert gpu["provider"] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and gpu["written"] == cpu["written"]
+    for rel in GOOD.values():
+        a = np.asarray(Image.open(tmp_path / "cpu" / rel), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "gpu" / rel), dtype=int)
+        assert np.abs(a - b).max() <= 1, rel
