@@ -278,6 +278,8 @@ def train(cfg: TrainConfig) -> int:
     ckpt = CheckpointManager(acc, run_dir, cfg.to_dict(), net, cfg.checkpoint_every, cfg.keep_checkpoints)
     state = ckpt.load(resume_from) if resume_from else {}
     start = int(state.get("step", 0))
+    if start > plan.total_steps:
+        raise UserError(f"{resume_from} is at step {start}, past this run's last step {plan.total_steps}: raise max_steps or epochs")
     if resume_from:
         acc.print(f"resumed from step {start} ({resume_from})")
     if acc.is_main_process:
