@@ -125,7 +125,6 @@ def test_follow_symlinks_packs_what_links_lead_to(messy, tmp_path):
     assert m["per_class"]["c"] == {"seen": 11, "packed": 5, "skipped": 1, "ignored": 5}
 
 
-@pytest.mark.slow
 def test_output_is_byte_identical_across_worker_counts_and_reruns(image_folder, tmp_path):
     opts = dict(size=16, val_fraction=0.2, shard_max_count=6)
     pack(image_folder, tmp_path / "w1", workers=1, **opts)
