@@ -108,17 +108,20 @@ def _worker_seed(rank: int, skip: int) -> int:
     return rank * 1000 + _worker(skip)[0]
 
 
-def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, skip: int) -> Iterator:
-    """A shuffle buffer seeded per rank, worker and epoch (webdataset's default seeds from the clock)."""
+def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, skip: int, initial: int = 100) -> Iterator:
+    """A shuffle buffer seeded per rank, worker and epoch (webdataset's default seeds from the clock).
+    It starts yielding at `initial` samples and grows to `bufsize`, so the first batch comes quickly."""
     rng = random.Random(_seed(seed, epoch, rank, _worker(skip)[0]))
+    src = iter(src)
     buf: list = []
     for sample in src:
+        buf.append(sample)
         if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = sample
+            buf.extend(itertools.islice(src, 1))
+        if len(buf) >= initial:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
     rng.shuffle(buf)
     yield from buf
 
