@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -151,11 +152,25 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def run_node(train_args: Sequence[str]) -> int:
-    """Run this machine's `accelerate launch`, passing USR1/TERM to the training ranks themselves.
+def _catches(pid: int, signum: int) -> bool:
+    """Has process pid installed a handler for signum (SigCgt in /proc/PID/status)?"""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
 
-    The launcher does not forward SIGUSR1 (its default action would kill it and orphan the
-    ranks), so the signal goes to its children: each rank checkpoints at the next step and exits.
+
+def run_node(train_args: Sequence[str]) -> int:
+    """Run this machine's `accelerate launch`, passing USR1/TERM on to the training ranks.
+
+    SLURM signals every process of the step, the launcher included, and SIGUSR1's default
+    action would kill the launcher (and with it the srun task, while its ranks are still writing
+    their checkpoint). So the launcher starts with SIGUSR1 ignored, and the ranks inherit that
+    until they install their own handler. A stop request is passed on to each rank once, as
+    soon as it has that handler: one that comes while the ranks are still starting is not lost.
     """
     env = dict(os.environ)
     main_ip = env.get("ARTSCALE_MAIN_ADDR", "").strip() or (
@@ -163,20 +178,27 @@ def run_node(train_args: Sequence[str]) -> int:
     cmd, extra = node_launch_command(env, main_ip, train_args)
     rank = env.get("SLURM_PROCID", "0")
     print(f"artscale: machine {rank}: {' '.join(cmd)}", flush=True)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     launcher = subprocess.Popen(cmd, env={**env, **extra})
-
-    def forward(signum: int, _frame: object) -> None:
-        kids = _children(launcher.pid)
-        print(f"artscale: machine {rank}: {signal.Signals(signum).name} -> training ranks {kids}", flush=True)
-        for kid in kids:
-            try:
-                os.kill(kid, signum)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGUSR1, forward)
-    signal.signal(signal.SIGTERM, forward)
-    return launcher.wait()
+    pending: set[int] = set()
+    delivered: set[tuple[int, int]] = set()
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: pending.add(signum))
+    while True:
+        try:
+            return launcher.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        for signum in sorted(pending):
+            ready = [kid for kid in _children(launcher.pid) if (kid, signum) not in delivered and _catches(kid, signum)]
+            if ready:
+                print(f"artscale: machine {rank}: {signal.Signals(signum).name} -> training ranks {ready}", flush=True)
+            for kid in ready:
+                try:
+                    os.kill(kid, signum)
+                except ProcessLookupError:
+                    pass
+                delivered.add((kid, signum))
 
 
 def run_finished(train_args: Sequence[str]) -> bool:
