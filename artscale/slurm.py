@@ -105,6 +105,7 @@ def node_launch_command(env: Mapping[str, str], main_ip: str, train_args: Sequen
     """
     from artscale.config import load_config
 
+    _need_checkout(TRAIN_SCRIPT)
     config, overrides = _split_train_args(train_args)
     cfg = load_config(config, overrides)
     gpus = gpus_on_node(env)
@@ -122,6 +123,11 @@ def node_launch_command(env: Mapping[str, str], main_ip: str, train_args: Sequen
         script_args=train_args,
         accelerate=accelerate,
     )
+
+
+def _need_checkout(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path} not found: the SLURM scripts run from an artscale checkout (pip install -e .)")
 
 
 def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -234,7 +240,7 @@ def merge_reports(out_dir: Path, num_shards: int) -> dict:
     out_dir = Path(out_dir)
     reports = []
     for i in range(num_shards):
-        path = out_dir / f"report-{i}-of-{num_shards}.json"
+        path = out_dir / ("report.json" if num_shards == 1 else f"report-{i}-of-{num_shards}.json")  # as generate names it
         if not path.is_file():
             raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
         rep = json.loads(path.read_text())
@@ -341,6 +347,7 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
     """`artscale submit train|generate`: submit (or print, with dry_run) the sbatch lines; the job ids."""
     import shlex
 
+    _need_checkout(SLURM_DIR / "train.sbatch")
     if what == "train":
         from artscale.config import load_config
 
