@@ -122,3 +122,12 @@ def test_describe_a_run_dir_a_checkpoint_and_weights(setup):
     assert "step: 5" in describe(ckpt / "model.safetensors")
     with pytest.raises(UserError, match="not found"):
         describe(run / "nope")
+
+
+def test_a_compiled_model_still_saves_the_models_own_keys(setup):
+    acc, net, model, opt, run = setup
+    compiled = acc.prepare(torch.compile(net))  # keys of the wrapper start with _orig_mod.
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    path = CheckpointManager(acc, run, {}, net, every=1, keep=1).save(1, {})
+    _, weights = load_model(path)
+    assert set(weights.state_dict) == set(ConvDiffusionModel().state_dict())
