@@ -75,9 +75,17 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested = ""
+        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request)
         signal.signal(signal.SIGINT, self._interrupt)
+
+    def __enter__(self) -> "StopSignals":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():  # the demo goes on after training: Ctrl-C must act normally again
+            signal.signal(sig, handler)
 
     def _request(self, signum: int, frame: Any) -> None:
         self.requested = self.requested or signal.Signals(signum).name
@@ -259,6 +267,11 @@ def _start_trackers(acc: Any, cfg: TrainConfig, run_dir: Path) -> None:
 
 def train(cfg: TrainConfig) -> int:
     """Train until the plan's last step (returns 0) or a stop signal (checkpoints, returns EXIT_PREEMPTED)."""
+    with StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     from accelerate.utils import set_seed
 
     spec = data_spec(cfg.data, cfg.image_size)
@@ -289,7 +302,7 @@ def train(cfg: TrainConfig) -> int:
               f"processes x grad_accum {cfg.grad_accum}); steps {start} -> {plan.total_steps} ({plan.steps_per_epoch} per epoch), "
               f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}, mixed precision {cfg.mixed_precision}")
     _start_trackers(acc, cfg, run_dir)
-    progress, samples, stop = Progress(acc, cfg, plan, start, state), Samples(acc, spec, cfg), StopSignals()
+    progress, samples = Progress(acc, cfg, plan, start, state), Samples(acc, spec, cfg)
     data = _batches(spec, cfg, plan, acc, start)
     model.train()
     for step in range(start, plan.total_steps):
