@@ -8,8 +8,10 @@ renamed; a rerun skips outputs that exist. No torch here: workers start in well 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import io
 import json
 import os
 import sys
@@ -147,17 +149,23 @@ def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: s
     if not set(names) <= set(available):
         problem = f"this onnxruntime has no {' or '.join(n for n in names if n not in available)} (install onnxruntime-gpu)"
     else:
+        if provider == "tensorrt" and cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels torch brings, without importing torch
         # Strict first (every node on the GPU); then let a few nodes sit on CPU, as long as the GPU runs.
         for strict in (True, False):
+            printed = io.StringIO()  # onnxruntime prints a 4-line "EP Error" block when TensorRT cannot start
             try:
-                session = ort.InferenceSession(str(model), options(strict), providers=wanted if strict else [*wanted, "CPUExecutionProvider"])
+                with contextlib.redirect_stdout(printed):
+                    session = ort.InferenceSession(str(model), options(strict), providers=wanted if strict else [*wanted, "CPUExecutionProvider"])
             except Exception as e:  # the fallback-disabled Fail, or a model error the CPU session names below
                 problem = str(e).splitlines()[0][:160]
                 continue
             used = session.get_providers()[0]
             if used in GPU_PROVIDERS:
+                if provider == "tensorrt" and used != "TensorrtExecutionProvider":
+                    print(f"artscale: TensorRT did not start (TensorRT libraries missing?); running on {used}", file=sys.stderr)
                 return session, used
             problem = f"onnxruntime chose {used}"
     session = cpu_session()
