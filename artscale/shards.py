@@ -14,6 +14,9 @@ import os
 import sys
 import tarfile
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +30,7 @@ MANIFEST = "manifest.json"
 JOURNAL = ".pack-journal.jsonl"
 SPLITS = ("train", "val")
 MIN_TRAIN_SHARDS = 8  # fewer shards than nodes x loader workers leaves some of them idle
+_CHUNK = 8  # files per task sent to a worker
 _SETTINGS: dict[str, Any] = {}  # the decode settings, set once per worker process
 
 
@@ -214,20 +218,41 @@ def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal:
     return records + [{"kind": "loose", "skipped": loose}]
 
 
+def _decode_many(paths: list[str]) -> list[tuple[bytes | None, Any]]:
+    return [_decode(p) for p in paths]
+
+
 def _map_decode(paths: list[str], decode: dict, workers: int) -> Iterator[tuple[bytes | None, Any]]:
-    if workers <= 1 or len(paths) < 2:
-        _init_worker(decode)
-        yield from map(_decode, paths)
-        return
-    # Never plain fork: the parent may run threads (tqdm, torch). A fork server with this module
-    # preloaded starts workers in ~0.4 s, spawn in ~0.7 s (FACTS-style timing on 2 cores).
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(paths)), initializer=_init_worker, initargs=(decode,)) as pool:
-        yield from pool.imap(_decode, paths, chunksize=4)
+    """Decoded results in input order: in worker processes, or here for 1 worker.
+
+    ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory, or
+    unable to start because __main__ cannot be re-imported, as under `python -`) breaks the pool
+    with an error instead of being replaced forever; the rest is then decoded here.
+    """
+    done = 0
+    if workers > 1 and len(paths) > 1:
+        # Never plain fork: the parent may run threads (tqdm, torch). A fork server with this
+        # module preloaded starts workers in ~0.4 s, spawn in ~0.7 s (measured on 2 cores).
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx, initializer=_init_worker, initargs=(decode,))
+        pending: deque = deque()
+        try:
+            for start in range(0, len(paths), _CHUNK):
+                pending.append(pool.submit(_decode_many, paths[start:start + _CHUNK]))
+                while len(pending) > 4 * workers or (start + _CHUNK >= len(paths) and pending):
+                    for result in pending.popleft().result():
+                        done += 1
+                        yield result
+        except BrokenProcessPool as e:
+            print(f"artscale: warning: decode workers died ({e}); going on in this process", file=sys.stderr)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    _init_worker(decode)
+    yield from map(_decode, paths[done:])
 
 
 def _manifest(coll: Collection, identity: dict, records: list[dict]) -> dict:

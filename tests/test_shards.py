@@ -280,3 +280,15 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_pack(tmp_path):
     assert _tree_bytes(out) == _tree_bytes(ref)
     assert not list(out.glob("*.partial")) and not journal.exists()
 
+
+
+def test_workers_that_cannot_start_fall_back_instead_of_hanging(image_folder, tmp_path):
+    """Under `python -` a worker cannot re-import __main__ and dies at start; multiprocessing.Pool
+    would replace it forever. Pack must finish, in-process, with the same bytes."""
+    code = (f"from artscale.shards import pack\n"
+            f"pack({str(image_folder)!r}, {str(tmp_path / 'stdin')!r}, size=16, workers=2, shard_max_count=8)\n")
+    r = subprocess.run([str(VENV_BIN / "python"), "-"], input=code, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decode workers died" in r.stderr
+    pack(image_folder, tmp_path / "ref", size=16, workers=1, shard_max_count=8)
+    assert _tree_bytes(tmp_path / "stdin") == _tree_bytes(tmp_path / "ref")
