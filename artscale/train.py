@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -255,14 +256,23 @@ def _accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
     )
 
 
+def _wandb_id(acc: Any, run_dir: Path) -> str | None:
+    """One W&B run id per run dir, so a resumed run continues the same W&B run (main process only)."""
+    if not acc.is_main_process:
+        return None
+    path = run_dir / "wandb_id"
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:12] + "\n")
+    return path.read_text().strip()
+
+
 def _start_trackers(acc: Any, cfg: TrainConfig, run_dir: Path) -> None:
     if cfg.tracker == "none":
         return
     flat = {k: (",".join(v) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()}  # tensorboard hparams take no lists
-    acc.init_trackers(cfg.wandb_project, config=flat, init_kwargs={
-        # accelerate's wandb tracker ignores project_dir: without `dir` the files land in the cwd
-        "wandb": {"dir": str(run_dir), "name": cfg.run_name or run_dir.name, "tags": cfg.tags},
-    })
+    wandb_kwargs = {"name": cfg.run_name or run_dir.name, "tags": cfg.tags, "id": _wandb_id(acc, run_dir), "resume": "allow",
+                    "dir": str(run_dir)}  # accelerate's wandb tracker ignores project_dir: without `dir` files land in the cwd
+    acc.init_trackers(cfg.wandb_project, config=flat, init_kwargs={"wandb": wandb_kwargs} if cfg.tracker == "wandb" else {})
 
 
 def train(cfg: TrainConfig) -> int:

@@ -113,8 +113,10 @@ def test_lr_by_step_is_the_articles_schedule_with_1_and_2_processes(two_ranks, s
 def test_a_two_process_checkpoint_resumes_in_one_process(two_ranks, shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_ranks[0], run)
-    proc = train_cli(tiny(run, shards, "max_steps=8", *LR_KEYS))
+    proc = train_cli(tiny(run, shards, "max_steps=8", "tracker=wandb", *LR_KEYS))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(run.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # the same W&B run, continued
     first = proc.stdout.splitlines()[:3]
     assert f"resumed from step 6 ({run / 'checkpoints' / 'step-000006'})" in first
     assert "steps 6 -> 8" in proc.stdout and "rank 0/1 finished at step 8" in proc.stdout
