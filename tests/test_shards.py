@@ -206,13 +206,16 @@ def test_out_holding_another_collection_or_settings_is_refused(image_folder, mes
         pack(image_folder, foreign / "thesis.pdf", size=16, workers=1)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no_class_folders", "file"])
+@pytest.mark.parametrize("case", ["missing", "empty", "no_class_folders", "file", "empty_class_folders"])
 def test_bad_src_gives_one_line_and_exit_2(tmp_path, case):
     src = tmp_path / "src"
     if case != "missing":
         src.mkdir()
     if case == "no_class_folders":
         make_image(src / "loose.jpg", (20, 20), seed=0)
+    if case == "empty_class_folders":
+        (src / "a").mkdir()
+        (src / "b" / ".cache").mkdir(parents=True)
     if case == "file":
         src.rmdir()
         src.write_text("x")
