@@ -300,6 +300,13 @@ def describe(path: str | Path) -> str:
         lines.append(f"  checkpoints: {len(found)}" + (f" (steps {', '.join(str(s) for s, _ in found)}; latest {found[-1][1]})" if found else ""))
         for tmp in sorted((path / "checkpoints").glob("*" + TMP_SUFFIX)):
             lines.append(f"  incomplete: {tmp.name} (a save that did not finish; ignored, removed by the next save)")
+        logged = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] if (path / "metrics.jsonl").is_file() else []
+        train = next((m for m in reversed(logged) if "loss" in m), None)
+        val = next((m for m in reversed(logged) if "val/psnr" in m), None)
+        if train:
+            lines.append(f"  last logged: step {train['step']} loss {train['loss']:.4f} lr {train['lr']:.3g} ({train['img_per_s']:.1f} img/s)")
+        if val:
+            lines.append(f"  last val: step {val['step']} mse {val['val/mse']:.4f} psnr {val['val/psnr']:.2f} ssim {val['val/ssim']:.3f}")
         final = _read_json(path / "final" / STATE_NAME)
         lines.append(f"  final weights: step {final.get('step')} ({path / 'final' / WEIGHTS_NAME})" if final else "  final weights: none yet")
         return "\n".join(lines)

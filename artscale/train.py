@@ -8,6 +8,7 @@ in the helpers (Progress, Samples, CheckpointManager), not in the loop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -256,6 +257,13 @@ def _accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
     )
 
 
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local data and VGG paths made absolute: the saved config then means the same from any directory."""
+    fixed = {k: str(Path(v).expanduser().resolve()) for k in ("data", "vgg_weights")
+             if (v := getattr(cfg, k)) not in ("imagenet", "random") and Path(v).expanduser().exists()}
+    return dataclasses.replace(cfg, **fixed)
+
+
 def _wandb_id(acc: Any, run_dir: Path) -> str | None:
     """One W&B run id per run dir, so a resumed run continues the same W&B run (main process only)."""
     if not acc.is_main_process:
@@ -284,6 +292,7 @@ def train(cfg: TrainConfig) -> int:
 def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     from accelerate.utils import set_seed
 
+    cfg = _absolute_paths(cfg)
     spec = data_spec(cfg.data, cfg.image_size)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.to_dict(), cfg.force)

@@ -115,7 +115,10 @@ def test_describe_a_run_dir_a_checkpoint_and_weights(setup):
     mgr = CheckpointManager(acc, run, {"data": "shards/x", "image_size": 16}, net, every=1, keep=3)
     ckpt = mgr.save(5, {"skipped_samples": 2})
     (run / "config.json").write_text(json.dumps({"data": "shards/x", "image_size": 16}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 0.25, "lr": 1e-3, "img_per_s": 9.0}) + "\n"
+                                       + json.dumps({"step": 5, "val/mse": 0.1, "val/psnr": 20.0, "val/ssim": 0.5}) + "\n")
     text = describe(run)
+    assert "last logged: step 5 loss 0.2500" in text and "last val: step 5 mse 0.1000 psnr 20.00 ssim 0.500" in text
     assert "checkpoints: 1 (steps 5;" in text and "image_size=16" in text and "final weights: none yet" in text
     text = describe(ckpt)
     assert "step=5" in text and "skipped_samples=2" in text and "model.safetensors" in text
