@@ -246,3 +246,24 @@ def test_the_shipped_accelerate_configs_parse(name, processes):
 
     cfg = load_config_from_file(str(ROOT / "launch" / "accelerate" / f"{name}.yaml"))
     assert cfg.num_processes == processes and cfg.mixed_precision == "no"
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(shards, tmp_path):
+    import resource
+
+    run = tmp_path / "run"
+    first = train_cli(tiny(run, shards, "max_steps=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (run / "checkpoints" / "step-000002" / "model.safetensors").read_bytes()
+
+    def small_files():  # files over 1 MB fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([*train_cli_cmd(), *tiny(run, shards, "max_steps=4")], env=env(), capture_output=True,
+                          text=True, timeout=240, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("artscale: error:")]
+    assert "could not write checkpoint" in line and "step-000004" in line and line.endswith("step-000002")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    assert (run / "checkpoints" / "step-000002" / "model.safetensors").read_bytes() == before
