@@ -142,6 +142,7 @@ class Progress:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "img_per_s": self.plan.global_batch * self.window_steps / max(elapsed, 1e-9),
             "data_wait_s": sums[4].item() / self.plan.world / self.window_steps, "skipped_samples": self.skipped,
+            "epoch": step / self.plan.steps_per_epoch,
         }
         self.log(step, metrics)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2g}", img_s=f"{metrics['img_per_s']:.1f}")
