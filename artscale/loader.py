@@ -73,22 +73,28 @@ def data_spec(data: str, image_size: int) -> DataSpec:
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
         raise UserError(f"data={data}: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
-    return DataSpec(urls, [], None, None, None)
+    return DataSpec(urls, [], None, None, image_size)  # no manifest: each sample is checked against image_size
 
 
 class SkipCounter:
-    """A webdataset handler: log what is skipped (a corrupt shard, a bad sample), count it, go on."""
+    """A webdataset handler: log what is skipped (a corrupt shard, a bad sample), count it, go on.
+    A resampled stream never ends, so `limit` failures in a row without a batch is an error, not a hang."""
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, limit: int = 1000) -> None:
+        self.count, self.in_a_row, self.limit = 0, 0, limit
 
     def __call__(self, exn: Exception) -> bool:
         self.count += 1
+        self.in_a_row += 1
         log.warning("skipped corrupt data: %s", str(exn)[:300])
+        if self.in_a_row >= self.limit:
+            raise UserError(f"{self.limit} samples in a row could not be used (last: {str(exn)[:200]}); check the shards "
+                            "(artscale verify) and image_size")
         return True
 
     def take(self) -> int:
-        n, self.count = self.count, 0
+        """Skips since the last batch (a batch came: the run is making progress)."""
+        n, self.count, self.in_a_row = self.count, 0, 0
         return n
 
 

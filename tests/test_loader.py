@@ -89,3 +89,10 @@ def test_bad_data_is_one_clear_error(shards, tmp_path):
         data_spec(str(gone), 16)
     with pytest.raises(UserError, match="2 of 2 shards not found"):
         data_spec(str(tmp_path / "x-{0..1}.tar"), 16)
+
+
+def test_a_url_pattern_whose_images_never_fit_is_an_error_not_a_hang(shards):
+    spec = data_spec(str(shards / "train-{000000..000001}.tar"), 32)  # no manifest: checked per sample
+    assert spec.train_count is None and spec.image_size == 32
+    with pytest.raises(UserError, match="samples in a row could not be used .*expected 32x32"):
+        next(iter(train_loader(spec, batch_size=4, batches=2, seed=0, epoch=0, rank=0)))
