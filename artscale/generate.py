@@ -32,6 +32,9 @@ INPUT, OUTPUT = "images", "generated"
 TMP_SUFFIX = ".artscale-tmp"
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# A CPU run holds ~0.55 KB per pixel (measured: 283 MB for 2 x 512 x 512): large --native images
+# go in smaller batches, so memory stays near 0.3 GB per inference stream.
+MAX_BATCH_PIXELS = 8 * 256 * 256
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,8 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     cores = _cores()
     if provider == "tensorrt" and device == "cpu":
         raise UserError("--provider tensorrt runs on a GPU: use it with --device cuda or auto")
-    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=cores, cache_dir=out_dir / ".trt-cache", varied_shapes=native)
+    # One intra-op thread per session run; on CPU, `cores` runs side by side (see _Pipeline).
+    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=1, cache_dir=out_dir / ".trt-cache", varied_shapes=native)
     inp = session.get_inputs()[0]
     if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
         raise UserError(f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)")
@@ -271,7 +275,8 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     already_done = len(candidates) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    run = _Pipeline(Runner(session, None if used == "CPUExecutionProvider" else "cuda"), batch_size, workers,
+    on_cpu = used == "CPUExecutionProvider"
+    run = _Pipeline(Runner(session, None if on_cpu else "cuda"), cores if on_cpu else 1, batch_size, workers,
                     size=size, max_side=max_side, restore=restore_size, fmt=image_format, quality=quality)
     written, batches = run(todo, in_dir, out_dir, skipped)
     wall = time.perf_counter() - started
@@ -292,38 +297,53 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
 
 
 class _Pipeline:
-    """decode pool -> in-order window -> batches by shape -> session -> encode/write pool; all bounded."""
+    """decode pool -> in-order window -> batches by shape -> inference streams -> encode/write pool.
 
-    def __init__(self, runner: Runner, batch_size: int, workers: int, *, size: int, max_side: int, restore: bool, fmt: str, quality: int) -> None:
-        self.runner, self.batch_size, self.workers = runner, batch_size, workers
+    On CPU each stream is a thread calling session.run with one intra-op thread: batches run side
+    by side with no barrier between cores, 10-70% faster here than one run on all cores (a
+    shared core stalls every barrier). Every stage is bounded, so memory is too."""
+
+    def __init__(self, runner: Runner, streams: int, batch_size: int, workers: int, *, size: int, max_side: int,
+                 restore: bool, fmt: str, quality: int) -> None:
+        self.runner, self.streams, self.batch_size, self.workers = runner, streams, batch_size, workers
         self.size, self.max_side, self.restore, self.fmt, self.quality = size, max_side, restore, fmt, quality
-        self.limit = 2 * batch_size + workers  # images in flight per stage: memory stays bounded
+        self.limit = 2 * batch_size + workers  # images waiting per stage
 
     def __call__(self, todo: list[Entry], in_dir: Path, out_dir: Path, skipped: list[dict]) -> tuple[int, int]:
         pending: dict[tuple, list] = {}  # shape -> [(entry, pixels, original)], native sizes batch apart
-        writes: deque[Future] = deque()
         window: deque[tuple[Entry, Future]] = deque()
+        running: deque[Future] = deque()  # inference batches, each returning its write futures
+        writes: deque[Future] = deque()
         batches = written = 0
         bar = tqdm(total=len(todo), unit="img", desc="generate", disable=None, dynamic_ncols=True)
         source = iter(todo)
-        with ThreadPoolExecutor(self.workers, "decode") as decoders, ThreadPoolExecutor(self.workers, "encode") as encoders:
+        with ThreadPoolExecutor(self.workers, "decode") as decoders, ThreadPoolExecutor(self.streams, "infer") as streams, \
+                ThreadPoolExecutor(self.workers, "encode") as encoders:
 
             def refill() -> None:
                 while len(window) < self.limit and (entry := next(source, None)) is not None:
                     window.append((entry, decoders.submit(_decode, in_dir / entry.rel, self.size, self.max_side)))
 
+            def infer(group: list) -> list[Future]:
+                outputs = self.runner(np.stack([pixels for _, pixels, _ in group]))
+                futures = []
+                for (entry, _, original), pixels in zip(group, outputs):
+                    futures.append(encoders.submit(_write, out_dir / entry.out, pixels, original if self.restore else None, self.fmt, self.quality))
+                    futures[-1].add_done_callback(lambda _: bar.update())
+                return futures
+
+            def settle(keep_running: int) -> None:
+                while len(running) > keep_running:
+                    writes.extend(running.popleft().result())
+                while len(writes) > self.limit:
+                    writes.popleft().result()  # re-raises a failed write: that fails the run
+
             def flush(shape: tuple) -> None:
                 nonlocal batches, written
                 group = pending.pop(shape)
-                outputs = self.runner(np.stack([pixels for _, pixels, _ in group]))
-                batches += 1
-                for (entry, _, original), pixels in zip(group, outputs):
-                    future = encoders.submit(_write, out_dir / entry.out, pixels, original if self.restore else None, self.fmt, self.quality)
-                    future.add_done_callback(lambda _: bar.update())
-                    writes.append(future)
-                written += len(group)
-                while len(writes) > self.limit:
-                    writes.popleft().result()  # re-raises a failed write: that fails the run
+                running.append(streams.submit(infer, group))
+                batches, written = batches + 1, written + len(group)
+                settle(self.streams)
 
             refill()
             while window:
@@ -339,12 +359,13 @@ class _Pipeline:
                 refill()
                 group = pending.setdefault(pixels.shape, [])
                 group.append((entry, pixels, original))
-                if len(group) >= self.batch_size:
+                if len(group) >= self.batch_size or len(group) * pixels.shape[0] * pixels.shape[1] >= MAX_BATCH_PIXELS:
                     flush(pixels.shape)
                 elif sum(map(len, pending.values())) > self.limit:
                     flush(max(pending, key=lambda s: len(pending[s])))
             for shape in list(pending):
                 flush(shape)
+            settle(0)
             for future in writes:
                 future.result()
         bar.close()

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,15 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
 
     # intra_op_num_threads=1: onnxruntime computes in the calling thread, so thread_time sees it all.
     one_thread, outs = rate(Runner(open_session(model_path, "cpu", False, "default", threads=1)[0], None), time.thread_time)
-    session, used = open_session(model_path, device, True, "default", threads=_cores())
-    alone, _ = rate(Runner(session, None if used == "CPUExecutionProvider" else "cuda"), time.perf_counter)
+    # As generate runs it: one intra-op thread per run, `cores` runs side by side on CPU, one on a GPU.
+    session, used = open_session(model_path, device, True, "default", threads=1)
+    streams = _cores() if used == "CPUExecutionProvider" else 1
+    runner = Runner(session, None if used == "CPUExecutionProvider" else "cuda")
+    runner(batches[0])
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(runner, batches))
+    alone = len(batches) * batch / (time.perf_counter() - start)
     images = [Image.fromarray(o) for b in outs for o in b]
     start = time.thread_time()
     for im in images:
