@@ -182,7 +182,7 @@ def train_loader(spec: DataSpec, *, batch_size: int, batches: int, seed: int, ep
         wds.batched(batch_size, collation_fn=_collate, partial=False),
         wds.pipelinefilter(_with_skips)(counter),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
     return loader.with_epoch(nbatches=batches - skip)
 
 
