@@ -90,7 +90,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
     p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
-    p.add_argument("--shard-index", type=int, default=None, help="default: $SLURM_ARRAY_TASK_ID or 0")
+    p.add_argument("--shard-index", type=int, default=None, help="default: the SLURM array task, ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN), or 0")
     p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
     p.add_argument("--quality", type=int, default=95)
     size = p.add_mutually_exclusive_group()
