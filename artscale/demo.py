@@ -164,10 +164,12 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     manifest = pack(collection, out / "shards", size=size, val_fraction=0.1, shard_max_count=16)
     print("\n== 2/4 train")
     run_dir = out / "run"
+    steps = steps or 150
+    every = max(1, min(10, steps // 5))  # a few loss lines even for a short run
     cfg = load_config(None, [
-        f"data={out / 'shards'}", f"run_dir={run_dir}", f"image_size={size}", "batch_size=16", f"max_steps={steps or 150}",
+        f"data={out / 'shards'}", f"run_dir={run_dir}", f"image_size={size}", "batch_size=16", f"max_steps={steps}",
         "vgg_weights=random", "mixed_precision=bf16" if _has_bf16() else "mixed_precision=no", "tracker=tensorboard",
-        "log_every=10", "sample_every=50", "val_every=50", "checkpoint_every=50", "num_workers=1", "lr_step_epochs=30",
+        f"log_every={every}", "sample_every=50", "val_every=50", "checkpoint_every=50", "num_workers=1", "lr_step_epochs=30",
     ])
     code = train(cfg)
     if code == EXIT_PREEMPTED:
