@@ -50,3 +50,10 @@ def test_saved_config_round_trips():
     cfg = load_config(None, ["lr=0.5", "tags=a"])
     assert config_from_dict({**cfg.to_dict(), "gone_key": 1}) == cfg
     assert isinstance(TrainConfig().tags, list)
+
+
+def test_the_shipped_config_is_the_articles_setup():
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "article.yaml")
+    assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.lr_step_epochs, cfg.epochs, cfg.vgg_weights) == (128, 32, 1e-3, 30, 150, "imagenet")
