@@ -119,15 +119,19 @@ def make_collection(root: Path, per_class: int = 40, held_out: int = 24, seed: i
     return collection, held
 
 
-def _before_after(held: Path, generated: Path, report: dict, size: int, path: Path, count: int = 8) -> Path | None:
+def _before_after(held: Path, generated: Path, report: dict, size: int, path: Path, count: int = 10) -> Path | None:
     """A grid of held-out inputs (top) and what the model made of them (bottom)."""
     import torch
     from torchvision.utils import make_grid
 
     from artscale.images import load_image
 
+    by_class: dict[str, list[Path]] = {}
+    for out in sorted(generated.rglob("*.png")):
+        by_class.setdefault(out.relative_to(generated).parts[0], []).append(out)
+    picked = [p for column in zip(*by_class.values()) for p in column][:count]  # one of each class in turn
     pairs = []
-    for out in sorted(generated.rglob("*.png"))[:count]:
+    for out in picked:
         rel = out.relative_to(generated).with_suffix(".jpg")
         if (held / rel).is_file():
             before, _ = load_image(held / rel, (size, size))
@@ -164,7 +168,7 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     manifest = pack(collection, out / "shards", size=size, val_fraction=0.1, shard_max_count=16)
     print("\n== 2/4 train")
     run_dir = out / "run"
-    steps = steps or 150
+    steps = steps or 300
     every = max(1, min(10, steps // 5))  # a few loss lines even for a short run
     cfg = load_config(None, [
         f"data={out / 'shards'}", f"run_dir={run_dir}", f"image_size={size}", "batch_size=16", f"max_steps={steps}",
