@@ -7,6 +7,8 @@ also generates, and every bad file is skipped with the same reason in both.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -95,6 +97,18 @@ def load_image(
     `draft()` when a smaller size is asked for (DCT scaling: about 2.5x faster).
     """
     path = Path(path)
+    try:
+        st = os.stat(path)  # follows symlinks; a FIFO or device would block or never end in open()
+    except FileNotFoundError:
+        raise SkipImage("unreadable: missing (a broken symlink?)") from None
+    except OSError as e:
+        raise SkipImage(f"unreadable: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SkipImage("unreadable: a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise SkipImage("unreadable: not a regular file")
+    if st.st_size == 0:
+        raise SkipImage("not an image: empty file")
     _allow_pixels(max_pixels)
     try:
         with warnings.catch_warnings():

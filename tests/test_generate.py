@@ -92,7 +92,7 @@ def test_tree_is_mirrored_and_every_input_is_accounted_for(tree, model16, tmp_pa
     assert (report["written"], report["already_done"], report["skipped"], report["ignored"]) == (len(GOOD), 0, len(BAD), len(JUNK))
     reasons = {s["path"]: s["reason"] for s in report["skipped_files"]}
     assert set(reasons) == set(BAD) and reasons["b/model.psd"] == BAD["b/model.psd"]
-    assert reasons["broken.jpg"].startswith("truncated or corrupt") and reasons["a/empty.png"] == "not an image"
+    assert reasons["broken.jpg"].startswith("truncated or corrupt") and reasons["a/empty.png"] == "not an image: empty file"
     assert report["provider"] == "CPUExecutionProvider" and report["size"] == 16
     for rel in GOOD.values():
         with Image.open(out / rel) as im:

@@ -95,3 +95,16 @@ def test_resize_image_stretches_to_width_height():
     im = Image.new("RGB", (40, 10), RED_PIXEL)
     out = resize_image(im, (8, 24))
     assert out.size == (8, 24) and out.getpixel((4, 12)) == RED_PIXEL
+
+
+def test_a_fifo_is_skipped_not_waited_on(tmp_path):
+    """open() on a FIFO blocks until a writer comes: the check must happen before it."""
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(SkipImage, match="not a regular file"):
+        load_image(fifo, (16, 16))
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    with pytest.raises(SkipImage, match="empty file"):
+        load_image(tmp_path / "zero.jpg", (16, 16))
