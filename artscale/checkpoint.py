@@ -102,11 +102,15 @@ def _resolve(source: Path) -> Path:
         return source
     if (source / WEIGHTS_NAME).is_file():
         return source / WEIGHTS_NAME
-    if (source / "final" / WEIGHTS_NAME).is_file():
-        return source / "final" / WEIGHTS_NAME
-    latest = latest_checkpoint(source)
-    if latest is not None and (latest / WEIGHTS_NAME).is_file():
-        return latest / WEIGHTS_NAME
+    final = source / "final" / WEIGHTS_NAME
+    found = [(step, p / WEIGHTS_NAME) for step, p in list_checkpoints(source) if (p / WEIGHTS_NAME).is_file()]
+    if final.is_file():
+        # A run continued past its first end (a larger max_steps) has checkpoints newer than final/.
+        final_step = (_read_json(final.parent / STATE_NAME) or {}).get("step", -1)
+        if not found or final_step >= found[-1][0]:
+            return final
+    if found:
+        return found[-1][1]
     raise UserError(f"{source} holds no weights (expected {WEIGHTS_NAME}, final/ or checkpoints/step-*)")
 
 

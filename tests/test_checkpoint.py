@@ -134,3 +134,22 @@ def test_a_compiled_model_still_saves_the_models_own_keys(setup):
     path = CheckpointManager(acc, run, {}, net, every=1, keep=1).save(1, {})
     _, weights = load_model(path)
     assert set(weights.state_dict) == set(ConvDiffusionModel().state_dict())
+
+
+def test_a_run_dir_resolves_to_its_newest_weights(tmp_path):
+    """final/ normally; a checkpoint newer than final/ (the run was continued) wins over it."""
+    import shutil
+
+    from artscale.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, load_weights, save_final, write_json_atomic
+    from artscale.model import ConvDiffusionModel
+
+    run = tmp_path / "run"
+    save_final(ConvDiffusionModel().state_dict(), run, {"image_size": 16}, 10)
+    ckpt = run / "checkpoints" / "step-000020"
+    ckpt.mkdir(parents=True)
+    shutil.copy(run / "final" / WEIGHTS_NAME, ckpt / WEIGHTS_NAME)
+    write_json_atomic(ckpt / CONFIG_NAME, {"image_size": 16})
+    write_json_atomic(ckpt / STATE_NAME, {"step": 20})
+    assert load_weights(run).step == 20
+    save_final(ConvDiffusionModel().state_dict(), run, {"image_size": 16}, 20)
+    assert load_weights(run).path == run / "final" / WEIGHTS_NAME
