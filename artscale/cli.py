@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -224,12 +225,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (BaseException: no `except Exception` swallows it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # everything after `train` is train's own: --config FILE, key=value
         args = argparse.Namespace(command="train", args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: finally blocks remove temporary files
+    # and shut worker pools down, instead of leaving orphaned decode processes behind.
+    # Training replaces this with its own checkpoint-then-exit handler while it runs.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = _dispatch(args)
     except UserError as e:
@@ -238,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("artscale: interrupted", file=sys.stderr)
         code = 130
+    except _Terminated:
+        print("artscale: terminated", file=sys.stderr)
+        code = 143
     sys.exit(code)
 
 

@@ -36,3 +36,51 @@ def test_help_and_version():
     result = run_cli("--help")
     for command in ("demo", "pack", "verify", "train", "export", "generate", "info"):
         assert command in result.stdout
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below pid, from /proc (children, grandchildren: a fork server's workers)."""
+    import os
+
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_unwinds_pack_and_leaves_no_worker_processes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import VENV_BIN, make_image
+
+    for i in range(160):
+        make_image(tmp_path / "src" / ("a", "b")[i % 2] / f"{i:03d}.jpg", (900, 700), seed=i)
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([str(VENV_BIN / "artscale"), "pack", tmp_path / "src", out, "--workers", "2", "--size", "32",
+                             "--shard-max-count", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, children = time.time() + 60, set()
+    while time.time() < deadline and len(children) < 3:  # the fork server and its 2 decode workers
+        children = _descendants(proc.pid)
+        time.sleep(0.05)
+    assert len(children) >= 3, "pack never started its decode workers"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "artscale: terminated"
+    time.sleep(1)
+    assert not [p for p in children if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    rerun = run_cli("pack", tmp_path / "src", out, "--workers", "2", "--size", "32", "--shard-max-count", "10")
+    assert rerun.returncode == 0, rerun.stderr
+    assert run_cli("verify", out).returncode == 0
