@@ -41,7 +41,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = True
     compile: bool = False
-    num_workers: int = 2  # DataLoader workers per process
+    num_workers: int = 2  # DataLoader workers per process; they restart each epoch, and on a CPU-only run they
+    # take cores from the step itself: 0 is fastest there (bench/train_step.py)
     hflip: bool = False  # random horizontal flip of training images
     # policies, in optimizer steps
     log_every: int = 10

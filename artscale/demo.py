@@ -173,7 +173,7 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     cfg = load_config(None, [
         f"data={out / 'shards'}", f"run_dir={run_dir}", f"image_size={size}", "batch_size=16", f"max_steps={steps}",
         "vgg_weights=random", "mixed_precision=bf16" if _has_bf16() else "mixed_precision=no", "tracker=tensorboard",
-        f"log_every={every}", "sample_every=50", "val_every=50", "checkpoint_every=50", "num_workers=1", "lr_step_epochs=30",
+        f"log_every={every}", "sample_every=50", "val_every=50", "checkpoint_every=50", "num_workers=0", "lr_step_epochs=30",
     ])
     code = train(cfg)
     if code == EXIT_PREEMPTED:

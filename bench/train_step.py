@@ -4,7 +4,8 @@ The article's loop is written plainly here: fp32, contiguous tensors, model + VG
 hybrid loss + Adam, on a batch already in memory (no data loading: that favours the article).
 artscale's figure is the real thing: `artscale train` on shards packed from the same kind of
 images, read from its metrics.jsonl (img/s of optimizer steps after the first), with
-mixed_precision=no and =bf16. VGG weights are random in both (same compute; no download).
+mixed_precision=no and =bf16, num_workers=0 (the article's loop has its batch in memory; on 2 cores a
+loader worker only takes CPU from the step). VGG weights are random in both (same compute; no download).
 Prints one JSON line. Run: .venv/bin/python bench/train_step.py [--steps 2] [--batch-size 32] [--size 128]
 """
 
@@ -75,7 +76,7 @@ def make_shards(root: Path, n: int, size: int) -> Path:
 def artscale_loop(shards: Path, run_dir: Path, steps: int, batch: int, size: int, precision: str) -> float:
     """img/s of `artscale train` steps after the first, from its metrics.jsonl."""
     cmd = [str(Path(sys.executable).parent / "artscale"), "train", f"data={shards}", f"run_dir={run_dir}", f"image_size={size}",
-           f"batch_size={batch}", f"max_steps={steps + 1}", "vgg_weights=random", "tracker=none", "num_workers=1",
+           f"batch_size={batch}", f"max_steps={steps + 1}", "vgg_weights=random", "tracker=none", "num_workers=0",
            "log_every=1", "val_every=100000", "sample_every=100000", "checkpoint_every=100000", f"mixed_precision={precision}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
@@ -86,10 +87,10 @@ def artscale_loop(shards: Path, run_dir: Path, steps: int, batch: int, size: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--images", type=int, default=48, help="images packed into the shards")
+    p.add_argument("--images", type=int, default=160, help="images packed into the shards (an epoch is images / batch steps)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), args.images, args.size)
