@@ -213,11 +213,15 @@ def _write(path: Path, pixels: np.ndarray, original: tuple[int, int] | None, fmt
     if original and im.size != original:
         im = resize_image(im, original)
     data = encode_image(im, fmt, quality)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")  # one name per output: a rerun overwrites a stale one
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a read-only mount: the run stops, what is written stays
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}; the outputs written so far are kept, run again to continue") from None
 
 
 def _check_args(model: Path, in_dir: Path, out_dir: Path, num_shards: int, shard_index: int, quality: int, size: int, batch_size: int, workers: int) -> None:

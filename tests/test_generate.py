@@ -219,3 +219,22 @@ def test_cuda_runs_with_io_binding_and_matches_cpu(tree, model16, tmp_path):
         a = np.asarray(Image.open(tmp_path / "cpu" / rel), dtype=int)
         b = np.asarray(Image.open(tmp_path / "gpu" / rel), dtype=int)
         assert np.abs(a - b).max() <= 1, rel
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tree, model16, tmp_path):
+    import resource
+
+    out = tmp_path / "out"
+
+    def small_files():  # every file over 300 bytes fails with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([str(VENV_BIN / "artscale"), "generate", str(model16), str(tree), str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("artscale: error:")]
+    assert "cannot write" in line and "run again to continue" in line and "Traceback" not in proc.stderr
+    assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]
+    assert run_cli("generate", model16, tree, out, "--device", "cpu").returncode == 0
+    assert json.loads((out / "report.json").read_text())["written"] > 0
