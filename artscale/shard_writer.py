@@ -4,6 +4,7 @@ half-written file under a final name; the journal says which shards are finished
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -131,6 +132,17 @@ class SplitWriter:
         self.current["skipped"] += self.pending_skips
         self.current["end"] = index + 1
         self.pending_skips = []
+
+    def abandon(self) -> None:
+        """After a failed write (a full disk): drop the open shard, which keeps its .partial name.
+        tarfile would otherwise flush its buffer into the failing file again when collected."""
+        tar = getattr(getattr(self.writer, "tarstream", None), "tarstream", None)
+        if tar is not None:
+            tar.closed = True
+            tar.fileobj.closed = True
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
 
     def close(self) -> list[dict]:
         """Finish the last shard; returns skips not booked with any shard (a split without samples)."""

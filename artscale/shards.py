@@ -180,9 +180,13 @@ def pack(src: Path, out: Path, *, size: int = 128, val_fraction: float = 0.05, w
     journal = Journal(out / JOURNAL)
     if not kept:
         journal.start({"kind": "header", "identity": identity, "fingerprint": coll.fingerprint})
-    records = _run(coll, out, settings, kept, journal, workers)
-    manifest = _manifest(coll, identity, records)
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
+    try:
+        records = _run(coll, out, settings, kept, journal, workers)
+        manifest = _manifest(coll, identity, records)
+        write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
+    except OSError as e:  # a full disk, a quota, a read-only mount: finished shards stay in the journal
+        where = f" {e.filename}" if e.filename else f" in {out}"
+        raise UserError(f"cannot write{where}: {e.strerror or e}; finished shards are kept, run the same command again to continue") from None
     journal.path.unlink()
     _summary(manifest, src, out, time.perf_counter() - started)
     return manifest
@@ -207,14 +211,19 @@ def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     decode = {k: settings[k] for k in ("size", "resize", "max_pixels", "min_size", "image_format", "quality")}
     paths = [str(coll.root / e.rel) for _, _, e in todo]
-    with tqdm(total=len(todo), unit="img", desc="pack", mininterval=0.5, smoothing=0.1) as bar:
-        for (split, index, entry), (data, info) in zip(todo, _map_decode(paths, decode, workers)):
-            writers[split].add(index, entry, data, info)
-            bar.update(1)
     records, loose = [], []
-    for split in SPLITS:
-        loose += writers[split].close()
-        records += writers[split].records
+    try:
+        with tqdm(total=len(todo), unit="img", desc="pack", mininterval=0.5, smoothing=0.1) as bar:
+            for (split, index, entry), (data, info) in zip(todo, _map_decode(paths, decode, workers)):
+                writers[split].add(index, entry, data, info)
+                bar.update(1)
+        for split in SPLITS:
+            loose += writers[split].close()
+            records += writers[split].records
+    except OSError:
+        for writer in writers.values():
+            writer.abandon()
+        raise
     return records + [{"kind": "loose", "skipped": loose}]
 
 

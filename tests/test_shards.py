@@ -295,3 +295,31 @@ def test_workers_that_cannot_start_fall_back_instead_of_hanging(image_folder, tm
     assert "decode workers died" in r.stderr
     pack(image_folder, tmp_path / "ref", size=16, workers=1, shard_max_count=8)
     assert _tree_bytes(tmp_path / "stdin") == _tree_bytes(tmp_path / "ref")
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path):
+    import resource
+    import signal
+    import subprocess
+
+    from conftest import VENV_BIN, make_image
+
+    for i in range(40):
+        make_image(tmp_path / "src" / ("a", "b")[i % 2] / f"{i:02d}.jpg", (200, 150), seed=i)
+    out = tmp_path / "out"
+    args = [str(VENV_BIN / "artscale"), "pack", str(tmp_path / "src"), str(out), "--size", "32", "--workers", "1",
+            "--shard-max-count", "8", "--format", "png"]
+
+    def small_files():  # every file over 20 kB fails with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("artscale: error:")]
+    assert "cannot write" in line and "run the same command again" in line and "Traceback" not in proc.stderr
+    assert not (out / "manifest.json").exists()
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 40
