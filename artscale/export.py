@@ -219,11 +219,13 @@ def export_onnx(source: str | Path, out: str | Path, *, fp16: bool = False, size
     dynamic = _compare(_session(data), model, other, float_output=False)
     _gate(dynamic, tolerance, f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]} (dynamic shape)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
         tmp.replace(out)
+    except OSError as e:  # a full disk or a read-only place: nothing half-written stays
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     report = {"path": str(out), "bytes": len(data), **{k: meta[k] for k in ("step", "image_size", "source", "source_sha256", "precision")},

@@ -153,3 +153,23 @@ def test_parity_runs_on_the_val_shards(tmp_path):
     assert report["parity"]["images"] == f"3 val images from {shards}"
     with pytest.raises(UserError, match="no manifest.json"):
         export_onnx(run, tmp_path / "m2.onnx", shards=tmp_path / "nowhere")
+
+
+def test_an_unwritable_destination_is_one_line_and_leaves_nothing(tmp_path):
+    import resource
+    import signal
+    import subprocess
+
+    from conftest import VENV_BIN
+
+    run = make_run_dir(tmp_path / "run", 16)
+
+    def small_files():  # every file over 100 kB fails with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+
+    out = tmp_path / "exports" / "m.onnx"
+    proc = subprocess.run([str(VENV_BIN / "artscale"), "export", str(run), str(out)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("artscale: error: cannot write")
+    assert "Traceback" not in proc.stderr and list((tmp_path / "exports").iterdir()) == []
