@@ -301,6 +301,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     acc = _accelerator(cfg, run_dir)
     plan = Plan.make(cfg, spec, acc.num_processes)
     set_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest conv kernels once
     net = ConvDiffusionModel().to(acc.device)
     with acc.main_process_first():  # only the main process downloads VGG weights
         loss_fn = HybridLoss(cfg.vgg_weights, cfg.perceptual_weight).to(acc.device)
