@@ -165,15 +165,28 @@ class Progress:
 
 
 def _batches(spec: DataSpec, cfg: TrainConfig, plan: Plan, acc: Any, start: int) -> Iterator[tuple[torch.Tensor, int]]:
-    """Endless (images on the device, skipped) for this rank, starting at the exact batch of step `start`."""
+    """Endless (images on the device, skipped) for this rank, starting at the exact batch of step `start`.
+
+    Each epoch is its own loader (its seeds make resume exact). The next epoch's loader is started
+    halfway through the current one, so its workers start and prefetch while this epoch trains:
+    with a small collection on many GPUs an epoch lasts seconds, and a worker restart at every
+    epoch boundary would stall each one."""
     per_epoch = plan.steps_per_epoch * cfg.grad_accum
     epoch, done = divmod(start * cfg.grad_accum, per_epoch)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def epoch_batches(epoch: int, skip: int) -> Iterator:
+        return iter(train_loader(spec, batch_size=cfg.batch_size, batches=per_epoch, seed=cfg.seed, epoch=epoch,
+                                 rank=acc.process_index, num_workers=cfg.num_workers, skip=skip, hflip=cfg.hflip))
+
+    current = epoch_batches(epoch, done)
     while True:
-        loader = train_loader(spec, batch_size=cfg.batch_size, batches=per_epoch, seed=cfg.seed, epoch=epoch,
-                              rank=acc.process_index, num_workers=cfg.num_workers, skip=done, hflip=cfg.hflip)
-        for images, _, skipped in loader:
+        upcoming = None
+        for i, (images, _, skipped) in enumerate(current):
+            if upcoming is None and i >= (per_epoch - done) // 2:
+                upcoming = epoch_batches(epoch + 1, 0)
             yield images.to(acc.device, non_blocking=True).contiguous(memory_format=fmt), skipped
+        current = upcoming or epoch_batches(epoch + 1, 0)
         epoch, done = epoch + 1, 0
 
 
