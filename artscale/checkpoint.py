@@ -114,8 +114,16 @@ def _resolve(source: Path) -> Path:
     raise UserError(f"{source} holds no weights (expected {WEIGHTS_NAME}, final/ or checkpoints/step-*)")
 
 
-def _article_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The article saved `model.state_dict()`; accept the usual wrappers around one too."""
+def read_state_dict(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file (weights_only: never unpickles code).
+
+    The usual wrappers (`{"state_dict": ...}`, `{"model_state_dict": ...}`, nn.DataParallel's
+    `module.` prefix) are taken off: the article saved `model.state_dict()`, others do not."""
+    try:
+        obj: Any = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code in it, not a tensor file at all
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {msg[:200]}") from None
     if isinstance(obj, dict):
         for key in ("model_state_dict", "state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -144,16 +152,7 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
 def load_weights(source: str | Path) -> Weights:
     """Weights from a run dir, a checkpoint dir, a .safetensors file or an article .pth file."""
     path = _resolve(Path(source))
-    try:
-        if path.suffix == ".safetensors":
-            state_dict = load_file(str(path))
-        else:
-            state_dict = _article_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
-    except UserError:
-        raise
-    except Exception as e:  # truncated zip, pickle with code in it, not a tensor file at all
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg[:200]}") from None
+    state_dict = read_state_dict(path)
     check_state_dict(state_dict, path)
     config = _read_json(path.parent / CONFIG_NAME) if path.name == WEIGHTS_NAME else None
     state = _read_json(path.parent / STATE_NAME) if path.name == WEIGHTS_NAME else None

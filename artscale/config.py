@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,10 +155,3 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """A config saved as config.json (in a run dir or a checkpoint), ignoring keys that no longer exist."""
     hints = get_type_hints(TrainConfig)
     return TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items() if k in hints})
-
-
-def save_config(cfg: TrainConfig, path: Path) -> None:
-    """Write config.json atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)

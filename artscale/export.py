@@ -9,7 +9,6 @@ output is then dropped and the final bytes are checked once more before the atom
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from artscale import __version__
 from artscale.checkpoint import load_model
 from artscale.errors import UserError
 from artscale.model import IMAGENET_MEAN, IMAGENET_STD, check_size
+from artscale.shard_writer import sha256_file
 
 INPUT, OUTPUT, FLOAT_OUTPUT = "images", "generated", "probabilities"
 OPSET = 17
@@ -53,14 +53,6 @@ class Uint8Model(nn.Module):
         y = self.model((x - self.shift) / self.scale)
         generated = torch.round(y * 255).clamp(0, 255).to(torch.uint8)
         return generated.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _val_images(shards: Path, size: int, limit: int) -> list[np.ndarray]:
@@ -206,7 +198,7 @@ def export_onnx(source: str | Path, out: str | Path, *, fp16: bool = False, size
         "step": "" if weights.step is None else str(weights.step),
         "image_size": str(image_size),
         "source": str(weights.path),
-        "source_sha256": _sha256(weights.path),
+        "source_sha256": sha256_file(weights.path),
         "precision": "fp16" if fp16 else "fp32",
         "config": json.dumps(config or {}, sort_keys=True),
         "parity": json.dumps({**parity, "images": parity_source, "tolerance": list(tolerance)}),

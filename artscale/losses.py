@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 
+from artscale.checkpoint import read_state_dict
 from artscale.errors import UserError
 from artscale.model import normalize
 
@@ -21,22 +22,6 @@ log = logging.getLogger(__name__)
 
 VGG_FILE = Path(VGG16_Weights.IMAGENET1K_V1.url).name  # vgg16-397923af.pth
 RANDOM_VGG_WARNING = "vgg_weights=random: the perceptual loss uses an UNTRAINED VGG16 (fine for tests, useless for art)"
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read VGG16 weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a VGG16 state dict")
-    return state
 
 
 def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
@@ -62,7 +47,7 @@ def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
         if not path.is_file():
             raise UserError(f"vgg_weights={weights}: no such file (use imagenet, random, or a VGG16 weights file)")
         net = vgg16(weights=None)
-        state = _read_state_dict(path)
+        state = read_state_dict(path, "VGG16 weights")
         try:
             net.load_state_dict(state)
         except RuntimeError:

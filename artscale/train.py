@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from artscale.checkpoint import CheckpointManager, check_run_dir, resume_point, save_final
-from artscale.config import TrainConfig, load_config, save_config
+from artscale.checkpoint import CONFIG_NAME, CheckpointManager, check_run_dir, resume_point, save_final, write_json_atomic
+from artscale.config import TrainConfig, load_config
 from artscale.errors import UserError
 from artscale.images import encode_image
 from artscale.loader import DataSpec, data_spec, train_loader, val_loader
@@ -331,7 +331,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
         acc.print(f"resumed from step {start} ({resume_from})")
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        write_json_atomic(run_dir / CONFIG_NAME, cfg.to_dict())
     acc.print(f"world size {plan.world}, global batch {plan.global_batch} ({cfg.batch_size} per process x {plan.world} "
               f"processes x grad_accum {cfg.grad_accum}); steps {start} -> {plan.total_steps} ({plan.steps_per_epoch} per epoch), "
               f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}, mixed precision {cfg.mixed_precision}")
