@@ -99,7 +99,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--native", action="store_true", help="each image at its own size, rounded to a multiple of 8")
     p.add_argument("--max-side", type=_positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
     p.add_argument("--restore-size", action="store_true", help="resize outputs back to each input's size")
-    p.add_argument("--batch-size", type=int, default=8, help="images per onnxruntime call (default 8; on a GPU try 64)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per onnxruntime call (default: 2 per core on CPU, 32 on a GPU)")
     p.add_argument("--workers", type=int, default=0, help="decode/encode threads (default: from the core count)")
 
 

@@ -8,12 +8,14 @@ in the helpers (Progress, Samples, CheckpointManager), not in the loop.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -271,6 +273,24 @@ def _accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
     )
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel.
+
+    A CPU step frees and reallocates activations of 30-130 MB. glibc serves those with mmap and
+    unmaps them on free, so every step faults them in again, zeroed, page by page: measured here
+    as 19% of a bf16 step's CPU time spent in the kernel, and 12 -> 14.7 img/s once kept.
+    Returns False where the C library is not glibc (nothing to tune)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 (musl has no such symbol)
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local data and VGG paths made absolute: the saved config then means the same from any directory."""
     fixed = {k: str(Path(v).expanduser().resolve()) for k in ("data", "vgg_weights")
@@ -312,6 +332,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     check_run_dir(run_dir, cfg.to_dict(), cfg.force)
     resume_from = resume_point(run_dir, cfg.resume)
     acc = _accelerator(cfg, run_dir)
+    if acc.device.type == "cpu":
+        keep_freed_memory()
     plan = Plan.make(cfg, spec, acc.num_processes)
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest conv kernels once

@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artscale.generate import Runner, _cores, generate, open_session  # noqa: E402
+from artscale.generate import CPU_BATCH, GPU_BATCH, Runner, _cores, generate, open_session  # noqa: E402
 from artscale.images import encode_image, load_image  # noqa: E402
 
 
@@ -92,13 +92,16 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
     start = time.thread_time()
     decoded = [np.asarray(load_image(p, (size, size))[0]) for p in paths]
     decode = len(paths) / (time.thread_time() - start)
-    batches = [np.stack(decoded[i:i + batch]) for i in range(0, len(decoded) - batch + 1, batch)]
+
+    def split(batch: int) -> list[np.ndarray]:
+        return [np.stack(decoded[i:i + batch]) for i in range(0, len(decoded) - batch + 1, batch)]
 
     def rate(runner: Runner, clock) -> tuple[float, list[np.ndarray]]:
+        batches = split(batch or CPU_BATCH)
         runner(batches[0])  # warm-up
         start = clock()
         outs = [runner(b) for b in batches]
-        return len(batches) * batch / (clock() - start), outs
+        return len(batches) * len(batches[0]) / (clock() - start), outs
 
     # intra_op_num_threads=1: onnxruntime computes in the calling thread, so thread_time sees it all.
     one_thread, outs = rate(Runner(open_session(model_path, "cpu", False, "default", threads=1)[0], None), time.thread_time)
@@ -106,11 +109,12 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
     session, used = open_session(model_path, device, True, "default", threads=1)
     streams = _cores() if used == "CPUExecutionProvider" else 1
     runner = Runner(session, None if used == "CPUExecutionProvider" else "cuda")
+    batches = split(batch or (CPU_BATCH if used == "CPUExecutionProvider" else GPU_BATCH))
     runner(batches[0])
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
         list(pool.map(runner, batches))
-    alone = len(batches) * batch / (time.perf_counter() - start)
+    alone = len(batches) * len(batches[0]) / (time.perf_counter() - start)
     images = [Image.fromarray(o) for b in outs for o in b]
     start = time.thread_time()
     for im in images:
@@ -128,7 +132,7 @@ def main() -> None:
     p.add_argument("--min-side", type=int, default=300)
     p.add_argument("--max-side", type=int, default=1600)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=0, help="0: generate's default for the device")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--article-images", type=int, default=60, help="files for the (slow) article loop")

@@ -5,13 +5,16 @@ hybrid loss + Adam, on a batch already in memory (no data loading: that favours 
 artscale's figure is the real thing: `artscale train` on shards packed from the same kind of
 images, read from its metrics.jsonl (img/s of optimizer steps after the first), with
 mixed_precision=no and =bf16, num_workers=0 (the article's loop has its batch in memory; on 2 cores a
-loader worker only takes CPU from the step). VGG weights are random in both (same compute; no download).
+loader worker only takes CPU from the step). artscale keeps freed memory in the process on CPU
+(train.keep_freed_memory); the article's loop runs as written. VGG weights are random in both
+(same compute; no download).
 Prints one JSON line. Run: .venv/bin/python bench/train_step.py [--steps 2] [--batch-size 32] [--size 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -92,7 +95,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--images", type=int, default=160, help="images packed into the shards (an epoch is images / batch steps)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line only
         shards = make_shards(Path(tmp), args.images, args.size)
         article = article_loop(args.steps, args.batch_size, args.size)
         fp32 = artscale_loop(shards, Path(tmp) / "fp32", args.steps, args.batch_size, args.size, "no")

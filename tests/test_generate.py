@@ -19,7 +19,7 @@ from PIL import Image
 from _onnx_helpers import make_run_dir
 from artscale.errors import UserError
 from artscale.export import describe_onnx, export_onnx
-from artscale.generate import TMP_SUFFIX, Runner, generate, list_inputs, native_size, output_names
+from artscale.generate import CPU_BATCH, TMP_SUFFIX, Runner, generate, list_inputs, native_size, output_names
 from conftest import VENV_BIN, make_image, run_cli
 
 
@@ -102,7 +102,8 @@ def test_tree_is_mirrored_and_every_input_is_accounted_for(tree, model16, tmp_pa
 
 def test_rerun_skips_finished_outputs(tree, model16, tmp_path):
     out = tmp_path / "out"
-    generate(model16, tree, out, device="cpu")
+    first = generate(model16, tree, out, device="cpu")
+    assert first["batches"] == -(-len(GOOD) // CPU_BATCH)  # the CPU's default batch: one per core, in cache
     (out / "top.png").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     report = generate(model16, tree, out, device="cpu")
@@ -152,6 +153,8 @@ def test_io_binding_runner_gives_the_same_pixels(model16):
 def test_user_mistakes_are_refused(tree, model16, tmp_path):
     with pytest.raises(UserError, match="inside IN_DIR"):
         generate(model16, tree, tree / "out", device="cpu")
+    with pytest.raises(UserError, match="batch-size and --workers must be >= 0"):
+        generate(model16, tree, tmp_path / "o", batch_size=-1)
     with pytest.raises(UserError, match="shard-index 3"):
         generate(model16, tree, tmp_path / "o", num_shards=3, shard_index=3)
     (tmp_path / "fake.onnx").write_bytes(b"not a model")

@@ -4,10 +4,12 @@ train` in 1, signals, resume, trackers read back. Tiny shards (16 px), random VG
 
 from __future__ import annotations
 
+import platform
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -267,3 +269,31 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     assert "could not write checkpoint" in line and "step-000004" in line and line.endswith("step-000002")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     assert (run / "checkpoints" / "step-000002" / "model.safetensors").read_bytes() == before
+
+
+FAULTS_SCRIPT = """
+import resource, sys
+import torch
+from artscale.train import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.ones(32 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    x = torch.ones(32 << 20)  # 128 MB, like a CPU step's largest activations
+    del x
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_freed_activation_memory_is_reused_not_faulted_in_again():
+    """Without keep_freed_memory each 128 MB tensor is mmapped and faulted in anew (8 x 32768 pages)."""
+    pages = 8 * (128 << 20) // 4096
+
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    assert faults("plain") > 0.9 * pages
+    assert faults("keep") < 0.2 * pages
