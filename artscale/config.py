@@ -40,8 +40,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = True
     compile: bool = False
-    num_workers: int = 2  # DataLoader workers per process; they restart each epoch, and on a CPU-only run they
-    # take cores from the step itself: 0 is fastest there (bench/train_step.py)
+    num_workers: int = -1  # DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from
+    # the step (about 20% on 2 cores, bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
     hflip: bool = False  # random horizontal flip of training images
     # policies, in optimizer steps
     log_every: int = 10
@@ -119,6 +119,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"config lr={cfg.lr}: must be > 0")
     if cfg.max_steps < 0 or cfg.epochs < 0 or (cfg.max_steps == 0 and cfg.epochs == 0):
         raise UserError("config: set epochs > 0 or max_steps > 0")
+    if cfg.num_workers < -1:
+        raise UserError(f"config num_workers={cfg.num_workers}: must be >= 0, or -1 (chosen for the device)")
     if cfg.keep_checkpoints < 1:
         raise UserError(f"config keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
     return cfg

@@ -334,6 +334,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     acc = _accelerator(cfg, run_dir)
     if acc.device.type == "cpu":
         keep_freed_memory()
+    if cfg.num_workers < 0:
+        cfg = dataclasses.replace(cfg, num_workers=0 if acc.device.type == "cpu" else min(4, os.cpu_count() or 1))
     plan = Plan.make(cfg, spec, acc.num_processes)
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest conv kernels once

@@ -27,6 +27,7 @@ def test_file_then_overrides(tmp_path):
         ("mixed_precision=fp8", "choose one of no, bf16, fp16"),
         ("image_size=20", "multiple of 8"),
         ("batch_size=two", "expected int"),
+        ("num_workers=-2", r"must be >= 0, or -1"),
         ("lr", "expected key=value"),
     ],
 )

@@ -4,6 +4,7 @@ train` in 1, signals, resume, trackers read back. Tiny shards (16 px), random VG
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import signal
@@ -109,6 +110,13 @@ def test_lr_by_step_is_the_articles_schedule_with_1_and_2_processes(two_ranks, s
     one = [v for _, v in sorted(tensorboard_scalars(run1, "lr"))]
     two = [v for _, v in sorted(wandb_history(run2)["lr"])]
     assert one == pytest.approx(expected) and two == pytest.approx(expected)
+
+
+def test_num_workers_minus_one_is_chosen_for_the_device(shards, tmp_path):
+    """On CPU a loader worker only takes cores from the step: -1 (the default) means 0 there."""
+    proc = train_cli(tiny(tmp_path / "run", shards, "max_steps=1", "num_workers=-1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["num_workers"] == 0
 
 
 @pytest.mark.slow
