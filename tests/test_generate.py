@@ -143,11 +143,24 @@ def test_native_size_restore_size_and_formats(tree, model16, tmp_path):
             assert im.format == "WEBP" and im.size == src.size
 
 
-def test_io_binding_runner_gives_the_same_pixels(model16):
+def test_io_binding_runner_gives_the_same_pixels(model16, capsys):
+    """The GPU path's binding of reused host buffers, run on CPU: same pixels for every shape,
+    and a returned batch never changes when the next one reuses the buffers."""
     session = ort.InferenceSession(str(model16), providers=["CPUExecutionProvider"])
-    batch = np.random.default_rng(0).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
-    plain, bound = Runner(session, None)(batch), Runner(session, "cpu")(batch)
-    assert plain.shape == (3, 16, 24, 3) and np.array_equal(plain, bound)
+    rng = np.random.default_rng(0)
+    bound = Runner(session, "cpu")
+    shapes = [(3, 16, 24, 3), (1, 8, 8, 3), (3, 16, 24, 3), (2, 32, 16, 3), (1, 16, 16, 3), (4, 8, 16, 3), (3, 16, 24, 3)]
+    batches = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
+    results = [bound(b) for b in batches]
+    for batch, result in zip(batches, results):
+        plain = Runner(session, None)(batch)
+        assert result.shape == batch.shape and np.array_equal(plain, result)
+    assert len(bound.buffers) <= 4
+    # The CUDA path's buffers on this CPU session: pinned where CUDA is, else pageable, said once.
+    cuda_path = Runner(session, "cuda")
+    assert np.array_equal(cuda_path(batches[0]), results[0]) and np.array_equal(cuda_path(batches[1]), results[1])
+    if not _cuda_usable():
+        assert not cuda_path.pinned and capsys.readouterr().err.count("using pageable buffers") == 1
 
 
 def test_user_mistakes_are_refused(tree, model16, tmp_path):
