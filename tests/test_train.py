@@ -119,6 +119,17 @@ def test_num_workers_minus_one_is_chosen_for_the_device(shards, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num_workers"] == 0
 
 
+def test_loader_workers_carry_a_run_over_several_epochs(shards, tmp_path):
+    """The GPU default (workers, the next epoch's loader started mid-epoch), run on CPU."""
+    per_epoch = manifest(shards)["splits"]["train"]["count"] // 4
+    steps = 3 * per_epoch + 1
+    proc = train_cli(tiny(tmp_path / "run", shards, f"max_steps={steps}", "num_workers=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = metrics(tmp_path / "run")
+    train_lines = [m for m in logged if "loss" in m]  # val lines carry the step too
+    assert [m["step"] for m in train_lines] == list(range(1, steps + 1)) and train_lines[-1]["skipped_samples"] == 0
+
+
 @pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(two_ranks, shards, tmp_path):
     run = tmp_path / "run"
