@@ -1,3 +1,10 @@
 """artscale: an art collection to a trained ConvDiffusionModel, to ONNX, to generated images."""
 
+import os
+
 __version__ = "0.1.0"
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: a SLURM allocation or a taskset, not the whole machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from artscale import usable_cores
 from artscale.errors import UserError
 from artscale.images import SkipImage, encode_image, is_ignored, is_image_name, load_image, resize_image
 
@@ -100,10 +101,6 @@ def native_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     """An image's own size, scaled down to fit max_side, each side rounded to a multiple of 8."""
     scale = min(1.0, max_side / max(size))
     return tuple(max(8, int(side * scale / 8 + 0.5) * 8) for side in size)  # type: ignore[return-value]
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _cuda_hint() -> str:
@@ -279,7 +276,7 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     _check_args(model, in_dir, out_dir, num_shards, shard_index, quality, size, batch_size, workers)
     if image_format not in EXTENSIONS:
         raise UserError(f"--format {image_format}: choose one of {', '.join(EXTENSIONS)}")
-    cores = _cores()
+    cores = usable_cores()
     if provider == "tensorrt" and device == "cpu":
         raise UserError("--provider tensorrt runs on a GPU: use it with --device cuda or auto")
     # One intra-op thread per session run; on CPU, `cores` runs side by side (see _Pipeline).
@@ -305,7 +302,7 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
 
     on_cpu = used == "CPUExecutionProvider"
     # CPU: each core runs its own small batch, whose activations stay in that core's cache
-    # (bench/generate.py: batch 2 gave 80-87 img/s on 2 cores, batch 8 72). A GPU wants big batches.
+    # (bench/generate.py: batch 2 gave 80-91 img/s on 2 cores, batch 8 72). A GPU wants big batches.
     batch_size = batch_size or (CPU_BATCH if on_cpu else GPU_BATCH)
     run = _Pipeline(Runner(session, None if on_cpu else "cuda"), cores if on_cpu else 1, batch_size, workers,
                     size=size, max_side=max_side, restore=restore_size, fmt=image_format, quality=quality)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sys
 import tarfile
 import time
@@ -20,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator
 
-from artscale import __version__
+from artscale import __version__, usable_cores
 from artscale.collection import Collection, Entry, scan_collection
 from artscale.errors import UserError
 from artscale.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
@@ -208,7 +207,7 @@ def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal:
     if kept:
         print(f"artscale: resuming: {len(kept)} finished shards verified and kept, {len(todo)} files to go", file=sys.stderr)
     if workers <= 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = usable_cores()
     decode = {k: settings[k] for k in ("size", "resize", "max_pixels", "min_size", "image_format", "quality")}
     paths = [str(coll.root / e.rel) for _, _, e in todo]
     records, loose = [], []

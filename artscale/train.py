@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from artscale import usable_cores
 from artscale.checkpoint import CONFIG_NAME, CheckpointManager, check_run_dir, resume_point, save_final, write_json_atomic
 from artscale.config import TrainConfig, load_config
 from artscale.errors import UserError
@@ -335,7 +336,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     if acc.device.type == "cpu":
         keep_freed_memory()
     if cfg.num_workers < 0:
-        cfg = dataclasses.replace(cfg, num_workers=0 if acc.device.type == "cpu" else min(4, os.cpu_count() or 1))
+        cfg = dataclasses.replace(cfg, num_workers=0 if acc.device.type == "cpu" else min(4, usable_cores()))
     plan = Plan.make(cfg, spec, acc.num_processes)
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest conv kernels once

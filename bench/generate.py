@@ -27,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artscale.generate import CPU_BATCH, GPU_BATCH, Runner, _cores, generate, open_session  # noqa: E402
+from artscale import usable_cores  # noqa: E402
+from artscale.generate import CPU_BATCH, GPU_BATCH, Runner, generate, open_session  # noqa: E402
 from artscale.images import encode_image, load_image  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
     one_thread, outs = rate(Runner(open_session(model_path, "cpu", False, "default", threads=1)[0], None), time.thread_time)
     # As generate runs it: one intra-op thread per run, `cores` runs side by side on CPU, one on a GPU.
     session, used = open_session(model_path, device, True, "default", threads=1)
-    streams = _cores() if used == "CPUExecutionProvider" else 1
+    streams = usable_cores() if used == "CPUExecutionProvider" else 1
     runner = Runner(session, None if used == "CPUExecutionProvider" else "cuda")
     batches = split(batch or (CPU_BATCH if used == "CPUExecutionProvider" else GPU_BATCH))
     runner(batches[0])
@@ -122,7 +123,7 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
     encode = len(images) / (time.thread_time() - start)
     per_image = 1 / decode + 1 / one_thread + 1 / encode
     return {"decode_img_s_per_core": decode, "ort_img_s_per_core": one_thread, "encode_png_img_s_per_core": encode,
-            "ceiling_img_s": _cores() / per_image, "ceiling_cpu_ms_per_img": per_image * 1000,
+            "ceiling_img_s": usable_cores() / per_image, "ceiling_cpu_ms_per_img": per_image * 1000,
             "ort_alone_img_s": alone, "ort_alone_provider": used}
 
 
@@ -156,7 +157,7 @@ def main() -> None:
         torch.set_num_threads(threads)
     ours = report["img_per_s"]
     result = {
-        "bench": "generate", "images": args.images, "size": args.size, "cores": _cores(), "provider": report["provider"],
+        "bench": "generate", "images": args.images, "size": args.size, "cores": usable_cores(), "provider": report["provider"],
         "artscale_img_s": ours, "article_img_s": article, "speedup_vs_article": ours / article,
         "artscale_cpu_ms_per_img": ours_cpu_ms, "article_cpu_ms_per_img": article_cpu_ms,
         "article_cpu_ms_per_img_1_thread": article_cpu_ms_1t, "cpu_speedup_vs_article_1_thread": article_cpu_ms_1t / ours_cpu_ms,
