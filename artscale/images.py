@@ -152,7 +152,7 @@ def load_image(
         try:
             oriented = ImageOps.exif_transpose(im)
         except Exception as e:  # a broken EXIF block must not lose an otherwise good image
-            warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({e})")
+            warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({e})", stacklevel=2)
             oriented = im
         turned = oriented.size != im.size  # a 90-degree EXIF rotation swaps the sides
         original = (full[1], full[0]) if turned else full

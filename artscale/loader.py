@@ -17,10 +17,10 @@ import hashlib
 import itertools
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -59,7 +59,7 @@ def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
             except RuntimeError as e:
                 raise UserError(f"{path} is not a VGG16 state dict: {str(e).splitlines()[0]}") from None
             if missing:
-                raise UserError(f"{path} is not a VGG16 state dict: missing {', '.join(missing[:4])}")
+                raise UserError(f"{path} is not a VGG16 state dict: missing {', '.join(missing[:4])}") from None
     features = net.features[:16].eval()
     for p in features.parameters():
         p.requires_grad_(False)
@@ -74,7 +74,7 @@ class HybridLoss(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.vgg = load_vgg_features(vgg_weights) if perceptual_weight > 0 else None
 
-    def train(self, mode: bool = True) -> "HybridLoss":
+    def train(self, mode: bool = True) -> HybridLoss:
         super().train(mode)
         if self.vgg is not None:
             self.vgg.eval()  # frozen: BatchNorm-free, but keep it in eval whatever the caller does

@@ -14,10 +14,11 @@ import sys
 import tarfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from artscale import __version__, usable_cores
 from artscale.collection import Collection, Entry, scan_collection

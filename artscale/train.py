@@ -18,10 +18,11 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from artscale import usable_cores
-from artscale.checkpoint import CONFIG_NAME, CheckpointManager, check_run_dir, resume_point, save_final, write_json_atomic
+from artscale.checkpoint import (
+    CONFIG_NAME,
+    CheckpointManager,
+    check_run_dir,
+    resume_point,
+    save_final,
+    write_json_atomic,
+)
 from artscale.config import TrainConfig, load_config
 from artscale.errors import UserError
 from artscale.images import encode_image
@@ -58,7 +66,7 @@ class Plan:
     gamma: float
 
     @classmethod
-    def make(cls, cfg: TrainConfig, spec: DataSpec, world: int) -> "Plan":
+    def make(cls, cfg: TrainConfig, spec: DataSpec, world: int) -> Plan:
         global_batch = cfg.batch_size * world * cfg.grad_accum
         if spec.train_count is None:
             if cfg.max_steps == 0:
@@ -85,7 +93,7 @@ class StopSignals:
             signal.signal(sig, self._request)
         signal.signal(signal.SIGINT, self._interrupt)
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,8 +9,15 @@ import resource
 import pytest
 import torch
 
-from artscale.checkpoint import (CheckpointManager, check_run_dir, describe, latest_checkpoint, list_checkpoints,
-                                 load_model, resume_point)
+from artscale.checkpoint import (
+    CheckpointManager,
+    check_run_dir,
+    describe,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    resume_point,
+)
 from artscale.errors import UserError
 from artscale.model import ConvDiffusionModel
 

@@ -1,7 +1,6 @@
 """Bad CLI input: exit code 2 and exactly one line on stderr, never a traceback."""
 
 import pytest
-
 from conftest import run_cli
 
 

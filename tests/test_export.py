@@ -13,14 +13,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _onnx_helpers import make_run_dir, random_model
+from conftest import run_cli
 from PIL import Image
 
-from _onnx_helpers import make_run_dir, random_model
 from artscale import __version__
 from artscale.errors import UserError
 from artscale.export import FP16_TOLERANCE, describe_onnx, export_onnx
 from artscale.model import normalize
-from conftest import run_cli
 
 
 def torch_uint8(model, images: np.ndarray) -> np.ndarray:

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from _onnx_helpers import make_run_dir
+from conftest import VENV_BIN, make_image, run_cli
 from PIL import Image
 
-from _onnx_helpers import make_run_dir
 from artscale.errors import UserError
 from artscale.export import describe_onnx, export_onnx
 from artscale.generate import CPU_BATCH, TMP_SUFFIX, Runner, generate, list_inputs, native_size, output_names
-from conftest import VENV_BIN, make_image, run_cli
 
 
 def _cuda_usable() -> bool:

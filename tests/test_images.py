@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _shards_helpers import write_bad_files, write_odd_images
 from PIL import Image
 
 from artscale.images import SkipImage, decode_bytes, encode_image, is_ignored, load_image, resize_image
-from _shards_helpers import write_bad_files, write_odd_images
 
 RED_PIXEL = (200, 10, 10)
 

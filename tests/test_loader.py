@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from _train_helpers import manifest, shards  # noqa: F401  (fixture)
+
 from artscale.errors import UserError
 from artscale.loader import data_spec, train_loader, val_loader
 

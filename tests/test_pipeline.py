@@ -5,9 +5,8 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
-
 from conftest import CLASSES, run_cli
+from PIL import Image
 
 
 @pytest.mark.slow

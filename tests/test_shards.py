@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _shards_helpers import write_messy_collection
+from conftest import CLASSES, VENV_BIN, make_image, run_cli
 from PIL import Image
 
-from _shards_helpers import write_messy_collection
 from artscale.errors import UserError
 from artscale.shards import JOURNAL, pack, read_manifest, verify
-from conftest import CLASSES, VENV_BIN, make_image, run_cli
 
 
 def _members(path: Path) -> dict[str, dict[str, bytes]]:

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from artscale.errors import UserError
 from conftest import make_image, run_cli
 
+from artscale.errors import UserError
 from artscale.slurm import accelerate_launch_command, gpus_on_node, main_port, merge_reports, node_launch_command
 
 ROOT = Path(__file__).resolve().parents[1]

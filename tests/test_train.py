@@ -16,11 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from _train_helpers import (  # noqa: F401
+    accelerate_cmd,
+    children,
+    env,
+    launch,
+    manifest,
+    metrics,
+    shards,
+    tensorboard_scalars,
+    tiny,
+    train_cli,
+    wait_for_step,
+    wandb_history,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
-from _train_helpers import (accelerate_cmd, children, env, launch, manifest, metrics, shards, tensorboard_scalars,  # noqa: F401
-                            tiny, train_cli, wait_for_step, wandb_history)
 from artscale.config import load_config
 from artscale.errors import UserError
 from artscale.loader import data_spec
@@ -261,9 +273,8 @@ def test_the_plan_counts_steps_and_lr_by_optimizer_step(shards):
 
 @pytest.mark.parametrize("name,processes", [("cpu", 1), ("gpu1", 1), ("gpu8", 8), ("nodes2x8", 16)])
 def test_the_shipped_accelerate_configs_parse(name, processes):
-    from accelerate.commands.config.config_args import load_config_from_file
-
     from _train_helpers import ROOT
+    from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(ROOT / "launch" / "accelerate" / f"{name}.yaml"))
     assert cfg.num_processes == processes and cfg.mixed_precision == "no"
@@ -315,4 +326,4 @@ def test_freed_activation_memory_is_reused_not_faulted_in_again():
         return int(out.stdout.split()[-1])
 
     assert faults("plain") > 0.9 * pages
-    assert faults("keep") < 0.2 * pages
+    assert faults("keep") < 0.5 * pages  # seen 0-25% here (more under load), against 100%
