@@ -120,7 +120,11 @@ def read_state_dict(path: Path, what: str = "checkpoint") -> dict[str, torch.Ten
     The usual wrappers (`{"state_dict": ...}`, `{"model_state_dict": ...}`, nn.DataParallel's
     `module.` prefix) are taken off: the article saved `model.state_dict()`, others do not."""
     try:
-        obj: Any = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        obj: Any = (
+            load_file(str(path))
+            if path.suffix == ".safetensors"
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
     except Exception as e:  # truncated zip, pickle with code in it, not a tensor file at all
         msg = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {msg[:200]}") from None
@@ -146,7 +150,9 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
         raise UserError(f"{path} is not a ConvDiffusionModel state dict ({detail})")
     for k, v in expected.items():
         if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise UserError(f"{path} is not a ConvDiffusionModel state dict ({k} has shape {tuple(state_dict[k].shape)}, expected {tuple(v.shape)})")
+            raise UserError(
+                f"{path} is not a ConvDiffusionModel state dict ({k} has shape {tuple(state_dict[k].shape)}, expected {tuple(v.shape)})"
+            )
 
 
 def load_weights(source: str | Path) -> Weights:
@@ -169,8 +175,20 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
 # Keys whose change alters what a run computes: a run dir trained with other values is refused
 # unless force=true. The rest (steps, logging, workers, tracker, resume) may change between runs.
 RUN_DEFINING_KEYS = (
-    "data", "image_size", "batch_size", "lr", "scale_lr", "lr_step_epochs", "lr_gamma", "grad_accum",
-    "max_grad_norm", "perceptual_weight", "vgg_weights", "mixed_precision", "hflip", "seed",
+    "data",
+    "image_size",
+    "batch_size",
+    "lr",
+    "scale_lr",
+    "lr_step_epochs",
+    "lr_gamma",
+    "grad_accum",
+    "max_grad_norm",
+    "perceptual_weight",
+    "vgg_weights",
+    "mixed_precision",
+    "hflip",
+    "seed",
 )
 
 
@@ -182,7 +200,9 @@ def check_run_dir(run_dir: str | Path, config: dict[str, Any], force: bool) -> N
     changed = [k for k in RUN_DEFINING_KEYS if k in saved and saved[k] != config.get(k)]
     if changed:
         diffs = ", ".join(f"{k}={saved[k]!r} there, {config.get(k)!r} now" for k in changed[:4])
-        raise UserError(f"run_dir {run_dir} was trained with another config ({diffs}): pick a new run_dir, or force=true")
+        raise UserError(
+            f"run_dir {run_dir} was trained with another config ({diffs}): pick a new run_dir, or force=true"
+        )
 
 
 def resume_point(run_dir: str | Path, resume: str) -> Path | None:
@@ -192,7 +212,9 @@ def resume_point(run_dir: str | Path, resume: str) -> Path | None:
     if not resume:
         found = list_checkpoints(run_dir)
         if found:
-            raise UserError(f"run_dir {run_dir} holds checkpoints up to step {found[-1][0]}: resume=latest continues it; or pick a new run_dir")
+            raise UserError(
+                f"run_dir {run_dir} holds checkpoints up to step {found[-1][0]}: resume=latest continues it; or pick a new run_dir"
+            )
         return None
     path = Path(resume).expanduser()
     if not (path / STATE_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
@@ -203,7 +225,9 @@ def resume_point(run_dir: str | Path, resume: str) -> Path | None:
 def _is_write_failure(e: Exception) -> bool:
     """A full disk surfaces as OSError from Python, but as SafetensorError or torch.save's RuntimeError too."""
     text = str(e)
-    return isinstance(e, OSError) or any(s in text for s in ("os error", "I/O error", "file write failed", "No space left"))
+    return isinstance(e, OSError) or any(
+        s in text for s in ("os error", "I/O error", "file write failed", "No space left")
+    )
 
 
 class CheckpointManager:
@@ -215,8 +239,9 @@ class CheckpointManager:
     checkpoint from N processes loads in M. Needs run_dir on a filesystem all ranks share.
     """
 
-    def __init__(self, accelerator: Any, run_dir: str | Path, config: dict[str, Any], net: torch.nn.Module,
-                 every: int, keep: int) -> None:
+    def __init__(
+        self, accelerator: Any, run_dir: str | Path, config: dict[str, Any], net: torch.nn.Module, every: int, keep: int
+    ) -> None:
         self.accelerator, self.config, self.net = accelerator, config, net
         self.root = Path(run_dir) / "checkpoints"
         self.every, self.keep = every, keep
@@ -298,27 +323,50 @@ def describe(path: str | Path) -> str:
     if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "final").is_dir()):
         lines.append(f"run dir {path}")
         if config:
-            lines.append("  config: " + ", ".join(f"{k}={config.get(k)}" for k in ("data", "image_size", "batch_size", "lr", "max_steps", "epochs", "mixed_precision")))
+            lines.append(
+                "  config: "
+                + ", ".join(
+                    f"{k}={config.get(k)}"
+                    for k in ("data", "image_size", "batch_size", "lr", "max_steps", "epochs", "mixed_precision")
+                )
+            )
         found = list_checkpoints(path)
-        lines.append(f"  checkpoints: {len(found)}" + (f" (steps {', '.join(str(s) for s, _ in found)}; latest {found[-1][1]})" if found else ""))
+        lines.append(
+            f"  checkpoints: {len(found)}"
+            + (f" (steps {', '.join(str(s) for s, _ in found)}; latest {found[-1][1]})" if found else "")
+        )
         for tmp in sorted((path / "checkpoints").glob("*" + TMP_SUFFIX)):
             lines.append(f"  incomplete: {tmp.name} (a save that did not finish; ignored, removed by the next save)")
-        logged = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] if (path / "metrics.jsonl").is_file() else []
+        logged = (
+            [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+            if (path / "metrics.jsonl").is_file()
+            else []
+        )
         train = next((m for m in reversed(logged) if "loss" in m), None)
         val = next((m for m in reversed(logged) if "val/psnr" in m), None)
         if train:
-            lines.append(f"  last logged: step {train['step']} loss {train['loss']:.4f} lr {train['lr']:.3g} ({train['img_per_s']:.1f} img/s)")
+            lines.append(
+                f"  last logged: step {train['step']} loss {train['loss']:.4f} lr {train['lr']:.3g} ({train['img_per_s']:.1f} img/s)"
+            )
         if val:
-            lines.append(f"  last val: step {val['step']} mse {val['val/mse']:.4f} psnr {val['val/psnr']:.2f} ssim {val['val/ssim']:.3f}")
+            lines.append(
+                f"  last val: step {val['step']} mse {val['val/mse']:.4f} psnr {val['val/psnr']:.2f} ssim {val['val/ssim']:.3f}"
+            )
         final = _read_json(path / "final" / STATE_NAME)
-        lines.append(f"  final weights: step {final.get('step')} ({path / 'final' / WEIGHTS_NAME})" if final else "  final weights: none yet")
+        lines.append(
+            f"  final weights: step {final.get('step')} ({path / 'final' / WEIGHTS_NAME})"
+            if final
+            else "  final weights: none yet"
+        )
         return "\n".join(lines)
     if path.is_dir() and (path / STATE_NAME).is_file():
         state = _read_json(path / STATE_NAME) or {}
         lines.append(f"checkpoint {path} ({_size(path)})")
         lines.append("  state: " + ", ".join(f"{k}={v}" for k, v in sorted(state.items())))
         if config:
-            lines.append("  config: " + ", ".join(f"{k}={config.get(k)}" for k in ("data", "image_size", "batch_size", "lr")))
+            lines.append(
+                "  config: " + ", ".join(f"{k}={config.get(k)}" for k in ("data", "image_size", "batch_size", "lr"))
+            )
         lines.append("  files: " + ", ".join(sorted(p.name for p in path.iterdir())))
         return "\n".join(lines)
     weights = load_weights(path)

@@ -40,7 +40,9 @@ def _fraction(text: str) -> float:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on a generated sample collection")
-    p.add_argument("--out", type=Path, default=Path("artscale-demo"), help="where everything goes (default ./artscale-demo)")
+    p.add_argument(
+        "--out", type=Path, default=Path("artscale-demo"), help="where everything goes (default ./artscale-demo)"
+    )
     p.add_argument("--steps", type=int, default=0, help="training steps (default: a few minutes on CPU)")
 
 
@@ -49,7 +51,9 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", type=Path, help="image folder with one subfolder per class")
     p.add_argument("out", type=Path, help="shards directory to write")
     p.add_argument("--size", type=_positive_multiple_of_8, default=128, help="training image size (default 128)")
-    p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share of files in the val split (default 0.05)")
+    p.add_argument(
+        "--val-fraction", type=_fraction, default=0.05, help="share of files in the val split (default 0.05)"
+    )
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: all cores)")
     p.add_argument("--classes", default="", help="comma-separated class folders to pack (default: all)")
     p.add_argument("--resize", choices=["stretch", "center-crop"], default="stretch")
@@ -78,8 +82,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", type=Path, help="a run dir, a checkpoint, or an article .pth")
     p.add_argument("out", type=Path, help="the .onnx file to write")
     p.add_argument("--fp16", action="store_true", help="half precision weights and compute (I/O stays uint8)")
-    p.add_argument("--size", type=_positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)")
-    p.add_argument("--shards", type=Path, default=None, help="val shards for the parity check (default: the run's data)")
+    p.add_argument(
+        "--size", type=_positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)"
+    )
+    p.add_argument(
+        "--shards", type=Path, default=None, help="val shards for the parity check (default: the run's data)"
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -87,19 +95,36 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, help="an .onnx file from `artscale export`")
     p.add_argument("in_dir", type=Path, help="folder of images, walked recursively")
     p.add_argument("out_dir", type=Path, help="where the mirrored tree and report.json go (not inside IN_DIR)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs"
+    )
     p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
     p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
-    p.add_argument("--shard-index", type=int, default=None, help="default: the SLURM array task, ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN), or 0")
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        help="default: the SLURM array task, ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN), or 0",
+    )
     p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
     p.add_argument("--quality", type=int, default=95)
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--size", type=_positive_multiple_of_8, default=0, help="resize to this size (default: the model's training size)")
+    size.add_argument(
+        "--size",
+        type=_positive_multiple_of_8,
+        default=0,
+        help="resize to this size (default: the model's training size)",
+    )
     size.add_argument("--native", action="store_true", help="each image at its own size, rounded to a multiple of 8")
     p.add_argument("--max-side", type=_positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
     p.add_argument("--restore-size", action="store_true", help="resize outputs back to each input's size")
-    p.add_argument("--batch-size", type=int, default=0, help="images per onnxruntime call (default: 2 per core on CPU, 32 on a GPU)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="images per onnxruntime call (default: 2 per core on CPU, 32 on a GPU)",
+    )
     p.add_argument("--workers", type=int, default=0, help="decode/encode threads (default: from the core count)")
 
 
@@ -109,23 +134,35 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_submit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="submit training or generation to SLURM (slurm/*.sbatch), or print the sbatch lines")
+    p = sub.add_parser(
+        "submit", help="submit training or generation to SLURM (slurm/*.sbatch), or print the sbatch lines"
+    )
     what = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
 
     def cluster_flags(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--time", dest="time_limit", default="", help="time limit, e.g. 24:00:00 (default: the script's)")
+        q.add_argument(
+            "--time", dest="time_limit", default="", help="time limit, e.g. 24:00:00 (default: the script's)"
+        )
         q.add_argument("--partition", default="")
         q.add_argument("--account", default="")
         q.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per task (default: the script's)")
-        q.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="ARG",
-                       help="one more sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)")
+        q.add_argument(
+            "--sbatch-arg",
+            dest="sbatch_args",
+            action="append",
+            default=[],
+            metavar="ARG",
+            help="one more sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)",
+        )
         q.add_argument("--dry-run", action="store_true", help="print the sbatch line(s), submit nothing")
 
     t = what.add_parser("train", help="slurm/train.sbatch on N nodes x G GPUs (or CPU ranks); requeues on preemption")
     t.add_argument("--nodes", type=int, default=1)
     t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
     t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
-    t.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit: checkpoint, requeue")
+    t.add_argument(
+        "--signal-seconds", type=int, default=300, help="USR1 this long before the time limit: checkpoint, requeue"
+    )
     t.add_argument("--config", default=None, help="a YAML file of training config keys")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys")
     cluster_flags(t)
@@ -136,7 +173,9 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the input tree")
     g.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
     g.add_argument("--gpus-per-task", type=int, default=0)
-    g.add_argument("--generate-args", default="", help='more `artscale generate` flags, quoted: "--format jpg --batch-size 64"')
+    g.add_argument(
+        "--generate-args", default="", help='more `artscale generate` flags, quoted: "--format jpg --batch-size 64"'
+    )
     cluster_flags(g)
 
 
@@ -201,7 +240,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         env = os.environ
         num_shards = args.num_shards if args.num_shards is not None else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
         # --array=1-4 or 0-10:2 numbers tasks from MIN by STEP: shard index = (ID - MIN) / STEP.
-        task = (int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+        task = (int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
+            env.get("SLURM_ARRAY_TASK_STEP", 1)
+        )
         shard_index = args.shard_index if args.shard_index is not None else task
         opts = vars(args).copy()
         for k in ("command", "model", "in_dir", "out_dir", "num_shards", "shard_index"):

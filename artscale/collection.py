@@ -85,7 +85,9 @@ class _Walker:
 
     def __init__(self, src_real: str, follow: bool):
         self.src_real, self.follow = src_real, follow
-        self.files: list[tuple[str, str, int, int]] = []  # (rel, fate, size, mtime_ns); fate: "", "ignored" or a skip reason
+        self.files: list[
+            tuple[str, str, int, int]
+        ] = []  # (rel, fate, size, mtime_ns); fate: "", "ignored" or a skip reason
         self.visited: set[str] = set()
 
     def walk(self, path: str, rel: str, hidden: bool) -> None:

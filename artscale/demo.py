@@ -83,7 +83,13 @@ def _sculpture(rnd: random.Random, w: int, h: int) -> Image.Image:
     return Image.fromarray(np.clip(img[..., None] * tint, 0, 255).astype(np.uint8), "RGB")
 
 
-DRAWERS = {"drawings": _drawing, "engraving": _engraving, "iconography": _iconography, "painting": _painting, "sculpture": _sculpture}
+DRAWERS = {
+    "drawings": _drawing,
+    "engraving": _engraving,
+    "iconography": _iconography,
+    "painting": _painting,
+    "sculpture": _sculpture,
+}
 
 
 def _save(im: Image.Image, path: Path, rnd: random.Random) -> None:
@@ -170,11 +176,25 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     run_dir = out / "run"
     steps = steps or 300
     every = max(1, min(10, steps // 5))  # a few loss lines even for a short run
-    cfg = load_config(None, [
-        f"data={out / 'shards'}", f"run_dir={run_dir}", f"image_size={size}", "batch_size=16", f"max_steps={steps}",
-        "vgg_weights=random", "mixed_precision=bf16" if _has_bf16() else "mixed_precision=no", "tracker=tensorboard",
-        f"log_every={every}", "sample_every=50", "val_every=50", "checkpoint_every=50", "num_workers=0", "lr_step_epochs=30",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data={out / 'shards'}",
+            f"run_dir={run_dir}",
+            f"image_size={size}",
+            "batch_size=16",
+            f"max_steps={steps}",
+            "vgg_weights=random",
+            "mixed_precision=bf16" if _has_bf16() else "mixed_precision=no",
+            "tracker=tensorboard",
+            f"log_every={every}",
+            "sample_every=50",
+            "val_every=50",
+            "checkpoint_every=50",
+            "num_workers=0",
+            "lr_step_epochs=30",
+        ],
+    )
     code = train(cfg)
     if code == EXIT_PREEMPTED:
         raise SystemExit(code)
@@ -198,11 +218,11 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     }
     print(f"""
 == artscale demo: done in {time.perf_counter() - started:.0f} s (VGG16 weights: random, see the note above)
-  collection  {collection}  ({summary['packed']} packed, {summary['skipped']} skipped: {', '.join(s['path'] for s in manifest['skipped'])})
-  shards      {out / 'shards'}  (artscale info {out / 'shards'})
-  training    {run_dir}  loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} over {cfg.max_steps} steps; samples in {run_dir / 'samples'}
-  onnx        {onnx_path}  parity vs PyTorch: max float diff {exported['parity']['max_float_diff']:.2g}, max uint8 diff {summary['parity_max_uint8_diff']}
-  generated   {generated}  ({summary['generated']} images, {report['skipped']} skipped, {report['img_per_s']} img/s on {report['provider']})
+  collection  {collection}  ({summary["packed"]} packed, {summary["skipped"]} skipped: {", ".join(s["path"] for s in manifest["skipped"])})
+  shards      {out / "shards"}  (artscale info {out / "shards"})
+  training    {run_dir}  loss {summary["loss_first"]:.4f} -> {summary["loss_last"]:.4f} over {cfg.max_steps} steps; samples in {run_dir / "samples"}
+  onnx        {onnx_path}  parity vs PyTorch: max float diff {exported["parity"]["max_float_diff"]:.2g}, max uint8 diff {summary["parity_max_uint8_diff"]}
+  generated   {generated}  ({summary["generated"]} images, {report["skipped"]} skipped, {report["img_per_s"]} img/s on {report["provider"]})
   before/after {grid}
 """)
     return summary

@@ -88,10 +88,12 @@ def _generated_images(size: int, count: int) -> list[np.ndarray]:
     yy, xx = np.mgrid[0:size, 0:size]
     images = []
     for _ in range(count):
-        arr = np.stack([xx * 255 // max(size - 1, 1), yy * 255 // max(size - 1, 1), (xx + yy) * 127 // max(size - 1, 1)], -1)
+        arr = np.stack(
+            [xx * 255 // max(size - 1, 1), yy * 255 // max(size - 1, 1), (xx + yy) * 127 // max(size - 1, 1)], -1
+        )
         arr = (arr + rng.integers(0, 255, 3)) % 256
         y0, x0 = rng.integers(0, size // 2, 2)
-        arr[y0:y0 + size // 3, x0:x0 + size // 3] = rng.integers(0, 255, 3)
+        arr[y0 : y0 + size // 3, x0 : x0 + size // 3] = rng.integers(0, 255, 3)
         arr = arr + rng.integers(-12, 13, arr.shape)
         images.append(np.clip(arr, 0, 255).astype(np.uint8))
     return images
@@ -129,7 +131,9 @@ def _compare(session, model: nn.Module, images: np.ndarray, float_output: bool) 
     outputs = session.run(None, {INPUT: images})
     got_u8 = outputs[0]
     if got_u8.shape != want_u8.shape or got_u8.dtype != np.uint8:
-        raise UserError(f"parity gate failed: ONNX output {got_u8.dtype}{list(got_u8.shape)}, expected uint8{list(want_u8.shape)}")
+        raise UserError(
+            f"parity gate failed: ONNX output {got_u8.dtype}{list(got_u8.shape)}, expected uint8{list(want_u8.shape)}"
+        )
     result = {"max_uint8_diff": int(np.abs(got_u8.astype(np.int16) - want_u8.astype(np.int16)).max())}
     if float_output:
         diff = np.abs(outputs[1].astype(np.float64) - want_f.astype(np.float64)).max()
@@ -145,10 +149,16 @@ def _export_graph(model: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript exporter": chosen on purpose
         torch.onnx.export(
-            wrapper, (example,), buf, dynamo=False, opset_version=OPSET,  # dynamo needs onnxscript (FACTS.md)
-            input_names=[INPUT], output_names=[OUTPUT, FLOAT_OUTPUT],
+            wrapper,
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=OPSET,  # dynamo needs onnxscript (FACTS.md)
+            input_names=[INPUT],
+            output_names=[OUTPUT, FLOAT_OUTPUT],
             dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (INPUT, OUTPUT, FLOAT_OUTPUT)},
-            training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True,
+            training=torch.onnx.TrainingMode.EVAL,
+            do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
 
@@ -170,7 +180,14 @@ def _gate(measured: dict[str, float], tolerance: tuple[float, int], what: str) -
         )
 
 
-def export_onnx(source: str | Path, out: str | Path, *, fp16: bool = False, size: int | None = None, shards: str | Path | None = None) -> dict:
+def export_onnx(
+    source: str | Path,
+    out: str | Path,
+    *,
+    fp16: bool = False,
+    size: int | None = None,
+    shards: str | Path | None = None,
+) -> dict:
     """Export SOURCE (run dir, checkpoint, article .pth) to OUT, parity-gated; returns what was measured."""
     out = Path(out)
     if out.suffix != ".onnx":
@@ -183,7 +200,9 @@ def export_onnx(source: str | Path, out: str | Path, *, fp16: bool = False, size
     image_size = size or trained or ARTICLE_SIZE
     check_size(image_size, image_size)
     if size is None and trained is None:
-        print(f"{weights.path}: no training config, assuming the article's {ARTICLE_SIZE} px (pass --size to say otherwise)")
+        print(
+            f"{weights.path}: no training config, assuming the article's {ARTICLE_SIZE} px (pass --size to say otherwise)"
+        )
 
     images, parity_source = _parity_images(Path(shards) if shards else None, config, image_size)
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
@@ -220,8 +239,13 @@ def export_onnx(source: str | Path, out: str | Path, *, fp16: bool = False, size
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    report = {"path": str(out), "bytes": len(data), **{k: meta[k] for k in ("step", "image_size", "source", "source_sha256", "precision")},
-              "parity": {**parity, "images": parity_source, "tolerance": list(tolerance)}, "dynamic_parity": dynamic}
+    report = {
+        "path": str(out),
+        "bytes": len(data),
+        **{k: meta[k] for k in ("step", "image_size", "source", "source_sha256", "precision")},
+        "parity": {**parity, "images": parity_source, "tolerance": list(tolerance)},
+        "dynamic_parity": dynamic,
+    }
     print(
         f"exported {out} ({report['precision']}, {image_size} px, step {meta['step'] or '?'}): parity on {parity_source}: "
         f"max float diff {parity['max_float_diff']:.2g}, max uint8 diff {parity['max_uint8_diff']}"
@@ -235,7 +259,9 @@ def describe_onnx(path: str | Path) -> str:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
-        raise UserError(f"{path} is not an ONNX model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(
+            f"{path} is not an ONNX model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
     def signature(values) -> str:
         rows = []
@@ -246,7 +272,13 @@ def describe_onnx(path: str | Path) -> str:
         return "\n".join(rows)
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), "?")
-    lines = [f"{path}: ONNX model, {path.stat().st_size:,} bytes, opset {opset}, producer {proto.producer_name} {proto.producer_version}",
-             "inputs:", signature(proto.graph.input), "outputs:", signature(proto.graph.output), "metadata:"]
+    lines = [
+        f"{path}: ONNX model, {path.stat().st_size:,} bytes, opset {opset}, producer {proto.producer_name} {proto.producer_version}",
+        "inputs:",
+        signature(proto.graph.input),
+        "outputs:",
+        signature(proto.graph.output),
+        "metadata:",
+    ]
     lines += [f"  {p.key}: {p.value}" for p in proto.metadata_props] or ["  (none)"]
     return "\n".join(lines)

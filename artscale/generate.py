@@ -88,7 +88,11 @@ def list_inputs(in_dir: Path, ext: str) -> list[Entry]:
         for name in candidates:
             rel = (rel_dir / name).as_posix()
             out = names[name]
-            entries.append(Entry(rel, (rel_dir / out).as_posix()) if out else Entry(rel, reason="its output name is a folder's name"))
+            entries.append(
+                Entry(rel, (rel_dir / out).as_posix())
+                if out
+                else Entry(rel, reason="its output name is a folder's name")
+            )
     return entries
 
 
@@ -111,8 +115,15 @@ def _cuda_hint() -> str:
     return "CUDA 13 / cuDNN 9 libraries missing or no usable GPU"
 
 
-def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: str, threads: int,
-                 cache_dir: Path | None = None, varied_shapes: bool = False):
+def open_session(
+    model: Path,
+    device: str,
+    allow_cpu_fallback: bool,
+    provider: str,
+    threads: int,
+    cache_dir: Path | None = None,
+    varied_shapes: bool = False,
+):
     """An onnxruntime session on the device asked for; returns (session, provider actually used).
 
     onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
@@ -142,13 +153,23 @@ def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: s
         return cpu_session(), "CPUExecutionProvider"
     available = ort.get_available_providers()
     # cuDNN's exhaustive algorithm search runs once per input shape: worth it for one size only.
-    wanted: list = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC" if varied_shapes else "EXHAUSTIVE"})]
+    wanted: list = [
+        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC" if varied_shapes else "EXHAUSTIVE"})
+    ]
     if provider == "tensorrt":  # engines are built per input shape: cache them beside the outputs
-        wanted.insert(0, ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")}))
+        wanted.insert(
+            0,
+            (
+                "TensorrtExecutionProvider",
+                {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")},
+            ),
+        )
     names = [name for name, _ in wanted]
     problem = ""
     if not set(names) <= set(available):
-        problem = f"this onnxruntime has no {' or '.join(n for n in names if n not in available)} (install onnxruntime-gpu)"
+        problem = (
+            f"this onnxruntime has no {' or '.join(n for n in names if n not in available)} (install onnxruntime-gpu)"
+        )
     else:
         if provider == "tensorrt" and cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -159,14 +180,19 @@ def open_session(model: Path, device: str, allow_cpu_fallback: bool, provider: s
             printed = io.StringIO()  # onnxruntime prints a 4-line "EP Error" block when TensorRT cannot start
             try:
                 with contextlib.redirect_stdout(printed):
-                    session = ort.InferenceSession(str(model), options(strict), providers=wanted if strict else [*wanted, "CPUExecutionProvider"])
+                    session = ort.InferenceSession(
+                        str(model), options(strict), providers=wanted if strict else [*wanted, "CPUExecutionProvider"]
+                    )
             except Exception as e:  # the fallback-disabled Fail, or a model error the CPU session names below
                 problem = str(e).splitlines()[0][:160]
                 continue
             used = session.get_providers()[0]
             if used in GPU_PROVIDERS:
                 if provider == "tensorrt" and used != "TensorrtExecutionProvider":
-                    print(f"artscale: TensorRT did not start (TensorRT libraries missing?); running on {used}", file=sys.stderr)
+                    print(
+                        f"artscale: TensorRT did not start (TensorRT libraries missing?); running on {used}",
+                        file=sys.stderr,
+                    )
                 return session, used
             problem = f"onnxruntime chose {used}"
     session = cpu_session()
@@ -202,7 +228,10 @@ class Runner:
 
                 return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
             except Exception as e:  # a CUDA-less torch: pageable memory still works, a bit slower
-                print(f"artscale: pinned host memory unavailable ({type(e).__name__}); using pageable buffers", file=sys.stderr)
+                print(
+                    f"artscale: pinned host memory unavailable ({type(e).__name__}); using pageable buffers",
+                    file=sys.stderr,
+                )
                 self.pinned = False
         return np.empty(shape, np.uint8)
 
@@ -242,10 +271,22 @@ def _write(path: Path, pixels: np.ndarray, original: tuple[int, int] | None, fmt
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a quota, a read-only mount: the run stops, what is written stays
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}; the outputs written so far are kept, run again to continue") from None
+        raise UserError(
+            f"cannot write {path}: {e.strerror or e}; the outputs written so far are kept, run again to continue"
+        ) from None
 
 
-def _check_args(model: Path, in_dir: Path, out_dir: Path, num_shards: int, shard_index: int, quality: int, size: int, batch_size: int, workers: int) -> None:
+def _check_args(
+    model: Path,
+    in_dir: Path,
+    out_dir: Path,
+    num_shards: int,
+    shard_index: int,
+    quality: int,
+    size: int,
+    batch_size: int,
+    workers: int,
+) -> None:
     if not model.is_file():
         raise UserError(f"model {model} not found")
     if not in_dir.is_dir():
@@ -254,11 +295,17 @@ def _check_args(model: Path, in_dir: Path, out_dir: Path, num_shards: int, shard
         raise UserError(f"OUT_DIR {out_dir} exists and is not a folder")
     src, dst = in_dir.resolve(), out_dir.resolve()
     if dst == src or src in dst.parents:
-        raise UserError(f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: its outputs would become inputs; choose another place")
+        raise UserError(
+            f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: its outputs would become inputs; choose another place"
+        )
     if dst in src.parents:
-        raise UserError(f"IN_DIR {in_dir} is inside OUT_DIR {out_dir}: outputs could land among the inputs; choose another place")
+        raise UserError(
+            f"IN_DIR {in_dir} is inside OUT_DIR {out_dir}: outputs could land among the inputs; choose another place"
+        )
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise UserError(f"--shard-index {shard_index} --num-shards {num_shards}: need num-shards >= 1 and 0 <= shard-index < num-shards")
+        raise UserError(
+            f"--shard-index {shard_index} --num-shards {num_shards}: need num-shards >= 1 and 0 <= shard-index < num-shards"
+        )
     if not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: must be 1..100")
     if size < 0 or size % 8:
@@ -267,10 +314,25 @@ def _check_args(model: Path, in_dir: Path, out_dir: Path, num_shards: int, shard
         raise UserError("--batch-size and --workers must be >= 0 (0: chosen for the device)")
 
 
-def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_shards: int = 1, shard_index: int = 0,
-             device: str = "auto", allow_cpu_fallback: bool = False, provider: str = "default", image_format: str = "png",
-             quality: int = 95, size: int = 0, native: bool = False, max_side: int = 1024, restore_size: bool = False,
-             batch_size: int = 0, workers: int = 0) -> dict:
+def generate(
+    model: str | Path,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    device: str = "auto",
+    allow_cpu_fallback: bool = False,
+    provider: str = "default",
+    image_format: str = "png",
+    quality: int = 95,
+    size: int = 0,
+    native: bool = False,
+    max_side: int = 1024,
+    restore_size: bool = False,
+    batch_size: int = 0,
+    workers: int = 0,
+) -> dict:
     """Run MODEL over this shard of IN_DIR into OUT_DIR; returns the report (also written as JSON)."""
     model, in_dir, out_dir = Path(model), Path(in_dir), Path(out_dir)
     _check_args(model, in_dir, out_dir, num_shards, shard_index, quality, size, batch_size, workers)
@@ -280,10 +342,14 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     if provider == "tensorrt" and device == "cpu":
         raise UserError("--provider tensorrt runs on a GPU: use it with --device cuda or auto")
     # One intra-op thread per session run; on CPU, `cores` runs side by side (see _Pipeline).
-    session, used = open_session(model, device, allow_cpu_fallback, provider, threads=1, cache_dir=out_dir / ".trt-cache", varied_shapes=native)
+    session, used = open_session(
+        model, device, allow_cpu_fallback, provider, threads=1, cache_dir=out_dir / ".trt-cache", varied_shapes=native
+    )
     inp = session.get_inputs()[0]
     if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
-        raise UserError(f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)")
+        raise UserError(
+            f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)"
+        )
     trained = session.get_modelmeta().custom_metadata_map.get("image_size", "")
     if not native and not size:
         if not trained.isdigit():
@@ -304,23 +370,47 @@ def generate(model: str | Path, in_dir: str | Path, out_dir: str | Path, *, num_
     # CPU: each core runs its own small batch, whose activations stay in that core's cache
     # (bench/generate.py: batch 2 gave 80-91 img/s on 2 cores, batch 8 72). A GPU wants big batches.
     batch_size = batch_size or (CPU_BATCH if on_cpu else GPU_BATCH)
-    run = _Pipeline(Runner(session, None if on_cpu else "cuda"), cores if on_cpu else 1, batch_size, workers,
-                    size=size, max_side=max_side, restore=restore_size, fmt=image_format, quality=quality)
+    run = _Pipeline(
+        Runner(session, None if on_cpu else "cuda"),
+        cores if on_cpu else 1,
+        batch_size,
+        workers,
+        size=size,
+        max_side=max_side,
+        restore=restore_size,
+        fmt=image_format,
+        quality=quality,
+    )
     written, batches = run(todo, in_dir, out_dir, skipped)
     wall = time.perf_counter() - started
     report = {
-        "model": str(model), "in_dir": str(in_dir), "out_dir": str(out_dir), "shard_index": shard_index, "num_shards": num_shards,
-        "device": device, "inputs_seen": len(entries), "written": written, "already_done": already_done, "skipped": len(skipped),
-        "ignored": ignored, "skipped_files": sorted(skipped, key=lambda s: s["path"]), "provider": used,
-        "size": "native" if native else size, "format": image_format, "batches": batches,
-        "wall_s": round(wall, 3), "img_per_s": round(written / wall, 2) if wall > 0 else 0.0,
+        "model": str(model),
+        "in_dir": str(in_dir),
+        "out_dir": str(out_dir),
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "device": device,
+        "inputs_seen": len(entries),
+        "written": written,
+        "already_done": already_done,
+        "skipped": len(skipped),
+        "ignored": ignored,
+        "skipped_files": sorted(skipped, key=lambda s: s["path"]),
+        "provider": used,
+        "size": "native" if native else size,
+        "format": image_format,
+        "batches": batches,
+        "wall_s": round(wall, 3),
+        "img_per_s": round(written / wall, 2) if wall > 0 else 0.0,
     }
     name = "report.json" if num_shards == 1 else f"report-{shard_index}-of-{num_shards}.json"
     tmp = out_dir / f".{name}{TMP_SUFFIX}"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out_dir / name)
-    print(f"generated {written} images ({already_done} already done, {len(skipped)} skipped, {ignored} ignored) "
-          f"in {wall:.1f} s, {report['img_per_s']} img/s on {used}; report: {out_dir / name}")
+    print(
+        f"generated {written} images ({already_done} already done, {len(skipped)} skipped, {ignored} ignored) "
+        f"in {wall:.1f} s, {report['img_per_s']} img/s on {used}; report: {out_dir / name}"
+    )
     return report
 
 
@@ -331,8 +421,19 @@ class _Pipeline:
     by side with no barrier between cores, 10-70% faster here than one run on all cores (a
     shared core stalls every barrier). Every stage is bounded, so memory is too."""
 
-    def __init__(self, runner: Runner, streams: int, batch_size: int, workers: int, *, size: int, max_side: int,
-                 restore: bool, fmt: str, quality: int) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        streams: int,
+        batch_size: int,
+        workers: int,
+        *,
+        size: int,
+        max_side: int,
+        restore: bool,
+        fmt: str,
+        quality: int,
+    ) -> None:
         self.runner, self.streams, self.batch_size, self.workers = runner, streams, batch_size, workers
         self.size, self.max_side, self.restore, self.fmt, self.quality = size, max_side, restore, fmt, quality
         self.limit = 2 * batch_size + workers  # images waiting per stage
@@ -345,8 +446,11 @@ class _Pipeline:
         batches = written = 0
         bar = tqdm(total=len(todo), unit="img", desc="generate", disable=None, dynamic_ncols=True)
         source = iter(todo)
-        with ThreadPoolExecutor(self.workers, "decode") as decoders, ThreadPoolExecutor(self.streams, "infer") as streams, \
-                ThreadPoolExecutor(self.workers, "encode") as encoders:
+        with (
+            ThreadPoolExecutor(self.workers, "decode") as decoders,
+            ThreadPoolExecutor(self.streams, "infer") as streams,
+            ThreadPoolExecutor(self.workers, "encode") as encoders,
+        ):
 
             def refill() -> None:
                 while len(window) < self.limit and (entry := next(source, None)) is not None:
@@ -356,7 +460,16 @@ class _Pipeline:
                 outputs = self.runner(np.stack([pixels for _, pixels, _ in group]))
                 futures = []
                 for (entry, _, original), pixels in zip(group, outputs):
-                    futures.append(encoders.submit(_write, out_dir / entry.out, pixels, original if self.restore else None, self.fmt, self.quality))
+                    futures.append(
+                        encoders.submit(
+                            _write,
+                            out_dir / entry.out,
+                            pixels,
+                            original if self.restore else None,
+                            self.fmt,
+                            self.quality,
+                        )
+                    )
                     futures[-1].add_done_callback(lambda _: bar.update())
                 return futures
 
@@ -379,7 +492,9 @@ class _Pipeline:
                 try:
                     pixels, original = future.result()
                 except Exception as e:  # SkipImage, or a Pillow error images.py did not foresee: counted, never fatal
-                    reason = str(e) if isinstance(e, SkipImage) else f"decoder error: {type(e).__name__}: {str(e)[:160]}"
+                    reason = (
+                        str(e) if isinstance(e, SkipImage) else f"decoder error: {type(e).__name__}: {str(e)[:160]}"
+                    )
                     skipped.append({"path": entry.rel, "reason": reason})
                     bar.update()
                     refill()

@@ -19,14 +19,49 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Extensions Pillow decodes that are worth trying as images (compared lower-cased).
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+    }
 )
 # Files that are never images and never worth a skip line: OS junk and sidecar text.
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
-JUNK_EXTENSIONS = frozenset({".txt", ".md", ".json", ".csv", ".xml", ".xmp", ".ini", ".log", ".db", ".html", ".pdf.txt"})
+JUNK_EXTENSIONS = frozenset(
+    {".txt", ".md", ".json", ".csv", ".xml", ".xmp", ".ini", ".log", ".db", ".html", ".pdf.txt"}
+)
 # Formats people keep in art collections that Pillow cannot decode: named, not "not an image".
 UNSUPPORTED_EXTENSIONS = frozenset(
-    {".heic", ".heif", ".svg", ".svgz", ".pdf", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raw", ".orf", ".rw2", ".jxl", ".kra", ".xcf"}
+    {
+        ".heic",
+        ".heif",
+        ".svg",
+        ".svgz",
+        ".pdf",
+        ".cr2",
+        ".cr3",
+        ".nef",
+        ".arw",
+        ".dng",
+        ".raw",
+        ".orf",
+        ".rw2",
+        ".jxl",
+        ".kra",
+        ".xcf",
+    }
 )
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 x MAX_IMAGE_PIXELS)
 

@@ -57,15 +57,27 @@ def data_spec(data: str, image_size: int) -> DataSpec:
                 f"data={data} holds {manifest['image_size']} px images but image_size={image_size}: "
                 f"set image_size={manifest['image_size']} or pack again with --size {image_size}"
             )
-        shards = {split: [s for s in manifest["shards"] if s["split"] == split and s["count"] > 0] for split in ("train", "val")}
+        shards = {
+            split: [s for s in manifest["shards"] if s["split"] == split and s["count"] > 0]
+            for split in ("train", "val")
+        }
         if not shards["train"]:
-            raise UserError(f"data={data}: no train samples in its manifest (pack more images, or a smaller --val-fraction)")
+            raise UserError(
+                f"data={data}: no train samples in its manifest (pack more images, or a smaller --val-fraction)"
+            )
         for s in shards["train"] + shards["val"]:
             if not (root / s["name"]).is_file():
-                raise UserError(f"data={data}: shard {s['name']} listed in manifest.json is missing (run artscale verify {data})")
+                raise UserError(
+                    f"data={data}: shard {s['name']} listed in manifest.json is missing (run artscale verify {data})"
+                )
         count = {split: sum(s["count"] for s in shards[split]) for split in shards}
-        return DataSpec([str(root / s["name"]) for s in shards["train"]], [str(root / s["name"]) for s in shards["val"]],
-                        count["train"], count["val"], image_size)
+        return DataSpec(
+            [str(root / s["name"]) for s in shards["train"]],
+            [str(root / s["name"]) for s in shards["val"]],
+            count["train"],
+            count["val"],
+            image_size,
+        )
     if "{" not in data and "::" not in data and "://" not in data and not data.startswith("pipe:"):
         raise UserError(f"data={data}: not a shards directory (make one with: artscale pack SRC {data})")
     urls = wds.shardlists.expand_urls(data)
@@ -88,8 +100,10 @@ class SkipCounter:
         self.in_a_row += 1
         log.warning("skipped corrupt data: %s", str(exn)[:300])
         if self.in_a_row >= self.limit:
-            raise UserError(f"{self.limit} samples in a row could not be used (last: {str(exn)[:200]}); check the shards "
-                            "(artscale verify) and image_size")
+            raise UserError(
+                f"{self.limit} samples in a row could not be used (last: {str(exn)[:200]}); check the shards "
+                "(artscale verify) and image_size"
+            )
         return True
 
     def take(self) -> int:
@@ -151,7 +165,9 @@ def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torc
         raise ValueError(f"sample {key} in {sample.get('__url__')} has no image")
     im = decode_bytes(data)
     if size is not None and im.size != (size, size):
-        raise ValueError(f"sample {key} in {sample.get('__url__')} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
+        raise ValueError(
+            f"sample {key} in {sample.get('__url__')} is {im.size[0]}x{im.size[1]}, expected {size}x{size}"
+        )
     x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
     if flip_seed is not None and _seed(flip_seed, key) & 1:  # a coin per (key, epoch): position-free, so resume-exact
         x = x.flip(-1)
@@ -168,13 +184,26 @@ def _with_skips(src: Iterator, counter: SkipCounter) -> Iterator:
         yield images, keys, counter.take()
 
 
-def train_loader(spec: DataSpec, *, batch_size: int, batches: int, seed: int, epoch: int, rank: int,
-                 num_workers: int = 0, skip: int = 0, hflip: bool = False, shuffle_buffer: int = 1000) -> wds.WebLoader:
+def train_loader(
+    spec: DataSpec,
+    *,
+    batch_size: int,
+    batches: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    num_workers: int = 0,
+    skip: int = 0,
+    hflip: bool = False,
+    shuffle_buffer: int = 1000,
+) -> wds.WebLoader:
     """Exactly `batches - skip` batches of (images, keys, skipped) for this rank's `epoch`."""
     counter = SkipCounter()
     size = spec.image_size
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(spec.train_urls, seed=_seed(seed, epoch), worker_seed=partial(_worker_seed, rank, skip), deterministic=True),
+        wds.ResampledShards(
+            spec.train_urls, seed=_seed(seed, epoch), worker_seed=partial(_worker_seed, rank, skip), deterministic=True
+        ),
         wds.tarfile_to_samples(handler=counter),
         wds.pipelinefilter(_shuffle)(shuffle_buffer, seed, epoch, rank, skip),
         wds.pipelinefilter(_skip_batches)(skip, batch_size),
@@ -192,7 +221,9 @@ def val_loader(spec: DataSpec, *, batch_size: int, rank: int, world: int, num_wo
         return None
     counter = SkipCounter()
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(spec.val_urls),  # no node splitter: every rank reads every shard, `_every_nth` splits samples
+        wds.SimpleShardList(
+            spec.val_urls
+        ),  # no node splitter: every rank reads every shard, `_every_nth` splits samples
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter),
         wds.pipelinefilter(_every_nth)(rank, world),

@@ -100,8 +100,15 @@ class SplitWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         partial, final = Path(fname + ".partial"), Path(fname)
-        record = {"kind": "shard", "name": final.name, "split": self.split, "count": sum(self.current["per_class"].values()),
-                  "bytes": partial.stat().st_size, "sha256": sha256_file(partial), **self.current}
+        record = {
+            "kind": "shard",
+            "name": final.name,
+            "split": self.split,
+            "count": sum(self.current["per_class"].values()),
+            "bytes": partial.stat().st_size,
+            "sha256": sha256_file(partial),
+            **self.current,
+        }
         partial.replace(final)
         self.journal.append(record)
         self.records.append(record)
@@ -114,12 +121,24 @@ class SplitWriter:
         if self.writer is None:
             import webdataset as wds
 
-            self.writer = wds.ShardWriter(self.pattern, maxcount=self.max_count, maxsize=float("inf"),
-                                          post=self._finish, start_shard=self.start_shard, verbose=0,
-                                          opener=self._open, mtime=SHARD_MTIME, encoder=False)
+            self.writer = wds.ShardWriter(
+                self.pattern,
+                maxcount=self.max_count,
+                maxsize=float("inf"),
+                post=self._finish,
+                start_shard=self.start_shard,
+                verbose=0,
+                opener=self._open,
+                mtime=SHARD_MTIME,
+                encoder=False,
+            )
         meta = {"path": entry.rel, "class": entry.cls_name, "original_size": list(info)}
-        sample = {"__key__": entry.key, self.ext: data, "cls": str(entry.cls).encode("ascii"),
-                  "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+        sample = {
+            "__key__": entry.key,
+            self.ext: data,
+            "cls": str(entry.cls).encode("ascii"),
+            "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+        }
         grows = _tar_bytes(sample)
         if self.max_bytes and self.writer.count and _tar_file_bytes(self.tar_bytes + grows) > self.max_bytes:
             self.writer.next_stream()  # by file size, headers included (ShardWriter counts payload only)

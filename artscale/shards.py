@@ -64,8 +64,19 @@ def read_manifest(out: Path) -> dict:
     return manifest
 
 
-def _settings(size, val_fraction, classes, resize, image_format, quality, max_pixels, min_size, follow_symlinks,
-              shard_max_count, shard_max_bytes) -> dict[str, Any]:
+def _settings(
+    size,
+    val_fraction,
+    classes,
+    resize,
+    image_format,
+    quality,
+    max_pixels,
+    min_size,
+    follow_symlinks,
+    shard_max_count,
+    shard_max_bytes,
+) -> dict[str, Any]:
     if image_format not in ("jpg", "png"):
         raise UserError(f"--format {image_format}: choose jpg or png")
     if resize not in ("stretch", "center-crop"):
@@ -78,15 +89,28 @@ def _settings(size, val_fraction, classes, resize, image_format, quality, max_pi
         raise UserError("--shard-max-count must be >= 1 and --shard-max-bytes >= 0")
     if not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: must be in 1..100")
-    return {"size": size, "val_fraction": val_fraction, "classes": sorted(classes), "resize": resize,
-            "image_format": image_format, "quality": quality, "max_pixels": max_pixels, "min_size": min_size,
-            "follow_symlinks": follow_symlinks, "shard_max_count": shard_max_count, "shard_max_bytes": shard_max_bytes}
+    return {
+        "size": size,
+        "val_fraction": val_fraction,
+        "classes": sorted(classes),
+        "resize": resize,
+        "image_format": image_format,
+        "quality": quality,
+        "max_pixels": max_pixels,
+        "min_size": min_size,
+        "follow_symlinks": follow_symlinks,
+        "shard_max_count": shard_max_count,
+        "shard_max_bytes": shard_max_bytes,
+    }
 
 
 def _our_files(out: Path) -> list[Path]:
     names = (MANIFEST, MANIFEST + ".tmp", JOURNAL, JOURNAL + ".tmp")
-    return [p for p in out.iterdir() if p.name in names or p.name.endswith(".partial")
-            or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)]
+    return [
+        p
+        for p in out.iterdir()
+        if p.name in names or p.name.endswith(".partial") or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)
+    ]
 
 
 def _clean(out: Path, keep: set[str] = frozenset()) -> None:
@@ -99,8 +123,11 @@ def _refuse(out: Path, old: dict, new: dict) -> None:
     if old.get("source") != new["source"]:
         why = f"shards of {old.get('source')}"
     else:
-        diff = [f"{k} {old.get('settings', {}).get(k)!r} (now {v!r})" for k, v in new["settings"].items()
-                if old.get("settings", {}).get(k) != v]
+        diff = [
+            f"{k} {old.get('settings', {}).get(k)!r} (now {v!r})"
+            for k, v in new["settings"].items()
+            if old.get("settings", {}).get(k) != v
+        ]
         why = "shards packed with " + ", ".join(diff)
     raise UserError(f"{out} holds {why}; use --force to replace them, or another OUT")
 
@@ -124,19 +151,26 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
             raise UserError(f"{out / MANIFEST} is not valid JSON; use --force to pack {out} again") from None
         if {"source": old.get("source"), "settings": old.get("settings")} != identity:
             _refuse(out, old, identity)
-        intact = all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in old["shards"])
+        intact = all(
+            (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in old["shards"]
+        )
         if old.get("fingerprint") == fingerprint and intact:
             if journal.path.exists():
                 journal.path.unlink()
             return old, []
-        print(f"artscale: {'SRC changed' if intact else 'shards are missing'} since {out} was packed: packing again", file=sys.stderr)
+        print(
+            f"artscale: {'SRC changed' if intact else 'shards are missing'} since {out} was packed: packing again",
+            file=sys.stderr,
+        )
         _clean(out)
         return None, []
     records = journal.read()
     if not records:
         foreign = [p.name for p in out.iterdir() if p not in _our_files(out)]
         if foreign:
-            raise UserError(f"{out} is not empty and holds no artscale shards ({foreign[0]}, ...); pick an empty or new OUT")
+            raise UserError(
+                f"{out} is not empty and holds no artscale shards ({foreign[0]}, ...); pick an empty or new OUT"
+            )
         _clean(out)
         return None, []
     header = records[0]
@@ -149,7 +183,12 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
     kept, broken = [], set()
     for r in records[1:]:
         path = out / r["name"]
-        if r["split"] in broken or not path.is_file() or path.stat().st_size != r["bytes"] or sha256_file(path) != r["sha256"]:
+        if (
+            r["split"] in broken
+            or not path.is_file()
+            or path.stat().st_size != r["bytes"]
+            or sha256_file(path) != r["sha256"]
+        ):
             broken.add(r["split"])
             continue
         kept.append(r)
@@ -160,15 +199,40 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
     return None, kept
 
 
-def pack(src: Path, out: Path, *, size: int = 128, val_fraction: float = 0.05, workers: int = 0, classes: list[str] = (),
-         resize: str = "stretch", image_format: str = "jpg", quality: int = 95, max_pixels: int = DEFAULT_MAX_PIXELS,
-         min_size: int = 0, follow_symlinks: bool = False, shard_max_count: int = 1000, shard_max_bytes: int = 0,
-         force: bool = False) -> dict:
+def pack(
+    src: Path,
+    out: Path,
+    *,
+    size: int = 128,
+    val_fraction: float = 0.05,
+    workers: int = 0,
+    classes: list[str] = (),
+    resize: str = "stretch",
+    image_format: str = "jpg",
+    quality: int = 95,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = 0,
+    follow_symlinks: bool = False,
+    shard_max_count: int = 1000,
+    shard_max_bytes: int = 0,
+    force: bool = False,
+) -> dict:
     """Pack SRC's class folders into OUT's shards and manifest.json; returns the manifest."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
-    settings = _settings(size, val_fraction, list(classes), resize, image_format, quality, max_pixels, min_size,
-                         follow_symlinks, shard_max_count, shard_max_bytes)
+    settings = _settings(
+        size,
+        val_fraction,
+        list(classes),
+        resize,
+        image_format,
+        quality,
+        max_pixels,
+        min_size,
+        follow_symlinks,
+        shard_max_count,
+        shard_max_bytes,
+    )
     coll = scan_collection(src, list(classes), follow_symlinks, val_fraction)
     if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"OUT {out} lies inside SRC {src}: pick an OUT outside it")
@@ -186,7 +250,9 @@ def pack(src: Path, out: Path, *, size: int = 128, val_fraction: float = 0.05, w
         write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
     except OSError as e:  # a full disk, a quota, a read-only mount: finished shards stay in the journal
         where = f" {e.filename}" if e.filename else f" in {out}"
-        raise UserError(f"cannot write{where}: {e.strerror or e}; finished shards are kept, run the same command again to continue") from None
+        raise UserError(
+            f"cannot write{where}: {e.strerror or e}; finished shards are kept, run the same command again to continue"
+        ) from None
     journal.path.unlink()
     _summary(manifest, src, out, time.perf_counter() - started)
     return manifest
@@ -206,7 +272,10 @@ def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal:
         writers[split].records = list(mine)
         todo += [(split, i, files[i]) for i in range(begin, len(files))]
     if kept:
-        print(f"artscale: resuming: {len(kept)} finished shards verified and kept, {len(todo)} files to go", file=sys.stderr)
+        print(
+            f"artscale: resuming: {len(kept)} finished shards verified and kept, {len(todo)} files to go",
+            file=sys.stderr,
+        )
     if workers <= 0:
         workers = usable_cores()
     decode = {k: settings[k] for k in ("size", "resize", "max_pixels", "min_size", "image_format", "quality")}
@@ -247,11 +316,13 @@ def _map_decode(paths: list[str], decode: dict, workers: int) -> Iterator[tuple[
             ctx.set_forkserver_preload([__name__])
         else:
             ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx, initializer=_init_worker, initargs=(decode,))
+        pool = ProcessPoolExecutor(
+            min(workers, len(paths)), mp_context=ctx, initializer=_init_worker, initargs=(decode,)
+        )
         pending: deque = deque()
         try:
             for start in range(0, len(paths), _CHUNK):
-                pending.append(pool.submit(_decode_many, paths[start:start + _CHUNK]))
+                pending.append(pool.submit(_decode_many, paths[start : start + _CHUNK]))
                 while len(pending) > 4 * workers or (start + _CHUNK >= len(paths) and pending):
                     for result in pending.popleft().result():
                         done += 1
@@ -277,15 +348,28 @@ def _manifest(coll: Collection, identity: dict, records: list[dict]) -> dict:
     for r in records:
         for cls, n in r.get("per_class", {}).items():
             per_class[coll.classes[int(cls)]]["packed"] += n
-    splits = {split: {"count": sum(s["count"] for s in shards if s["split"] == split),
-                      "shards": sum(1 for s in shards if s["split"] == split)} for split in SPLITS}
+    splits = {
+        split: {
+            "count": sum(s["count"] for s in shards if s["split"] == split),
+            "shards": sum(1 for s in shards if s["split"] == split),
+        }
+        for split in SPLITS
+    }
     settings = identity["settings"]
     return {
-        "artscale_version": __version__, "source": identity["source"], "classes": coll.classes,
-        "image_size": settings["size"], "image_format": settings["image_format"], "resize": settings["resize"],
-        "settings": settings, "shards": shards, "splits": splits, "per_class": per_class,
+        "artscale_version": __version__,
+        "source": identity["source"],
+        "classes": coll.classes,
+        "image_size": settings["size"],
+        "image_format": settings["image_format"],
+        "resize": settings["resize"],
+        "settings": settings,
+        "shards": shards,
+        "splits": splits,
+        "per_class": per_class,
         "skipped": sorted(({"path": s["path"], "reason": s["reason"]} for s in skipped), key=lambda s: s["path"]),
-        "ignored": sum(coll.ignored.values()) + coll.unclassified, "unclassified": coll.unclassified,
+        "ignored": sum(coll.ignored.values()) + coll.unclassified,
+        "unclassified": coll.unclassified,
         "fingerprint": coll.fingerprint,
     }
 
@@ -294,12 +378,17 @@ def _summary(m: dict, src: Path, out: Path, seconds: float) -> None:
     packed = sum(c["packed"] for c in m["per_class"].values())
     seen = sum(c["seen"] for c in m["per_class"].values())
     tr, va = m["splits"]["train"], m["splits"]["val"]
-    print(f"packed {packed} of {seen} files from {src} into {out}: train {tr['count']} in {tr['shards']} shards, "
-          f"val {va['count']} in {va['shards']} shards; skipped {len(m['skipped'])}, ignored {m['ignored']}; "
-          f"{seconds:.1f} s ({packed / max(seconds, 1e-9):.0f} img/s)")
+    print(
+        f"packed {packed} of {seen} files from {src} into {out}: train {tr['count']} in {tr['shards']} shards, "
+        f"val {va['count']} in {va['shards']} shards; skipped {len(m['skipped'])}, ignored {m['ignored']}; "
+        f"{seconds:.1f} s ({packed / max(seconds, 1e-9):.0f} img/s)"
+    )
     if tr["shards"] < MIN_TRAIN_SHARDS:
-        print(f"artscale: warning: only {tr['shards']} train shards; a cluster spreads shards over nodes x loader "
-              f"workers and wants at least {MIN_TRAIN_SHARDS}: lower --shard-max-count", file=sys.stderr)
+        print(
+            f"artscale: warning: only {tr['shards']} train shards; a cluster spreads shards over nodes x loader "
+            f"workers and wants at least {MIN_TRAIN_SHARDS}: lower --shard-max-count",
+            file=sys.stderr,
+        )
 
 
 def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
@@ -310,7 +399,11 @@ def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
             key, _, suffix = member.name.partition(".")
             fields.setdefault(key, set()).add(suffix)
     want = {ext, "cls", "json"}
-    bad = [f"{path.name}: sample {k} has {', '.join(sorted(v))}, expected {', '.join(sorted(want))}" for k, v in fields.items() if v != want]
+    bad = [
+        f"{path.name}: sample {k} has {', '.join(sorted(v))}, expected {', '.join(sorted(want))}"
+        for k, v in fields.items()
+        if v != want
+    ]
     return len(fields), bad
 
 
@@ -360,7 +453,9 @@ def describe_shards(out: Path) -> str:
         f"  skipped {len(m.get('skipped', []))}, ignored {m.get('ignored', 0)}",
     ]
     for name, c in m.get("per_class", {}).items():
-        lines.append(f"    {name}: seen {c['seen']}, packed {c['packed']}, skipped {c['skipped']}, ignored {c['ignored']}")
+        lines.append(
+            f"    {name}: seen {c['seen']}, packed {c['packed']}, skipped {c['skipped']}, ignored {c['ignored']}"
+        )
     reasons: dict[str, int] = {}
     for s in m.get("skipped", []):
         reason = s["reason"].split(":")[0].split(" (")[0]

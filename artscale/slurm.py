@@ -45,7 +45,9 @@ def accelerate_launch_command(
     `--multi_gpu` with ACCELERATE_USE_CPU=1 (gloo).
     """
     if num_machines < 1 or processes_per_machine < 1:
-        raise UserError(f"need at least 1 machine and 1 process per machine, got {num_machines} x {processes_per_machine}")
+        raise UserError(
+            f"need at least 1 machine and 1 process per machine, got {num_machines} x {processes_per_machine}"
+        )
     if not 0 <= machine_rank < num_machines:
         raise UserError(f"machine rank {machine_rank} is outside 0..{num_machines - 1}")
     total = num_machines * processes_per_machine
@@ -60,10 +62,14 @@ def accelerate_launch_command(
     cmd += ["--num_machines", str(num_machines), "--num_processes", str(total)]
     if num_machines > 1:
         cmd += [
-            "--machine_rank", str(machine_rank),
-            "--main_process_ip", main_ip,
-            "--main_process_port", str(main_port),
-            "--rdzv_backend", "static",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            main_ip,
+            "--main_process_port",
+            str(main_port),
+            "--rdzv_backend",
+            "static",
             "--same_network",
         ]
     cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", script, *script_args]
@@ -95,7 +101,9 @@ def main_port(env: Mapping[str, str]) -> int:
     return 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
 
 
-def node_launch_command(env: Mapping[str, str], main_ip: str, train_args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+def node_launch_command(
+    env: Mapping[str, str], main_ip: str, train_args: Sequence[str]
+) -> tuple[list[str], dict[str, str]]:
     """The launch line for this srun task, from the SLURM environment it runs in.
 
     One srun task per machine: `SLURM_NTASKS` machines, this one is `SLURM_PROCID`. With
@@ -179,7 +187,8 @@ def run_node(train_args: Sequence[str]) -> int:
     """
     env = dict(os.environ)
     main_ip = env.get("ARTSCALE_MAIN_ADDR", "").strip() or (
-        first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1")
+        first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1"
+    )
     cmd, extra = node_launch_command(env, main_ip, train_args)
     rank = env.get("SLURM_PROCID", "0")
     print(f"artscale: machine {rank}: {' '.join(cmd)}", flush=True)
@@ -239,7 +248,9 @@ def merge_reports(out_dir: Path, num_shards: int) -> dict:
     out_dir = Path(out_dir)
     reports = []
     for i in range(num_shards):
-        path = out_dir / ("report.json" if num_shards == 1 else f"report-{i}-of-{num_shards}.json")  # as generate names it
+        path = out_dir / (
+            "report.json" if num_shards == 1 else f"report-{i}-of-{num_shards}.json"
+        )  # as generate names it
         if not path.is_file():
             raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
         rep = json.loads(path.read_text())
@@ -247,7 +258,9 @@ def merge_reports(out_dir: Path, num_shards: int) -> dict:
             raise UserError(f"{path} says shard {rep.get('shard_index')} of {rep.get('num_shards')}")
         accounted = sum(rep[k] for k in COUNTS[1:])
         if accounted != rep["inputs_seen"]:
-            raise UserError(f"{path}: {rep['inputs_seen']} inputs but {accounted} written, already done, skipped or ignored")
+            raise UserError(
+                f"{path}: {rep['inputs_seen']} inputs but {accounted} written, already done, skipped or ignored"
+            )
         reports.append(rep)
     in_dirs = {rep["in_dir"] for rep in reports}
     if len(in_dirs) != 1:
@@ -266,11 +279,16 @@ def merge_reports(out_dir: Path, num_shards: int) -> dict:
         raise UserError(f"{len(missing)} outputs are missing from {out_dir}, e.g. {missing[0]}")
     merged = {k: sum(rep[k] for rep in reports) for k in COUNTS}
     merged.update(
-        in_dir=str(in_dir), out_dir=str(out_dir), num_shards=num_shards,
+        in_dir=str(in_dir),
+        out_dir=str(out_dir),
+        num_shards=num_shards,
         skipped_files=sorted((s for rep in reports for s in rep["skipped_files"]), key=lambda s: s["path"]),
         providers=sorted({rep.get("provider", "") for rep in reports}),
         wall_s_max=max(rep.get("wall_s", 0.0) for rep in reports),
-        shards=[{k: rep.get(k) for k in ("shard_index", "inputs_seen", "written", "wall_s", "img_per_s", "provider")} for rep in reports],
+        shards=[
+            {k: rep.get(k) for k in ("shard_index", "inputs_seen", "written", "wall_s", "img_per_s", "provider")}
+            for rep in reports
+        ],
     )
     return merged
 
@@ -296,8 +314,17 @@ def _common_sbatch(time_limit: str, partition: str, account: str, sbatch_args: S
 
 
 def train_sbatch_command(
-    train_args: Sequence[str], *, nodes: int = 1, gpus_per_node: int = 0, cpu_processes: int = 1, cpus_per_task: int = 0,
-    time_limit: str = "", partition: str = "", account: str = "", signal_seconds: int = 300, sbatch_args: Sequence[str] = (),
+    train_args: Sequence[str],
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    cpu_processes: int = 1,
+    cpus_per_task: int = 0,
+    time_limit: str = "",
+    partition: str = "",
+    account: str = "",
+    signal_seconds: int = 300,
+    sbatch_args: Sequence[str] = (),
 ) -> list[str]:
     """The `sbatch` line for slurm/train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0)."""
     if nodes < 1 or gpus_per_node < 0 or cpu_processes < 1 or signal_seconds < 0:
@@ -314,8 +341,18 @@ def train_sbatch_command(
 
 
 def generate_sbatch_commands(
-    model: str, in_dir: str, out_dir: str, *, tasks: int, max_running: int = 0, gpus_per_task: int = 0, cpus_per_task: int = 0,
-    time_limit: str = "", partition: str = "", account: str = "", sbatch_args: Sequence[str] = (),
+    model: str,
+    in_dir: str,
+    out_dir: str,
+    *,
+    tasks: int,
+    max_running: int = 0,
+    gpus_per_task: int = 0,
+    cpus_per_task: int = 0,
+    time_limit: str = "",
+    partition: str = "",
+    account: str = "",
+    sbatch_args: Sequence[str] = (),
     generate_args: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
     """The array line for slurm/generate.sbatch, and the merge line; its `{array}` is the array's job id."""
@@ -326,10 +363,20 @@ def generate_sbatch_commands(
     cmd += [f"--gpus-per-task={gpus_per_task}"] if gpus_per_task else []
     cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
     cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    device = [] if any(a.startswith("--device") for a in generate_args) else ["--device", "cuda" if gpus_per_task else "auto"]
+    device = (
+        []
+        if any(a.startswith("--device") for a in generate_args)
+        else ["--device", "cuda" if gpus_per_task else "auto"]
+    )
     cmd += [str(SLURM_DIR / "generate.sbatch"), model, in_dir, out_dir, *device, *generate_args]
-    merge = ["sbatch", "--dependency=afterok:{array}", *_common_sbatch("", partition, account, sbatch_args),
-             str(SLURM_DIR / "generate-merge.sbatch"), out_dir, str(tasks)]
+    merge = [
+        "sbatch",
+        "--dependency=afterok:{array}",
+        *_common_sbatch("", partition, account, sbatch_args),
+        str(SLURM_DIR / "generate-merge.sbatch"),
+        out_dir,
+        str(tasks),
+    ]
     return cmd, merge
 
 
@@ -338,7 +385,9 @@ def _sbatch(cmd: list[str]) -> str:
         raise UserError("sbatch not found: run this on a SLURM login node (or see the commands with --dry-run)")
     out = subprocess.run([cmd[0], "--parsable", *cmd[1:]], capture_output=True, text=True)
     if out.returncode != 0:
-        raise UserError(f"sbatch refused the job: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+        raise UserError(
+            f"sbatch refused the job: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+        )
     return out.stdout.strip().split(";")[0]
 
 
@@ -387,8 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "finished":
             return 0 if run_finished(args.train_args) else 1
         merged = write_merged(args.out_dir, args.num_shards)
-        print(f"artscale: merged {args.num_shards} reports: {merged['inputs_seen']} inputs, {merged['written']} written, "
-              f"{merged['already_done']} already done, {merged['skipped']} skipped, {merged['ignored']} ignored")
+        print(
+            f"artscale: merged {args.num_shards} reports: {merged['inputs_seen']} inputs, {merged['written']} written, "
+            f"{merged['already_done']} already done, {merged['skipped']} skipped, {merged['ignored']} ignored"
+        )
         return 0
     except UserError as e:
         print(f"artscale: error: {e}", file=sys.stderr)

@@ -76,7 +76,9 @@ class Plan:
             per_epoch = max(1, spec.train_count // global_batch)
         total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
         lr = cfg.lr * (world * cfg.grad_accum if cfg.scale_lr else 1)
-        return cls(world, global_batch, per_epoch, total, lr, max(1, round(cfg.lr_step_epochs * per_epoch)), cfg.lr_gamma)
+        return cls(
+            world, global_batch, per_epoch, total, lr, max(1, round(cfg.lr_step_epochs * per_epoch)), cfg.lr_gamma
+        )
 
     def lr_at(self, step: int) -> float:
         return self.lr * self.gamma ** (step // self.lr_step)
@@ -131,11 +133,20 @@ class Progress:
         return images
 
     def add(self, loss: torch.Tensor, mse: torch.Tensor, perceptual: torch.Tensor) -> None:
-        self.sums += torch.stack([loss.detach().float(), mse.detach().float(), perceptual.detach().float(), loss.new_ones((), dtype=torch.float32)])
+        self.sums += torch.stack(
+            [
+                loss.detach().float(),
+                mse.detach().float(),
+                perceptual.detach().float(),
+                loss.new_ones((), dtype=torch.float32),
+            ]
+        )
 
     def end_step(self, step: int, stop: str, lr: float, grad_norm: torch.Tensor | None) -> bool:
         """Returns True when any rank was asked to stop."""
-        agreed = self.acc.reduce(torch.tensor([float(bool(stop)), float(self.local_skips)], device=self.acc.device), "sum")
+        agreed = self.acc.reduce(
+            torch.tensor([float(bool(stop)), float(self.local_skips)], device=self.acc.device), "sum"
+        )
         self.local_skips = 0
         self.skipped += int(agreed[1].item())
         self.window_steps += 1
@@ -149,10 +160,14 @@ class Progress:
         elapsed = time.perf_counter() - self.window_start
         n = max(sums[3].item(), 1.0)
         metrics = {
-            "loss": sums[0].item() / n, "mse": sums[1].item() / n, "perceptual": sums[2].item() / n, "lr": lr,
+            "loss": sums[0].item() / n,
+            "mse": sums[1].item() / n,
+            "perceptual": sums[2].item() / n,
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "img_per_s": self.plan.global_batch * self.window_steps / max(elapsed, 1e-9),
-            "data_wait_s": sums[4].item() / self.plan.world / self.window_steps, "skipped_samples": self.skipped,
+            "data_wait_s": sums[4].item() / self.plan.world / self.window_steps,
+            "skipped_samples": self.skipped,
             "epoch": step / self.plan.steps_per_epoch,
         }
         self.log(step, metrics)
@@ -168,8 +183,13 @@ class Progress:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def state(self) -> dict[str, Any]:
-        return {"skipped_samples": self.skipped, "world_size": self.plan.world, "global_batch": self.plan.global_batch,
-                "steps_per_epoch": self.plan.steps_per_epoch, "total_steps": self.plan.total_steps}
+        return {
+            "skipped_samples": self.skipped,
+            "world_size": self.plan.world,
+            "global_batch": self.plan.global_batch,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "total_steps": self.plan.total_steps,
+        }
 
     def close(self) -> None:
         self.bar.close()
@@ -187,8 +207,19 @@ def _batches(spec: DataSpec, cfg: TrainConfig, plan: Plan, acc: Any, start: int)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def epoch_batches(epoch: int, skip: int) -> Iterator:
-        return iter(train_loader(spec, batch_size=cfg.batch_size, batches=per_epoch, seed=cfg.seed, epoch=epoch,
-                                 rank=acc.process_index, num_workers=cfg.num_workers, skip=skip, hflip=cfg.hflip))
+        return iter(
+            train_loader(
+                spec,
+                batch_size=cfg.batch_size,
+                batches=per_epoch,
+                seed=cfg.seed,
+                epoch=epoch,
+                rank=acc.process_index,
+                num_workers=cfg.num_workers,
+                skip=skip,
+                hflip=cfg.hflip,
+            )
+        )
 
     current = epoch_batches(epoch, done)
     while True:
@@ -201,11 +232,15 @@ def _batches(spec: DataSpec, cfg: TrainConfig, plan: Plan, acc: Any, start: int)
         epoch, done = epoch + 1, 0
 
 
-def evaluate(net: torch.nn.Module, loss_fn: HybridLoss, spec: DataSpec, cfg: TrainConfig, acc: Any) -> dict[str, float] | None:
+def evaluate(
+    net: torch.nn.Module, loss_fn: HybridLoss, spec: DataSpec, cfg: TrainConfig, acc: Any
+) -> dict[str, float] | None:
     """Val MSE, perceptual loss, PSNR and SSIM: each rank its own part, summed across ranks."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    loader = val_loader(spec, batch_size=cfg.batch_size, rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers)
+    loader = val_loader(
+        spec, batch_size=cfg.batch_size, rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers
+    )
     if loader is None:
         return None
     sums = torch.zeros(6, dtype=torch.float64)  # mse, perceptual, psnr, ssim, images, skipped
@@ -220,15 +255,26 @@ def evaluate(net: torch.nn.Module, loss_fn: HybridLoss, spec: DataSpec, cfg: Tra
                 _, mse, perceptual = loss_fn(out, x)
             out, n = out.float().clamp(0, 1), x.shape[0]
             psnr = peak_signal_noise_ratio(out, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
-            ssim = structural_similarity_index_measure(out, x, data_range=1.0, reduction="none", kernel_size=min(11, cfg.image_size - 1))
-            sums += torch.tensor([mse.item() * n, perceptual.item() * n, psnr.sum().item(), ssim.sum().item(), n, skipped], dtype=torch.float64)
+            ssim = structural_similarity_index_measure(
+                out, x, data_range=1.0, reduction="none", kernel_size=min(11, cfg.image_size - 1)
+            )
+            sums += torch.tensor(
+                [mse.item() * n, perceptual.item() * n, psnr.sum().item(), ssim.sum().item(), n, skipped],
+                dtype=torch.float64,
+            )
     net.train()
     sums = acc.reduce(sums.to(acc.device), "sum").cpu()
     n = sums[4].item()
     if n == 0:
         return None
-    return {"val/mse": sums[0].item() / n, "val/perceptual": sums[1].item() / n, "val/psnr": sums[2].item() / n,
-            "val/ssim": sums[3].item() / n, "val/images": n, "val/skipped": sums[5].item()}
+    return {
+        "val/mse": sums[0].item() / n,
+        "val/perceptual": sums[1].item() / n,
+        "val/psnr": sums[2].item() / n,
+        "val/ssim": sums[3].item() / n,
+        "val/images": n,
+        "val/skipped": sums[5].item(),
+    }
 
 
 class Samples:
@@ -238,7 +284,9 @@ class Samples:
         self.acc, self.dir = acc, Path(cfg.run_dir) / "samples"
         self.images = None
         if acc.is_main_process:
-            source = val_loader(spec, batch_size=8, rank=0, world=1) or train_loader(spec, batch_size=8, batches=1, seed=cfg.seed, epoch=0, rank=0)
+            source = val_loader(spec, batch_size=8, rank=0, world=1) or train_loader(
+                spec, batch_size=8, batches=1, seed=cfg.seed, epoch=0, rank=0
+            )
             self.images = next(iter(source), (None,))[0]
 
     def write(self, step: int, net: torch.nn.Module) -> Path | None:
@@ -275,8 +323,10 @@ def _accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
     if cfg.tracker == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # wandb 0.31 raises at init with no key and no mode
     return Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-        log_with=None if cfg.tracker == "none" else [cfg.tracker], project_dir=str(run_dir),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=None if cfg.tracker == "none" else [cfg.tracker],
+        project_dir=str(run_dir),
         # A rank waiting on a dead or finished peer fails after this instead of hanging for 30 min.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.pg_timeout_s))],
     )
@@ -302,8 +352,11 @@ def keep_freed_memory() -> bool:
 
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local data and VGG paths made absolute: the saved config then means the same from any directory."""
-    fixed = {k: str(Path(v).expanduser().resolve()) for k in ("data", "vgg_weights")
-             if (v := getattr(cfg, k)) not in ("imagenet", "random") and Path(v).expanduser().exists()}
+    fixed = {
+        k: str(Path(v).expanduser().resolve())
+        for k in ("data", "vgg_weights")
+        if (v := getattr(cfg, k)) not in ("imagenet", "random") and Path(v).expanduser().exists()
+    }
     return dataclasses.replace(cfg, **fixed)
 
 
@@ -320,10 +373,19 @@ def _wandb_id(acc: Any, run_dir: Path) -> str | None:
 def _start_trackers(acc: Any, cfg: TrainConfig, run_dir: Path) -> None:
     if cfg.tracker == "none":
         return
-    flat = {k: (",".join(v) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()}  # tensorboard hparams take no lists
-    wandb_kwargs = {"name": cfg.run_name or run_dir.name, "tags": cfg.tags, "id": _wandb_id(acc, run_dir), "resume": "allow",
-                    "dir": str(run_dir)}  # accelerate's wandb tracker ignores project_dir: without `dir` files land in the cwd
-    acc.init_trackers(cfg.wandb_project, config=flat, init_kwargs={"wandb": wandb_kwargs} if cfg.tracker == "wandb" else {})
+    flat = {
+        k: (",".join(v) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()
+    }  # tensorboard hparams take no lists
+    wandb_kwargs = {
+        "name": cfg.run_name or run_dir.name,
+        "tags": cfg.tags,
+        "id": _wandb_id(acc, run_dir),
+        "resume": "allow",
+        "dir": str(run_dir),
+    }  # accelerate's wandb tracker ignores project_dir: without `dir` files land in the cwd
+    acc.init_trackers(
+        cfg.wandb_project, config=flat, init_kwargs={"wandb": wandb_kwargs} if cfg.tracker == "wandb" else {}
+    )
 
 
 def train(cfg: TrainConfig) -> int:
@@ -359,15 +421,19 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     state = ckpt.load(resume_from) if resume_from else {}
     start = int(state.get("step", 0))
     if start > plan.total_steps:
-        raise UserError(f"{resume_from} is at step {start}, past this run's last step {plan.total_steps}: raise max_steps or epochs")
+        raise UserError(
+            f"{resume_from} is at step {start}, past this run's last step {plan.total_steps}: raise max_steps or epochs"
+        )
     if resume_from:
         acc.print(f"resumed from step {start} ({resume_from})")
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / CONFIG_NAME, cfg.to_dict())
-    acc.print(f"world size {plan.world}, global batch {plan.global_batch} ({cfg.batch_size} per process x {plan.world} "
-              f"processes x grad_accum {cfg.grad_accum}); steps {start} -> {plan.total_steps} ({plan.steps_per_epoch} per epoch), "
-              f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}, mixed precision {cfg.mixed_precision}")
+    acc.print(
+        f"world size {plan.world}, global batch {plan.global_batch} ({cfg.batch_size} per process x {plan.world} "
+        f"processes x grad_accum {cfg.grad_accum}); steps {start} -> {plan.total_steps} ({plan.steps_per_epoch} per epoch), "
+        f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}, mixed precision {cfg.mixed_precision}"
+    )
     _start_trackers(acc, cfg, run_dir)
     progress, samples = Progress(acc, cfg, plan, start, state), Samples(acc, spec, cfg)
     data = _batches(spec, cfg, plan, acc, start)
@@ -383,7 +449,11 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
                 with acc.autocast():
                     loss, mse, perceptual = loss_fn(output, images)
                 acc.backward(loss)
-                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf) if acc.sync_gradients else None
+                grad_norm = (
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                    if acc.sync_gradients
+                    else None
+                )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             progress.add(loss, mse, perceptual)
@@ -397,7 +467,9 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
             samples.write(done, net)
         if stopping:
             path = ckpt.save(done, progress.state())
-            acc.print(f"stopped by a signal at step {done}: saved {path}; run the same command again to resume (exit {EXIT_PREEMPTED})")
+            acc.print(
+                f"stopped by a signal at step {done}: saved {path}; run the same command again to resume (exit {EXIT_PREEMPTED})"
+            )
             progress.close()
             acc.end_training()
             return EXIT_PREEMPTED
@@ -408,7 +480,9 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     if acc.is_main_process:
         save_final(net.state_dict(), run_dir, cfg.to_dict(), plan.total_steps)
     acc.wait_for_everyone()
-    acc.print(f"done: step {plan.total_steps}, final weights in {run_dir / 'final'} (skipped samples: {progress.skipped})")
+    acc.print(
+        f"done: step {plan.total_steps}, final weights in {run_dir / 'final'} (skipped samples: {progress.skipped})"
+    )
     print(f"rank {acc.process_index}/{plan.world} finished at step {plan.total_steps}", flush=True)
     acc.end_training()
     return 0
@@ -416,9 +490,13 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
 
 def main(argv: list[str]) -> int:
     """`[--config FILE] [key=value ...]` -> train; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="artscale train", description="train (same code as accelerate launch launch/train.py)")
+    parser = argparse.ArgumentParser(
+        prog="artscale train", description="train (same code as accelerate launch launch/train.py)"
+    )
     parser.add_argument("--config", default=None, help="a YAML file of config keys")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys (see DESIGN.md); override the file")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config keys (see DESIGN.md); override the file"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return train(load_config(args.config, args.overrides))

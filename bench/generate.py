@@ -43,7 +43,7 @@ def make_collection(root: Path, count: int, min_side: int, max_side: int) -> lis
         arr = base + rng.normal(0, 12, (h, w, 3)).astype(np.float32)
         for _ in range(4):
             x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
-            arr[y0:y0 + h // 4, x0:x0 + w // 4] = rng.integers(0, 255, 3)
+            arr[y0 : y0 + h // 4, x0 : x0 + w // 4] = rng.integers(0, 255, 3)
         path = root / f"c{i % 5}" / f"art_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
@@ -73,8 +73,13 @@ def article_loop(model, paths: list[Path], out: Path, size: int) -> tuple[float,
     from torchvision import transforms
     from torchvision.utils import save_image
 
-    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                    transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    transform = transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     out.mkdir(parents=True)
     start, cpu = time.perf_counter(), time.process_time()
     for i, path in enumerate(paths):
@@ -95,7 +100,7 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
     decode = len(paths) / (time.thread_time() - start)
 
     def split(batch: int) -> list[np.ndarray]:
-        return [np.stack(decoded[i:i + batch]) for i in range(0, len(decoded) - batch + 1, batch)]
+        return [np.stack(decoded[i : i + batch]) for i in range(0, len(decoded) - batch + 1, batch)]
 
     def rate(runner: Runner, clock) -> tuple[float, list[np.ndarray]]:
         batches = split(batch or CPU_BATCH)
@@ -105,7 +110,9 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
         return len(batches) * len(batches[0]) / (clock() - start), outs
 
     # intra_op_num_threads=1: onnxruntime computes in the calling thread, so thread_time sees it all.
-    one_thread, outs = rate(Runner(open_session(model_path, "cpu", False, "default", threads=1)[0], None), time.thread_time)
+    one_thread, outs = rate(
+        Runner(open_session(model_path, "cpu", False, "default", threads=1)[0], None), time.thread_time
+    )
     # As generate runs it: one intra-op thread per run, `cores` runs side by side on CPU, one on a GPU.
     session, used = open_session(model_path, device, True, "default", threads=1)
     streams = usable_cores() if used == "CPUExecutionProvider" else 1
@@ -122,9 +129,15 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, device: 
         encode_image(im, "png")
     encode = len(images) / (time.thread_time() - start)
     per_image = 1 / decode + 1 / one_thread + 1 / encode
-    return {"decode_img_s_per_core": decode, "ort_img_s_per_core": one_thread, "encode_png_img_s_per_core": encode,
-            "ceiling_img_s": usable_cores() / per_image, "ceiling_cpu_ms_per_img": per_image * 1000,
-            "ort_alone_img_s": alone, "ort_alone_provider": used}
+    return {
+        "decode_img_s_per_core": decode,
+        "ort_img_s_per_core": one_thread,
+        "encode_png_img_s_per_core": encode,
+        "ceiling_img_s": usable_cores() / per_image,
+        "ceiling_cpu_ms_per_img": per_image * 1000,
+        "ort_alone_img_s": alone,
+        "ort_alone_provider": used,
+    }
 
 
 def main() -> None:
@@ -145,8 +158,16 @@ def main() -> None:
         model, onnx_path = export_random_model(root, args.size)
         parts = ceiling(onnx_path, paths, args.size, args.batch_size, args.device)
         cpu = time.process_time()
-        report = generate(onnx_path, root / "in", root / "out", device=args.device, allow_cpu_fallback=False,
-                          size=args.size, batch_size=args.batch_size, workers=args.workers)
+        report = generate(
+            onnx_path,
+            root / "in",
+            root / "out",
+            device=args.device,
+            allow_cpu_fallback=False,
+            size=args.size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
         ours_cpu_ms = (time.process_time() - cpu) * 1000 / max(report["written"], 1)
         article, article_cpu_ms = article_loop(model, paths[: args.article_images], root / "article", args.size)
         import torch
@@ -157,12 +178,23 @@ def main() -> None:
         torch.set_num_threads(threads)
     ours = report["img_per_s"]
     result = {
-        "bench": "generate", "images": args.images, "size": args.size, "cores": usable_cores(), "provider": report["provider"],
-        "artscale_img_s": ours, "article_img_s": article, "speedup_vs_article": ours / article,
-        "artscale_cpu_ms_per_img": ours_cpu_ms, "article_cpu_ms_per_img": article_cpu_ms,
-        "article_cpu_ms_per_img_1_thread": article_cpu_ms_1t, "cpu_speedup_vs_article_1_thread": article_cpu_ms_1t / ours_cpu_ms,
-        **parts, "fraction_of_ceiling": ours / parts["ceiling_img_s"], "fraction_of_ort_alone": ours / parts["ort_alone_img_s"],
-        "cpu_efficiency_vs_ceiling": parts["ceiling_cpu_ms_per_img"] / ours_cpu_ms, "load_avg_1min": os.getloadavg()[0],
+        "bench": "generate",
+        "images": args.images,
+        "size": args.size,
+        "cores": usable_cores(),
+        "provider": report["provider"],
+        "artscale_img_s": ours,
+        "article_img_s": article,
+        "speedup_vs_article": ours / article,
+        "artscale_cpu_ms_per_img": ours_cpu_ms,
+        "article_cpu_ms_per_img": article_cpu_ms,
+        "article_cpu_ms_per_img_1_thread": article_cpu_ms_1t,
+        "cpu_speedup_vs_article_1_thread": article_cpu_ms_1t / ours_cpu_ms,
+        **parts,
+        "fraction_of_ceiling": ours / parts["ceiling_img_s"],
+        "fraction_of_ort_alone": ours / parts["ort_alone_img_s"],
+        "cpu_efficiency_vs_ceiling": parts["ceiling_cpu_ms_per_img"] / ours_cpu_ms,
+        "load_avg_1min": os.getloadavg()[0],
     }
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
 

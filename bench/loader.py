@@ -33,13 +33,18 @@ from artscale.shards import pack  # noqa: E402
 def article_way(paths: list[Path], batch: int, size: int) -> float:
     from torchvision import transforms
 
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     t = time.perf_counter()
     n = 0
     for i in range(0, len(paths) - batch + 1, batch):
         tensors = []
-        for p in paths[i:i + batch]:
+        for p in paths[i : i + batch]:
             with Image.open(p) as im:
                 im.verify()
             with Image.open(p) as im:
@@ -78,13 +83,23 @@ def main() -> None:
         article = article_way(paths, args.batch_size, args.size)
         ours, first = artscale_way(Path(tmp) / "shards", args.batches, args.batch_size, args.size, 0)
         ours_workers, _ = artscale_way(Path(tmp) / "shards", args.batches, args.batch_size, args.size, args.workers)
-    print(json.dumps({
-        "bench": "loader", "images": args.images, "batch_size": args.batch_size, "image_size": args.size,
-        "article_img_s": round(article, 1), "artscale_img_s": round(ours, 1),
-        f"artscale_{args.workers}_workers_img_s": round(ours_workers, 1), "speedup": round(ours / article, 2),
-        "artscale_first_batch_s": round(first, 2), "target_speedup": 20,
-        "pack_once_s": round(pack_s, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "loader",
+                "images": args.images,
+                "batch_size": args.batch_size,
+                "image_size": args.size,
+                "article_img_s": round(article, 1),
+                "artscale_img_s": round(ours, 1),
+                f"artscale_{args.workers}_workers_img_s": round(ours_workers, 1),
+                "speedup": round(ours / article, 2),
+                "artscale_first_batch_s": round(first, 2),
+                "target_speedup": 20,
+                "pack_once_s": round(pack_s, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

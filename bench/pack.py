@@ -94,19 +94,29 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     pixels = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in paths)
     # Per core from CPU time: on a machine shared with other jobs, wall time says more about them.
-    print(json.dumps({
-        "bench": "pack", "images": len(paths), "size": args.size, "cores": len(os.sched_getaffinity(0)),
-        "jpeg_bits_per_pixel": round(8 * sum(p.stat().st_size for p in paths) / pixels, 2),
-        "artscale_img_s_per_core": round(ours[1][1], 1), "article_img_s_per_core": round(article[1], 1),
-        "ratio_per_core": round(ours[1][1] / article[1], 2), "target_ratio": 2.5,
-        "artscale_img_s_wall_1_worker": round(ours[1][0], 1), "article_img_s_wall": round(article[0], 1),
-        "ratio_wall": round(ours[1][0] / article[0], 2),
-        "artscale_img_s_wall_by_workers": {str(w): round(v[0], 1) for w, v in ours.items()},
-        "scaling_vs_1_worker": {str(w): round(v[0] / ours[1][0], 2) for w, v in ours.items()},
-        # With N workers the parent only writes tars and hashes: its CPU per image caps the speed
-        # any worker count can reach (the ceiling for near-linear scaling).
-        "parent_ceiling_img_s": round(ours[max(counts)][1], 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "pack",
+                "images": len(paths),
+                "size": args.size,
+                "cores": len(os.sched_getaffinity(0)),
+                "jpeg_bits_per_pixel": round(8 * sum(p.stat().st_size for p in paths) / pixels, 2),
+                "artscale_img_s_per_core": round(ours[1][1], 1),
+                "article_img_s_per_core": round(article[1], 1),
+                "ratio_per_core": round(ours[1][1] / article[1], 2),
+                "target_ratio": 2.5,
+                "artscale_img_s_wall_1_worker": round(ours[1][0], 1),
+                "article_img_s_wall": round(article[0], 1),
+                "ratio_wall": round(ours[1][0] / article[0], 2),
+                "artscale_img_s_wall_by_workers": {str(w): round(v[0], 1) for w, v in ours.items()},
+                "scaling_vs_1_worker": {str(w): round(v[0] / ours[1][0], 2) for w, v in ours.items()},
+                # With N workers the parent only writes tars and hashes: its CPU per image caps the speed
+                # any worker count can reach (the ceiling for near-linear scaling).
+                "parent_ceiling_img_s": round(ours[max(counts)][1], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -71,16 +71,32 @@ def make_shards(root: Path, n: int, size: int) -> Path:
         path = root / "src" / ("a", "b")[i % 2] / f"{i:04d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB")
-        small.resize((int(rng.integers(300, 800)), int(rng.integers(300, 800))), Image.Resampling.BICUBIC).save(path, quality=90)
+        small.resize((int(rng.integers(300, 800)), int(rng.integers(300, 800))), Image.Resampling.BICUBIC).save(
+            path, quality=90
+        )
     pack(root / "src", root / "shards", size=size, val_fraction=0.0, workers=1, shard_max_count=8)
     return root / "shards"
 
 
 def artscale_loop(shards: Path, run_dir: Path, steps: int, batch: int, size: int, precision: str) -> float:
     """img/s of `artscale train` steps after the first, from its metrics.jsonl."""
-    cmd = [str(Path(sys.executable).parent / "artscale"), "train", f"data={shards}", f"run_dir={run_dir}", f"image_size={size}",
-           f"batch_size={batch}", f"max_steps={steps + 1}", "vgg_weights=random", "tracker=none", "num_workers=0",
-           "log_every=1", "val_every=100000", "sample_every=100000", "checkpoint_every=100000", f"mixed_precision={precision}"]
+    cmd = [
+        str(Path(sys.executable).parent / "artscale"),
+        "train",
+        f"data={shards}",
+        f"run_dir={run_dir}",
+        f"image_size={size}",
+        f"batch_size={batch}",
+        f"max_steps={steps + 1}",
+        "vgg_weights=random",
+        "tracker=none",
+        "num_workers=0",
+        "log_every=1",
+        "val_every=100000",
+        "sample_every=100000",
+        "checkpoint_every=100000",
+        f"mixed_precision={precision}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
@@ -93,19 +109,33 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--images", type=int, default=160, help="images packed into the shards (an epoch is images / batch steps)")
+    p.add_argument(
+        "--images", type=int, default=160, help="images packed into the shards (an epoch is images / batch steps)"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line only
         shards = make_shards(Path(tmp), args.images, args.size)
         article = article_loop(args.steps, args.batch_size, args.size)
         fp32 = artscale_loop(shards, Path(tmp) / "fp32", args.steps, args.batch_size, args.size, "no")
         bf16 = artscale_loop(shards, Path(tmp) / "bf16", args.steps, args.batch_size, args.size, "bf16")
-    print(json.dumps({
-        "bench": "train_step", "batch_size": args.batch_size, "image_size": args.size, "steps": args.steps,
-        "threads": torch.get_num_threads(), "cpu_bf16": cpu_has_bf16(), "device": "cpu",
-        "article_img_s": round(article, 2), "artscale_fp32_img_s": round(fp32, 2), "artscale_bf16_img_s": round(bf16, 2),
-        "fp32_speedup": round(fp32 / article, 2), "bf16_speedup": round(bf16 / article, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "train_step",
+                "batch_size": args.batch_size,
+                "image_size": args.size,
+                "steps": args.steps,
+                "threads": torch.get_num_threads(),
+                "cpu_bf16": cpu_has_bf16(),
+                "device": "cpu",
+                "article_img_s": round(article, 2),
+                "artscale_fp32_img_s": round(fp32, 2),
+                "artscale_bf16_img_s": round(bf16, 2),
+                "fp32_speedup": round(fp32 / article, 2),
+                "bf16_speedup": round(bf16 / article, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

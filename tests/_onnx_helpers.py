@@ -26,7 +26,11 @@ def random_model(seed: int = 0) -> ConvDiffusionModel:
     return model.eval()
 
 
-def make_run_dir(run_dir: Path, size: int = 16, step: int = 7, data: str = "", model: ConvDiffusionModel | None = None) -> Path:
-    cfg = TrainConfig(image_size=size, run_dir=str(run_dir), data=data or str(run_dir / "no-shards"), vgg_weights="random")
+def make_run_dir(
+    run_dir: Path, size: int = 16, step: int = 7, data: str = "", model: ConvDiffusionModel | None = None
+) -> Path:
+    cfg = TrainConfig(
+        image_size=size, run_dir=str(run_dir), data=data or str(run_dir / "no-shards"), vgg_weights="random"
+    )
     save_final((model or random_model()).state_dict(), run_dir, cfg.to_dict(), step)
     return run_dir

@@ -69,7 +69,11 @@ def write_bad_files(root: Path) -> dict[str, tuple[Path, str]]:
     Image.new("RGB", (300, 200), RED).save(png, "PNG")
     files = {
         "truncated_jpeg": ("truncated.jpg", good.getvalue()[: len(good.getvalue()) // 2], "truncated or corrupt"),
-        "corrupt_png": ("corrupt.png", png.getvalue()[:60] + b"\x00" * 40 + png.getvalue()[100:], "truncated or corrupt"),
+        "corrupt_png": (
+            "corrupt.png",
+            png.getvalue()[:60] + b"\x00" * 40 + png.getvalue()[100:],
+            "truncated or corrupt",
+        ),
         "header_only": ("header.jpg", b"\xff\xd8\xff\xe0 not really a jpeg", "truncated or corrupt"),
         "text_as_jpg": ("notes.jpg", b"this is not an image at all\n" * 10, "not an image"),
         "no_extension": ("README", b"plain words", "not an image"),

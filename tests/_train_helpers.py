@@ -38,30 +38,69 @@ def manifest(shards_dir: Path) -> dict:
 
 def tiny(run_dir: Path, shards_dir: Path, *extra: str) -> list[str]:
     """key=value overrides for a seconds-long CPU run (random VGG weights: no download in tests)."""
-    return [f"data={shards_dir}", f"run_dir={run_dir}", "image_size=16", "batch_size=4", "vgg_weights=random",
-            "tracker=none", "num_workers=0", "log_every=1", "sample_every=1000", "val_every=1000",
-            "checkpoint_every=1000", "pg_timeout_s=120", *extra]
+    return [
+        f"data={shards_dir}",
+        f"run_dir={run_dir}",
+        "image_size=16",
+        "batch_size=4",
+        "vgg_weights=random",
+        "tracker=none",
+        "num_workers=0",
+        "log_every=1",
+        "sample_every=1000",
+        "val_every=1000",
+        "checkpoint_every=1000",
+        "pg_timeout_s=120",
+        *extra,
+    ]
 
 
 def env() -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TQDM_DISABLE": "1",
+    }
 
 
 def accelerate_cmd(nproc: int, port: int) -> list[str]:
     """The launch line that really starts `nproc` gloo CPU ranks (`--cpu` alone starts one process)."""
-    return [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(ROOT / "launch" / "train.py")]
+    return [
+        str(VENV_BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(ROOT / "launch" / "train.py"),
+    ]
 
 
 def launch(nproc: int, overrides: list[str], port: int, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(accelerate_cmd(nproc, port) + overrides, env={**env(), "ACCELERATE_USE_CPU": "1"},
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        accelerate_cmd(nproc, port) + overrides,
+        env={**env(), "ACCELERATE_USE_CPU": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def train_cli(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "artscale"), "train", *overrides], env=env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(VENV_BIN / "artscale"), "train", *overrides], env=env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -105,8 +144,8 @@ def wandb_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        payload = data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 2):
             pending = payload

@@ -22,12 +22,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the real `artscale` console script in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [str(VENV_BIN / "artscale"), *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -37,11 +43,17 @@ def make_image(path: Path, size: tuple[int, int], seed: int, fmt: str | None = N
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
     base = rng.integers(0, 255, 3)
-    arr = np.stack([(xx * 255 // max(w - 1, 1) + base[0]) % 256, (yy * 255 // max(h - 1, 1) + base[1]) % 256,
-                    ((xx + yy) * 3 + base[2]) % 256], axis=-1).astype(np.uint8)
+    arr = np.stack(
+        [
+            (xx * 255 // max(w - 1, 1) + base[0]) % 256,
+            (yy * 255 // max(h - 1, 1) + base[1]) % 256,
+            ((xx + yy) * 3 + base[2]) % 256,
+        ],
+        axis=-1,
+    ).astype(np.uint8)
     for _ in range(3):
         x0, y0 = rng.integers(0, max(w // 2, 1)), rng.integers(0, max(h // 2, 1))
-        arr[y0:y0 + h // 4, x0:x0 + w // 4] = rng.integers(0, 255, 3)
+        arr[y0 : y0 + h // 4, x0 : x0 + w // 4] = rng.integers(0, 255, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr, "RGB").save(path, fmt)
     return path
@@ -65,6 +77,15 @@ def image_folder(tmp_path_factory) -> Path:
 def tiny_overrides(tmp_path) -> list[str]:
     """A config small enough for CPU tests: 16 px, batch 4, 2 steps, no tracker, random VGG."""
     return [
-        f"run_dir={tmp_path / 'run'}", "image_size=16", "batch_size=4", "max_steps=2", "vgg_weights=random",
-        "tracker=none", "num_workers=0", "log_every=1", "sample_every=1000", "val_every=1000", "checkpoint_every=1000",
+        f"run_dir={tmp_path / 'run'}",
+        "image_size=16",
+        "batch_size=4",
+        "max_steps=2",
+        "vgg_weights=random",
+        "tracker=none",
+        "num_workers=0",
+        "log_every=1",
+        "sample_every=1000",
+        "val_every=1000",
+        "checkpoint_every=1000",
     ]

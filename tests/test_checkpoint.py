@@ -47,7 +47,15 @@ def test_keeps_exactly_the_last_k_complete_checkpoints_and_no_temporaries(setup)
     mgr = CheckpointManager(acc, run, {"lr": 1e-3}, net, every=2, keep=2)
     (run / "checkpoints" / "step-000001.tmp").mkdir(parents=True)  # a save killed half-way
     saved = [mgr.maybe_save(step, {"skipped_samples": 0}) for step in range(1, 8)]
-    assert [p.name if p else None for p in saved] == [None, "step-000002", None, "step-000004", None, "step-000006", None]
+    assert [p.name if p else None for p in saved] == [
+        None,
+        "step-000002",
+        None,
+        "step-000004",
+        None,
+        "step-000006",
+        None,
+    ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     assert [s for s, _ in list_checkpoints(run)] == [4, 6]
     ckpt = latest_checkpoint(run)
@@ -82,7 +90,9 @@ def test_a_failed_write_keeps_the_previous_checkpoint(setup):
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))  # files over 1 MB fail (EFBIG), like a full disk
     try:
-        with pytest.raises(UserError, match=r"could not write checkpoint .*step-000002 .*File too large.*kept .*step-000001"):
+        with pytest.raises(
+            UserError, match=r"could not write checkpoint .*step-000002 .*File too large.*kept .*step-000001"
+        ):
             mgr.save(2, {})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -122,8 +132,12 @@ def test_describe_a_run_dir_a_checkpoint_and_weights(setup):
     mgr = CheckpointManager(acc, run, {"data": "shards/x", "image_size": 16}, net, every=1, keep=3)
     ckpt = mgr.save(5, {"skipped_samples": 2})
     (run / "config.json").write_text(json.dumps({"data": "shards/x", "image_size": 16}))
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 0.25, "lr": 1e-3, "img_per_s": 9.0}) + "\n"
-                                       + json.dumps({"step": 5, "val/mse": 0.1, "val/psnr": 20.0, "val/ssim": 0.5}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 5, "loss": 0.25, "lr": 1e-3, "img_per_s": 9.0})
+        + "\n"
+        + json.dumps({"step": 5, "val/mse": 0.1, "val/psnr": 20.0, "val/ssim": 0.5})
+        + "\n"
+    )
     text = describe(run)
     assert "last logged: step 5 loss 0.2500" in text and "last val: step 5 mse 0.1000 psnr 20.00 ssim 0.500" in text
     assert "checkpoints: 1 (steps 5;" in text and "image_size=16" in text and "final weights: none yet" in text

@@ -68,8 +68,23 @@ def test_sigterm_unwinds_pack_and_leaves_no_worker_processes(tmp_path):
     for i in range(160):
         make_image(tmp_path / "src" / ("a", "b")[i % 2] / f"{i:03d}.jpg", (900, 700), seed=i)
     out = tmp_path / "shards"
-    proc = subprocess.Popen([str(VENV_BIN / "artscale"), "pack", tmp_path / "src", out, "--workers", "2", "--size", "32",
-                             "--shard-max-count", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "artscale"),
+            "pack",
+            tmp_path / "src",
+            out,
+            "--workers",
+            "2",
+            "--size",
+            "32",
+            "--shard-max-count",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline, children = time.time() + 60, set()
     while time.time() < deadline and len(children) < 3:  # the fork server and its 2 decode workers
         children = _descendants(proc.pid)
@@ -79,7 +94,9 @@ def test_sigterm_unwinds_pack_and_leaves_no_worker_processes(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "artscale: terminated"
     time.sleep(1)
-    assert not [p for p in children if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert not [
+        p for p in children if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+    ]
     rerun = run_cli("pack", tmp_path / "src", out, "--workers", "2", "--size", "32", "--shard-max-count", "10")
     assert rerun.returncode == 0, rerun.stderr
     assert run_cli("verify", out).returncode == 0

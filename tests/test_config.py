@@ -6,7 +6,14 @@ from artscale.errors import UserError
 
 def test_defaults_are_the_articles():
     cfg = load_config()
-    assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.lr_step_epochs, cfg.lr_gamma, cfg.epochs) == (128, 32, 1e-3, 30, 0.1, 150)
+    assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.lr_step_epochs, cfg.lr_gamma, cfg.epochs) == (
+        128,
+        32,
+        1e-3,
+        30,
+        0.1,
+        150,
+    )
     assert cfg.vgg_weights == "imagenet" and cfg.perceptual_weight == 1.0
 
 
@@ -57,4 +64,11 @@ def test_the_shipped_config_is_the_articles_setup():
     from conftest import ROOT
 
     cfg = load_config(ROOT / "configs" / "article.yaml")
-    assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.lr_step_epochs, cfg.epochs, cfg.vgg_weights) == (128, 32, 1e-3, 30, 150, "imagenet")
+    assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.lr_step_epochs, cfg.epochs, cfg.vgg_weights) == (
+        128,
+        32,
+        1e-3,
+        30,
+        150,
+        "imagenet",
+    )

@@ -112,7 +112,10 @@ def test_fp16_export_is_within_its_reported_tolerance(tmp_path):
     assert 0 < report["parity"]["max_float_diff"] <= FP16_TOLERANCE[0]
     images = np.random.default_rng(1).integers(0, 256, (3, 16, 32, 3), dtype=np.uint8)
     got = onnx_run(tmp_path / "half.onnx", images)
-    assert got.dtype == np.uint8 and np.abs(got.astype(int) - torch_uint8(model, images).astype(int)).max() <= FP16_TOLERANCE[1]
+    assert (
+        got.dtype == np.uint8
+        and np.abs(got.astype(int) - torch_uint8(model, images).astype(int)).max() <= FP16_TOLERANCE[1]
+    )
 
 
 def test_failed_parity_gate_writes_nothing(tmp_path):
@@ -169,7 +172,12 @@ def test_an_unwritable_destination_is_one_line_and_leaves_nothing(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
 
     out = tmp_path / "exports" / "m.onnx"
-    proc = subprocess.run([str(VENV_BIN / "artscale"), "export", str(run), str(out)], capture_output=True, text=True,
-                          timeout=300, preexec_fn=small_files)
+    proc = subprocess.run(
+        [str(VENV_BIN / "artscale"), "export", str(run), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("artscale: error: cannot write")
     assert "Traceback" not in proc.stderr and list((tmp_path / "exports").iterdir()) == []

@@ -40,7 +40,8 @@ def model16(tmp_path_factory) -> Path:
 
 GOOD = {  # input -> output, for --format png
     "top.jpg": "top.png",
-    "x.jpg": "x.jpg.png", "x.png": "x.png.png",  # side by side: each keeps its whole name
+    "x.jpg": "x.jpg.png",
+    "x.png": "x.png.png",  # side by side: each keeps its whole name
     "a/deep/er/leaf.jpeg": "a/deep/er/leaf.png",
     "a/UPPER.JPG": "a/UPPER.png",
     "a/with space & ünïcödé.png": "a/with space & ünïcödé.png",
@@ -49,7 +50,10 @@ GOOD = {  # input -> output, for --format png
     "b/rgba.png": "b/rgba.png",
 }
 BAD = {  # input -> reason (from images.py or the listing)
-    "broken.jpg": "", "a/empty.png": "", "b/text-not-image.png": "", "b/model.psd": "not an image file name (.psd)",
+    "broken.jpg": "",
+    "a/empty.png": "",
+    "b/text-not-image.png": "",
+    "b/model.psd": "not an image file name (.psd)",
 }
 JUNK = [".DS_Store", "a/notes.txt", "b/Thumbs.db"]
 
@@ -78,8 +82,14 @@ def _files(root: Path) -> set[str]:
 
 def test_output_names_follow_the_rule():
     names = output_names(["x.jpg", "x.png", "x.jpg.jpg", "y.jpeg", "z.png", "sub.jpg"], ".png", {"sub.png"})
-    assert names == {"x.jpg": "x.jpg.png", "x.png": "x.png.png", "x.jpg.jpg": "x.jpg.jpg.png", "y.jpeg": "y.png",
-                     "z.png": "z.png", "sub.jpg": "sub.jpg.png"}
+    assert names == {
+        "x.jpg": "x.jpg.png",
+        "x.png": "x.png.png",
+        "x.jpg.jpg": "x.jpg.jpg.png",
+        "y.jpeg": "y.png",
+        "z.png": "z.png",
+        "sub.jpg": "sub.jpg.png",
+    }
     assert native_size((1000, 333), 512) == (512, 168) and native_size((20, 30), 1024) == (24, 32)
 
 
@@ -89,10 +99,18 @@ def test_tree_is_mirrored_and_every_input_is_accounted_for(tree, model16, tmp_pa
     assert _files(out) == set(GOOD.values()) | {"report.json"}
     assert json.loads((out / "report.json").read_text()) == report
     assert report["inputs_seen"] == len(GOOD) + len(BAD) + len(JUNK)
-    assert (report["written"], report["already_done"], report["skipped"], report["ignored"]) == (len(GOOD), 0, len(BAD), len(JUNK))
+    assert (report["written"], report["already_done"], report["skipped"], report["ignored"]) == (
+        len(GOOD),
+        0,
+        len(BAD),
+        len(JUNK),
+    )
     reasons = {s["path"]: s["reason"] for s in report["skipped_files"]}
     assert set(reasons) == set(BAD) and reasons["b/model.psd"] == BAD["b/model.psd"]
-    assert reasons["broken.jpg"].startswith("truncated or corrupt") and reasons["a/empty.png"] == "not an image: empty file"
+    assert (
+        reasons["broken.jpg"].startswith("truncated or corrupt")
+        and reasons["a/empty.png"] == "not an image: empty file"
+    )
     assert report["provider"] == "CPUExecutionProvider" and report["size"] == 16
     for rel in GOOD.values():
         with Image.open(out / rel) as im:
@@ -129,8 +147,18 @@ def test_shards_partition_the_files_exactly(tree, model16, tmp_path):
 def test_native_size_restore_size_and_formats(tree, model16, tmp_path):
     entries = {e.rel: e for e in list_inputs(tree, ".jpg")}
     # batch 2, 1 worker: at most 5 images wait for a batch, so mixed sizes flush in small groups.
-    report = generate(model16, tree, tmp_path / "native", device="cpu", native=True, max_side=24, image_format="jpg",
-                      quality=90, batch_size=2, workers=1)
+    report = generate(
+        model16,
+        tree,
+        tmp_path / "native",
+        device="cpu",
+        native=True,
+        max_side=24,
+        image_format="jpg",
+        quality=90,
+        batch_size=2,
+        workers=1,
+    )
     assert report["written"] == len(GOOD) and report["size"] == "native" and report["batches"] >= 5
     for rel in GOOD:
         with Image.open(tree / rel) as src, Image.open(tmp_path / "native" / entries[rel].out) as im:
@@ -149,7 +177,15 @@ def test_io_binding_runner_gives_the_same_pixels(model16, capsys):
     session = ort.InferenceSession(str(model16), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     bound = Runner(session, "cpu")
-    shapes = [(3, 16, 24, 3), (1, 8, 8, 3), (3, 16, 24, 3), (2, 32, 16, 3), (1, 16, 16, 3), (4, 8, 16, 3), (3, 16, 24, 3)]
+    shapes = [
+        (3, 16, 24, 3),
+        (1, 8, 8, 3),
+        (3, 16, 24, 3),
+        (2, 32, 16, 3),
+        (1, 16, 16, 3),
+        (4, 8, 16, 3),
+        (3, 16, 24, 3),
+    ]
     batches = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
     results = [bound(b) for b in batches]
     for batch, result in zip(batches, results):
@@ -189,8 +225,16 @@ def test_device_cuda_without_a_gpu(tree, model16, tmp_path):
     assert strict.returncode == 2 and strict.stderr.count("\n") == 1
     assert strict.stderr.startswith("artscale: error: --device cuda: CUDA does not run here") and not out.exists()
     # SLURM array defaults: task 2 of --array=1-2 is shard 1 of 2 and writes its own report.
-    fallback = run_cli("generate", model16, tree, out, "--device", "cuda", "--allow-cpu-fallback",
-                       env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1"})
+    fallback = run_cli(
+        "generate",
+        model16,
+        tree,
+        out,
+        "--device",
+        "cuda",
+        "--allow-cpu-fallback",
+        env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1"},
+    )
     assert fallback.returncode == 0, fallback.stderr
     report = json.loads((out / "report-1-of-2.json").read_text())
     assert report["provider"] == "CPUExecutionProvider" and report["written"] > 0 and report["shard_index"] == 1
@@ -202,8 +246,24 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model16, tmp_pat
     src = tmp_path / "in"
     for i in range(160):
         make_image(src / f"d{i % 4}" / f"img{i:03d}.jpg", (24 + i % 17, 32), seed=i)
-    cmd = [str(VENV_BIN / "artscale"), "generate", str(model16), str(src), "--device", "cpu", "--size", "128",
-           "--batch-size", "1", "--workers", "1", "--num-shards", "1", "--shard-index", "0"]
+    cmd = [
+        str(VENV_BIN / "artscale"),
+        "generate",
+        str(model16),
+        str(src),
+        "--device",
+        "cpu",
+        "--size",
+        "128",
+        "--batch-size",
+        "1",
+        "--workers",
+        "1",
+        "--num-shards",
+        "1",
+        "--shard-index",
+        "0",
+    ]
     full = subprocess.run([*cmd[:4], str(tmp_path / "full"), *cmd[4:]], capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
     killed = tmp_path / "killed"
@@ -230,7 +290,9 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model16, tmp_pat
 def test_cuda_runs_with_io_binding_and_matches_cpu(tree, model16, tmp_path):
     cpu = generate(model16, tree, tmp_path / "cpu", device="cpu")
     gpu = generate(model16, tree, tmp_path / "gpu", device="cuda", batch_size=4)
-    assert gpu["provider"] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and gpu["written"] == cpu["written"]
+    assert (
+        gpu["provider"] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and gpu["written"] == cpu["written"]
+    )
     for rel in GOOD.values():
         a = np.asarray(Image.open(tmp_path / "cpu" / rel), dtype=int)
         b = np.asarray(Image.open(tmp_path / "gpu" / rel), dtype=int)
@@ -246,8 +308,13 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tree, model16, tmp_p
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.RLIM_INFINITY))
 
-    proc = subprocess.run([str(VENV_BIN / "artscale"), "generate", str(model16), str(tree), str(out), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    proc = subprocess.run(
+        [str(VENV_BIN / "artscale"), "generate", str(model16), str(tree), str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=small_files,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("artscale: error:")]
     assert "cannot write" in line and "run again to continue" in line and "Traceback" not in proc.stderr

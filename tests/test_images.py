@@ -23,9 +23,27 @@ def odd(tmp_path_factory) -> dict[str, tuple[Path, tuple[int, int], tuple[int, i
     return write_odd_images(tmp_path_factory.mktemp("odd"))
 
 
-@pytest.mark.parametrize("name", ["grey", "palette", "palette_transparent", "rgba", "la", "cmyk", "sixteen_bit",
-                                  "bilevel", "exif_rotated", "animated", "upper_ext", "spaces dots.v2.final",
-                                  "non_ascii", "big_jpeg", "tiff", "webp"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "grey",
+        "palette",
+        "palette_transparent",
+        "rgba",
+        "la",
+        "cmyk",
+        "sixteen_bit",
+        "bilevel",
+        "exif_rotated",
+        "animated",
+        "upper_ext",
+        "spaces dots.v2.final",
+        "non_ascii",
+        "big_jpeg",
+        "tiff",
+        "webp",
+    ],
+)
 def test_odd_but_valid_images_decode_oriented_and_in_colour(odd, name):
     path, original, centre = odd[name]
     im, size = load_image(path, (16, 16))

@@ -43,8 +43,16 @@ def test_the_stream_is_a_function_of_seed_epoch_rank_so_resume_skips_exactly(sha
 
 def test_hflip_is_decided_per_sample_not_per_position(shards):
     spec = data_spec(str(shards), 16)
-    plain = {k: x for imgs, ks, _ in train_loader(spec, batch_size=4, batches=6, seed=0, epoch=0, rank=0) for k, x in zip(ks, imgs)}
-    flipped = {k: x for imgs, ks, _ in train_loader(spec, batch_size=4, batches=6, seed=0, epoch=0, rank=0, hflip=True) for k, x in zip(ks, imgs)}
+    plain = {
+        k: x
+        for imgs, ks, _ in train_loader(spec, batch_size=4, batches=6, seed=0, epoch=0, rank=0)
+        for k, x in zip(ks, imgs)
+    }
+    flipped = {
+        k: x
+        for imgs, ks, _ in train_loader(spec, batch_size=4, batches=6, seed=0, epoch=0, rank=0, hflip=True)
+        for k, x in zip(ks, imgs)
+    }
     assert plain.keys() == flipped.keys()
     n_flipped = sum(not torch.equal(plain[k], flipped[k]) for k in plain)
     assert all(torch.equal(plain[k], flipped[k]) or torch.equal(plain[k].flip(-1), flipped[k]) for k in plain)
@@ -54,7 +62,10 @@ def test_hflip_is_decided_per_sample_not_per_position(shards):
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (3, 4)])
 def test_val_ranks_get_disjoint_parts_that_cover_the_split(shards, world, workers):
     spec = data_spec(str(shards), 16)
-    parts = [[k for b in val_loader(spec, batch_size=3, rank=r, world=world, num_workers=workers) for k in b[1]] for r in range(world)]
+    parts = [
+        [k for b in val_loader(spec, batch_size=3, rank=r, world=world, num_workers=workers) for k in b[1]]
+        for r in range(world)
+    ]
     seen = [k for part in parts for k in part]
     assert len(seen) == len(set(seen)) == manifest(shards)["splits"]["val"]["count"] > 0
     assert max(map(len, parts)) - min(map(len, parts)) <= len(spec.val_urls)  # each rank a fair share

@@ -51,7 +51,10 @@ def test_demo_runs_end_to_end_and_says_vgg_is_random(tmp_path):
     demo = tmp_path / "demo"
     manifest = json.loads((demo / "shards" / "manifest.json").read_text())
     assert manifest["classes"] == list(("drawings", "engraving", "iconography", "painting", "sculpture"))
-    assert len(manifest["skipped"]) == 3 and manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 200
+    assert (
+        len(manifest["skipped"]) == 3
+        and manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 200
+    )
     report = json.loads((demo / "generated" / "report.json").read_text())
     assert report["written"] == 24 and report["skipped"] == 0
     assert (demo / "exports" / "demo.onnx").is_file() and (demo / "before-after.png").is_file()

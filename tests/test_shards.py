@@ -248,8 +248,20 @@ def _big_collection(root: Path, n: int) -> Path:
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_pack(tmp_path):
     src = _big_collection(tmp_path / "src", 150)
     out, ref = tmp_path / "out", tmp_path / "ref"
-    args = [str(VENV_BIN / "artscale"), "pack", str(src), str(out), "--size", "16", "--workers", "1",
-            "--shard-max-count", "5", "--val-fraction", "0.1"]
+    args = [
+        str(VENV_BIN / "artscale"),
+        "pack",
+        str(src),
+        str(out),
+        "--size",
+        "16",
+        "--workers",
+        "1",
+        "--shard-max-count",
+        "5",
+        "--val-fraction",
+        "0.1",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / JOURNAL
     deadline = time.monotonic() + 120
@@ -284,12 +296,13 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_pack(tmp_path):
     assert not list(out.glob("*.partial")) and not journal.exists()
 
 
-
 def test_workers_that_cannot_start_fall_back_instead_of_hanging(image_folder, tmp_path):
     """Under `python -` a worker cannot re-import __main__ and dies at start; multiprocessing.Pool
     would replace it forever. Pack must finish, in-process, with the same bytes."""
-    code = (f"from artscale.shards import pack\n"
-            f"pack({str(image_folder)!r}, {str(tmp_path / 'stdin')!r}, size=16, workers=2, shard_max_count=8)\n")
+    code = (
+        f"from artscale.shards import pack\n"
+        f"pack({str(image_folder)!r}, {str(tmp_path / 'stdin')!r}, size=16, workers=2, shard_max_count=8)\n"
+    )
     r = subprocess.run([str(VENV_BIN / "python"), "-"], input=code, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "decode workers died" in r.stderr
@@ -307,8 +320,20 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path):
     for i in range(40):
         make_image(tmp_path / "src" / ("a", "b")[i % 2] / f"{i:02d}.jpg", (200, 150), seed=i)
     out = tmp_path / "out"
-    args = [str(VENV_BIN / "artscale"), "pack", str(tmp_path / "src"), str(out), "--size", "32", "--workers", "1",
-            "--shard-max-count", "8", "--format", "png"]
+    args = [
+        str(VENV_BIN / "artscale"),
+        "pack",
+        str(tmp_path / "src"),
+        str(out),
+        "--size",
+        "32",
+        "--workers",
+        "1",
+        "--shard-max-count",
+        "8",
+        "--format",
+        "png",
+    ]
 
     def small_files():  # every file over 20 kB fails with EFBIG, as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

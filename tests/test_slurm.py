@@ -22,38 +22,80 @@ from artscale.slurm import accelerate_launch_command, gpus_on_node, main_port, m
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]
 CLUSTER_DIR = Path(os.environ.get("ARTSCALE_SLURM_DIR", "/tmp/artscale-slurm"))
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
+ACTIVE = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+}
 
 
 def test_launch_line_for_2_nodes_x_8_gpus():
     lines = [
         accelerate_launch_command(
-            num_machines=2, machine_rank=rank, processes_per_machine=8, main_ip="gpu-node-017", main_port=29517,
-            mixed_precision="bf16", script="launch/train.py", script_args=["--config", "big.yaml", "max_steps=10"],
+            num_machines=2,
+            machine_rank=rank,
+            processes_per_machine=8,
+            main_ip="gpu-node-017",
+            main_port=29517,
+            mixed_precision="bf16",
+            script="launch/train.py",
+            script_args=["--config", "big.yaml", "max_steps=10"],
         )
         for rank in (0, 1)
     ]
     for rank, (cmd, env) in enumerate(lines):
         assert env == {}
         assert cmd == [
-            "accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "16",
-            "--machine_rank", str(rank), "--main_process_ip", "gpu-node-017", "--main_process_port", "29517",
-            "--rdzv_backend", "static", "--same_network", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-            "launch/train.py", "--config", "big.yaml", "max_steps=10",
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "16",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "gpu-node-017",
+            "--main_process_port",
+            "29517",
+            "--rdzv_backend",
+            "static",
+            "--same_network",
+            "--mixed_precision",
+            "bf16",
+            "--dynamo_backend",
+            "no",
+            "launch/train.py",
+            "--config",
+            "big.yaml",
+            "max_steps=10",
         ]
 
 
 def test_launch_line_single_gpu_and_cpu_ranks():
-    cmd, env = accelerate_launch_command(num_machines=1, machine_rank=0, processes_per_machine=1, main_ip="x", main_port=1)
-    assert cmd[:2] == ["accelerate", "launch"] and "--multi_gpu" not in cmd and "--machine_rank" not in cmd and env == {}
+    cmd, env = accelerate_launch_command(
+        num_machines=1, machine_rank=0, processes_per_machine=1, main_ip="x", main_port=1
+    )
+    assert (
+        cmd[:2] == ["accelerate", "launch"] and "--multi_gpu" not in cmd and "--machine_rank" not in cmd and env == {}
+    )
     # accelerate 1.15: --cpu starts one process; CPU ranks are --multi_gpu with ACCELERATE_USE_CPU=1
-    cmd, env = accelerate_launch_command(num_machines=2, machine_rank=1, processes_per_machine=1, main_ip="h", main_port=2,
-                                         use_gpu=False)
+    cmd, env = accelerate_launch_command(
+        num_machines=2, machine_rank=1, processes_per_machine=1, main_ip="h", main_port=2, use_gpu=False
+    )
     assert env == {"ACCELERATE_USE_CPU": "1"}
     assert "--cpu" not in cmd and "--multi_gpu" in cmd
     assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--machine_rank") + 1] == "1"
-    cmd, env = accelerate_launch_command(num_machines=1, machine_rank=0, processes_per_machine=1, main_ip="h", main_port=2,
-                                         use_gpu=False)
+    cmd, env = accelerate_launch_command(
+        num_machines=1, machine_rank=0, processes_per_machine=1, main_ip="h", main_port=2, use_gpu=False
+    )
     assert "--cpu" in cmd and "--multi_gpu" not in cmd and env == {"ACCELERATE_USE_CPU": "1"}
 
 
@@ -92,7 +134,6 @@ def test_gpu_count_and_port_defaults():
     assert main_port({"ARTSCALE_MAIN_PORT": "29500", "SLURM_JOB_ID": "123"}) == 29500
 
 
-
 def test_run_finished_only_when_final_is_newest(tmp_path):
     """The requeue check: final/ at least as new as the newest checkpoint (a real dir layout, by hand)."""
     from artscale.slurm import run_finished
@@ -113,23 +154,79 @@ def test_run_finished_only_when_final_is_newest(tmp_path):
 
 
 def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
-    out = run_cli("submit", "train", "--nodes", "2", "--gpus-per-node", "8", "--time", "24:00:00", "--partition", "gpu",
-                  "--sbatch-arg=--qos=high", "--dry-run", f"run_dir={tmp_path / 'run'}", "mixed_precision=bf16")
+    out = run_cli(
+        "submit",
+        "train",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--time",
+        "24:00:00",
+        "--partition",
+        "gpu",
+        "--sbatch-arg=--qos=high",
+        "--dry-run",
+        f"run_dir={tmp_path / 'run'}",
+        "mixed_precision=bf16",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [
-        "sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=B:USR1@300", "--time=24:00:00",
-        "--partition=gpu", "--qos=high", str(ROOT / "slurm" / "train.sbatch"), f"run_dir={tmp_path / 'run'}", "mixed_precision=bf16"]
-    out = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "100", "--max-running", "20", "--gpus-per-task", "1",
-                  "--generate-args", "--batch-size 64", "--dry-run")
+        "sbatch",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--signal=B:USR1@300",
+        "--time=24:00:00",
+        "--partition=gpu",
+        "--qos=high",
+        str(ROOT / "slurm" / "train.sbatch"),
+        f"run_dir={tmp_path / 'run'}",
+        "mixed_precision=bf16",
+    ]
+    out = run_cli(
+        "submit",
+        "generate",
+        "m.onnx",
+        "in",
+        "out",
+        "--tasks",
+        "100",
+        "--max-running",
+        "20",
+        "--gpus-per-task",
+        "1",
+        "--generate-args",
+        "--batch-size 64",
+        "--dry-run",
+    )
     assert out.returncode == 0, out.stderr
     array, merge = out.stdout.splitlines()
-    assert array.split() == ["sbatch", "--array=0-99%20", "--gpus-per-task=1", str(ROOT / "slurm" / "generate.sbatch"),
-                             "m.onnx", "in", "out", "--device", "cuda", "--batch-size", "64"]
-    assert merge.split() == ["sbatch", "'--dependency=afterok:{array}'", str(ROOT / "slurm" / "generate-merge.sbatch"), "out", "100"]
+    assert array.split() == [
+        "sbatch",
+        "--array=0-99%20",
+        "--gpus-per-task=1",
+        str(ROOT / "slurm" / "generate.sbatch"),
+        "m.onnx",
+        "in",
+        "out",
+        "--device",
+        "cuda",
+        "--batch-size",
+        "64",
+    ]
+    assert merge.split() == [
+        "sbatch",
+        "'--dependency=afterok:{array}'",
+        str(ROOT / "slurm" / "generate-merge.sbatch"),
+        "out",
+        "100",
+    ]
     bad = run_cli("submit", "train", "--dry-run", "no_such_key=1")
     assert bad.returncode == 2 and "unknown config key no_such_key" in bad.stderr and bad.stdout == ""
     bad = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "0", "--dry-run")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tasks 0" in bad.stderr
+
 
 # --- on a real SLURM -------------------------------------------------------------------------
 
@@ -138,12 +235,18 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
 def slurm():
     """A SLURM that answers: $SLURM_CONF if set, else the local cluster (started when it is down)."""
     if not shutil.which("sbatch"):
-        pytest.skip("sbatch not found: SLURM is not installed here (slurm/local-cluster.sh up installs Debian's slurm-wlm)")
+        pytest.skip(
+            "sbatch not found: SLURM is not installed here (slurm/local-cluster.sh up installs Debian's slurm-wlm)"
+        )
     if "SLURM_CONF" not in os.environ:
         os.environ["SLURM_CONF"] = str(CLUSTER_DIR / "slurm.conf")
-        if subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode != 0 or \
-                not (CLUSTER_DIR / "slurm.conf").is_file():
-            up = subprocess.run([str(ROOT / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True, timeout=300)
+        if (
+            subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode != 0
+            or not (CLUSTER_DIR / "slurm.conf").is_file()
+        ):
+            up = subprocess.run(
+                [str(ROOT / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True, timeout=300
+            )
             if up.returncode == 3:
                 pytest.skip(f"sbatch is here but slurmctld/slurmd cannot be installed: {up.stderr.strip()}")
             assert up.returncode == 0, f"slurm/local-cluster.sh up failed:\n{up.stdout}{up.stderr}"
@@ -179,12 +282,17 @@ def wait_job(job: str, timeout: float, until=None) -> list[dict[str, str]]:
             return records
         time.sleep(0.5)
     subprocess.run(["scancel", job])
-    pytest.fail(f"job {job} not done after {timeout:.0f} s: {[(r.get('JobId'), r['JobState'], r.get('Reason')) for r in records]}")
+    pytest.fail(
+        f"job {job} not done after {timeout:.0f} s: {[(r.get('JobId'), r['JobState'], r.get('Reason')) for r in records]}"
+    )
 
 
 def tree_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.startswith("report")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith("report")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +325,20 @@ def test_merge_accounts_for_every_input_without_slurm(tiny_onnx, tmp_path):
     """The merge logic on real shard reports from `artscale generate --num-shards 3 --shard-index I`."""
     tree, out = make_tree(tmp_path / "in"), tmp_path / "out"
     for i in range(3):
-        done = run_cli("generate", tiny_onnx, tree, out, "--num-shards", "3", "--shard-index", str(i), "--workers", "1",
-                       "--device", "cpu")
+        done = run_cli(
+            "generate",
+            tiny_onnx,
+            tree,
+            out,
+            "--num-shards",
+            "3",
+            "--shard-index",
+            str(i),
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+        )
         assert done.returncode == 0, done.stderr
     with pytest.raises(UserError, match="shard 0 of 4 did not finish"):
         merge_reports(out, 4)
@@ -241,24 +361,42 @@ def test_merge_accounts_for_every_input_without_slurm(tiny_onnx, tmp_path):
     report.unlink()
     with pytest.raises(UserError, match="shard 2 of 3 did not finish"):
         merge_reports(out, 3)
-    merged_cli = subprocess.run([sys.executable, "-m", "artscale.slurm", "merge", str(out), "--num-shards", "3"],
-                                capture_output=True, text=True)
+    merged_cli = subprocess.run(
+        [sys.executable, "-m", "artscale.slurm", "merge", str(out), "--num-shards", "3"], capture_output=True, text=True
+    )
     assert merged_cli.returncode == 2 and merged_cli.stderr.count("\n") == 1 and "did not finish" in merged_cli.stderr
+
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
     tree = make_tree(tmp_path / "in")
-    one = run_cli("generate", tiny_onnx, tree, tmp_path / "one", "--batch-size", "1", "--workers", "1", "--device", "cpu")
+    one = run_cli(
+        "generate", tiny_onnx, tree, tmp_path / "one", "--batch-size", "1", "--workers", "1", "--device", "cpu"
+    )
     assert one.returncode == 0, one.stderr
     reference = json.loads((tmp_path / "one" / "report.json").read_text())
 
-    submitted = run_cli("submit", "generate", tiny_onnx, tree, tmp_path / "out", "--tasks", "3", "--cpus-per-task", "1",
-                        "--generate-args", "--batch-size 1 --workers 1 --device cpu", cwd=tmp_path)
+    submitted = run_cli(
+        "submit",
+        "generate",
+        tiny_onnx,
+        tree,
+        tmp_path / "out",
+        "--tasks",
+        "3",
+        "--cpus-per-task",
+        "1",
+        "--generate-args",
+        "--batch-size 1 --workers 1 --device cpu",
+        cwd=tmp_path,
+    )
     assert submitted.returncode == 0, submitted.stderr
     array, merge = re.search(r"generation array (\d+) \(3 tasks\) and merge job (\d+)", submitted.stdout).groups()
     tasks = wait_job(array, 180)
-    assert sorted(r["JobState"] for r in tasks) == ["COMPLETED"] * 3, [p.read_text() for p in tmp_path.glob("slurm-*.out")]
+    assert sorted(r["JobState"] for r in tasks) == ["COMPLETED"] * 3, [
+        p.read_text() for p in tmp_path.glob("slurm-*.out")
+    ]
     [merged_job] = wait_job(merge, 60)
     merge_log = (tmp_path / f"slurm-artscale-generate-merge-{merge}.out").read_text()
     assert merged_job["JobState"] == "COMPLETED", merge_log
@@ -266,7 +404,11 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
 
     assert tree_files(tmp_path / "out") == tree_files(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "out").glob("report*.json")) == [
-        "report-0-of-3.json", "report-1-of-3.json", "report-2-of-3.json", "report.json"]
+        "report-0-of-3.json",
+        "report-1-of-3.json",
+        "report-2-of-3.json",
+        "report.json",
+    ]
     merged = json.loads((tmp_path / "out" / "report.json").read_text())
     for key in ("inputs_seen", "written", "skipped", "ignored", "skipped_files"):
         assert merged[key] == reference[key], key
@@ -276,7 +418,9 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
 
     # a merge job that cannot account for everything fails the job
     (tmp_path / "out" / "report-1-of-3.json").unlink()
-    failed = sbatch("--output=merge-fail.log", ROOT / "slurm" / "generate-merge.sbatch", tmp_path / "out", "3", cwd=tmp_path)
+    failed = sbatch(
+        "--output=merge-fail.log", ROOT / "slurm" / "generate-merge.sbatch", tmp_path / "out", "3", cwd=tmp_path
+    )
     [record] = wait_job(failed, 60)
     assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0"
     assert "did not finish" in (tmp_path / "merge-fail.log").read_text()
@@ -292,9 +436,21 @@ def tiny_shards(image_folder, tmp_path_factory) -> Path:
 
 def train_args(shards: Path, run_dir: Path, max_steps: int) -> list[str]:
     """A tiny CPU run (16 px, batch 4, random VGG weights: pretrained ones cannot be downloaded here)."""
-    return [f"data={shards}", f"run_dir={run_dir}", "image_size=16", "batch_size=4", f"max_steps={max_steps}",
-            "vgg_weights=random", "tracker=none", "num_workers=0", "log_every=1", "sample_every=1000",
-            "val_every=1000", "checkpoint_every=1000", "pg_timeout_s=60"]
+    return [
+        f"data={shards}",
+        f"run_dir={run_dir}",
+        "image_size=16",
+        "batch_size=4",
+        f"max_steps={max_steps}",
+        "vgg_weights=random",
+        "tracker=none",
+        "num_workers=0",
+        "log_every=1",
+        "sample_every=1000",
+        "val_every=1000",
+        "checkpoint_every=1000",
+        "pg_timeout_s=60",
+    ]
 
 
 # one host plays 2 machines: 2 srun tasks, machine_rank 0 and 1, one CPU rank each (gloo)
@@ -304,8 +460,13 @@ TWO_MACHINES = ("--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-ta
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path):
-    job = sbatch(*TWO_MACHINES, "--output=train.log", ROOT / "slurm" / "train.sbatch",
-                 *train_args(tiny_shards, tmp_path / "run", 3), cwd=tmp_path)
+    job = sbatch(
+        *TWO_MACHINES,
+        "--output=train.log",
+        ROOT / "slurm" / "train.sbatch",
+        *train_args(tiny_shards, tmp_path / "run", 3),
+        cwd=tmp_path,
+    )
     [record] = wait_job(job, 240)
     log = (tmp_path / "train.log").read_text()
     assert record["JobState"] == "COMPLETED", log
@@ -346,15 +507,25 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
     time.sleep(3)
     [record] = job_info(job)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1"
-    finished = subprocess.run([sys.executable, "-m", "artscale.slurm", "finished", *args], capture_output=True, text=True)
+    finished = subprocess.run(
+        [sys.executable, "-m", "artscale.slurm", "finished", *args], capture_output=True, text=True
+    )
     assert finished.returncode == 0, finished.stderr
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_pack_sbatch_packs_what_pack_packs(slurm, image_folder, tmp_path):
-    job = sbatch("--cpus-per-task=1", "--output=pack.log", ROOT / "slurm" / "pack.sbatch", image_folder, tmp_path / "shards",
-                 "--size", "16", cwd=tmp_path)
+    job = sbatch(
+        "--cpus-per-task=1",
+        "--output=pack.log",
+        ROOT / "slurm" / "pack.sbatch",
+        image_folder,
+        tmp_path / "shards",
+        "--size",
+        "16",
+        cwd=tmp_path,
+    )
     [record] = wait_job(job, 120)
     log = (tmp_path / "pack.log").read_text()
     assert record["JobState"] == "COMPLETED", log

@@ -58,8 +58,21 @@ def two_ranks(shards, tmp_path_factory):
     """One 2-rank run over uneven shards: wandb, val, samples, checkpoints every 2 steps, keep 2."""
     run = tmp_path_factory.mktemp("two") / "run"
     t = time.monotonic()
-    proc = launch(2, tiny(run, shards, "max_steps=6", "tracker=wandb", "checkpoint_every=2", "keep_checkpoints=2",
-                          "val_every=3", "sample_every=3", *LR_KEYS), port=free_port())
+    proc = launch(
+        2,
+        tiny(
+            run,
+            shards,
+            "max_steps=6",
+            "tracker=wandb",
+            "checkpoint_every=2",
+            "keep_checkpoints=2",
+            "val_every=3",
+            "sample_every=3",
+            *LR_KEYS,
+        ),
+        port=free_port(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, proc, time.monotonic() - t
 
@@ -69,7 +82,9 @@ def test_two_ranks_over_uneven_shards_finish_having_run_the_same_steps(two_ranks
     run, proc, _ = two_ranks
     assert "world size 2, global batch 8 (4 per process x 2 processes x grad_accum 1)" in proc.stdout
     assert "rank 0/2 finished at step 6" in proc.stdout and "rank 1/2 finished at step 6" in proc.stdout
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (run / "checkpoints" / "step-000006").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
+        p.name for p in (run / "checkpoints" / "step-000006").iterdir()
+    }
     sizes = {s["count"] for s in manifest(shards)["shards"] if s["split"] == "train"}
     assert len(sizes) > 1
 
@@ -162,8 +177,13 @@ def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shard
     whole = train_cli(tiny(tmp_path / "whole", shards, *opts))
     assert whole.returncode == 0, whole.stderr[-3000:]
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*train_cli_cmd(), *tiny(cut, shards, *opts)], env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*train_cli_cmd(), *tiny(cut, shards, *opts)],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(cut, 5, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -188,8 +208,13 @@ def train_cli_cmd() -> list[str]:
 def test_a_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_finishes(shards, tmp_path):
     run = tmp_path / "run"
     overrides = tiny(run, shards, "max_steps=200", "batch_size=2")
-    proc = subprocess.Popen(accelerate_cmd(2, free_port()) + overrides, env={**env(), "ACCELERATE_USE_CPU": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        accelerate_cmd(2, free_port()) + overrides,
+        env={**env(), "ACCELERATE_USE_CPU": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(run, 2, proc)
     ranks = children(proc.pid)
     assert len(ranks) == 2
@@ -198,7 +223,7 @@ def test_a_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_finishes(shar
     out, err = proc.communicate(timeout=120)
     # Every rank exits EXIT_PREEMPTED; the launcher reports a failed child (exit 1) with that code.
     assert proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in err
-    (step, ckpt), = [(int(p.name[5:]), p) for p in (run / "checkpoints").iterdir()]
+    ((step, ckpt),) = [(int(p.name[5:]), p) for p in (run / "checkpoints").iterdir()]
     assert 2 <= step < 200 and {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
     again = launch(2, tiny(run, shards, f"max_steps={step + 2}", "batch_size=2"), port=free_port())
     assert again.returncode == 0, again.stderr[-3000:]
@@ -265,7 +290,11 @@ def test_the_plan_counts_steps_and_lr_by_optimizer_step(shards):
     one = Plan.make(load_config(None, ["batch_size=8", "epochs=4", *LR_KEYS]), spec, world=1)
     two = Plan.make(load_config(None, ["batch_size=4", "epochs=4", *LR_KEYS]), spec, world=2)
     assert one.steps_per_epoch == two.steps_per_epoch == n // 8 and one.total_steps == 4 * (n // 8)
-    assert [one.lr_at(s) for s in range(20)] == [two.lr_at(s) for s in range(20)] == [article_lr(s, n // 8) for s in range(20)]
+    assert (
+        [one.lr_at(s) for s in range(20)]
+        == [two.lr_at(s) for s in range(20)]
+        == [article_lr(s, n // 8) for s in range(20)]
+    )
     scaled = Plan.make(load_config(None, ["batch_size=4", "grad_accum=2", "scale_lr=true"]), spec, world=2)
     assert scaled.global_batch == 16 and scaled.lr == pytest.approx(4e-3)
     assert Plan.make(load_config(None, ["batch_size=4", "max_steps=7"]), spec, world=3).total_steps == 7
@@ -292,8 +321,14 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     def small_files():  # files over 1 MB fail with EFBIG, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
 
-    proc = subprocess.run([*train_cli_cmd(), *tiny(run, shards, "max_steps=4")], env=env(), capture_output=True,
-                          text=True, timeout=240, preexec_fn=small_files)
+    proc = subprocess.run(
+        [*train_cli_cmd(), *tiny(run, shards, "max_steps=4")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=small_files,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("artscale: error:")]
     assert "could not write checkpoint" in line and "step-000004" in line and line.endswith("step-000002")
