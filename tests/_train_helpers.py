@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny  # noqa: F401  (re-exported for the training tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -34,25 +35,6 @@ def shards(image_folder, tmp_path_factory) -> Path:
 
 def manifest(shards_dir: Path) -> dict:
     return json.loads((shards_dir / "manifest.json").read_text())
-
-
-def tiny(run_dir: Path, shards_dir: Path, *extra: str) -> list[str]:
-    """key=value overrides for a seconds-long CPU run (random VGG weights: no download in tests)."""
-    return [
-        f"data={shards_dir}",
-        f"run_dir={run_dir}",
-        "image_size=16",
-        "batch_size=4",
-        "vgg_weights=random",
-        "tracker=none",
-        "num_workers=0",
-        "log_every=1",
-        "sample_every=1000",
-        "val_every=1000",
-        "checkpoint_every=1000",
-        "pg_timeout_s=120",
-        *extra,
-    ]
 
 
 def env() -> dict:

@@ -73,14 +73,14 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture()
-def tiny_overrides(tmp_path) -> list[str]:
-    """A config small enough for CPU tests: 16 px, batch 4, 2 steps, no tracker, random VGG."""
+def tiny(run_dir: Path, shards_dir: Path, *extra: str) -> list[str]:
+    """key=value overrides for a seconds-long CPU run (random VGG weights: no download in tests);
+    `extra` come last, so they win."""
     return [
-        f"run_dir={tmp_path / 'run'}",
+        f"data={shards_dir}",
+        f"run_dir={run_dir}",
         "image_size=16",
         "batch_size=4",
-        "max_steps=2",
         "vgg_weights=random",
         "tracker=none",
         "num_workers=0",
@@ -88,4 +88,6 @@ def tiny_overrides(tmp_path) -> list[str]:
         "sample_every=1000",
         "val_every=1000",
         "checkpoint_every=1000",
+        "pg_timeout_s=120",
+        *extra,
     ]

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import CLASSES, run_cli
+from conftest import CLASSES, run_cli, tiny
 from PIL import Image
 
 
 @pytest.mark.slow
-def test_pack_train_export_generate(tmp_path, image_folder, tiny_overrides):
+def test_pack_train_export_generate(tmp_path, image_folder):
     shards, onnx_path, out = tmp_path / "shards", tmp_path / "model.onnx", tmp_path / "generated"
     r = run_cli("pack", image_folder, shards, "--size", "16", "--workers", "1", "--val-fraction", "0.2")
     assert r.returncode == 0, r.stderr
@@ -19,7 +19,7 @@ def test_pack_train_export_generate(tmp_path, image_folder, tiny_overrides):
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 40
     assert [s["path"] for s in manifest["skipped"]] == ["painting/broken.jpg"]
 
-    r = run_cli("train", f"data={shards}", *tiny_overrides, "max_steps=3", "checkpoint_every=2", cwd=tmp_path)
+    r = run_cli("train", *tiny(tmp_path / "run", shards, "max_steps=3", "checkpoint_every=2"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     assert (run / "final" / "model.safetensors").is_file() and (run / "config.json").is_file()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_image, run_cli
+from conftest import make_image, run_cli, tiny
 
 from artscale.errors import UserError
 from artscale.slurm import accelerate_launch_command, gpus_on_node, main_port, merge_reports, node_launch_command
@@ -436,21 +436,7 @@ def tiny_shards(image_folder, tmp_path_factory) -> Path:
 
 def train_args(shards: Path, run_dir: Path, max_steps: int) -> list[str]:
     """A tiny CPU run (16 px, batch 4, random VGG weights: pretrained ones cannot be downloaded here)."""
-    return [
-        f"data={shards}",
-        f"run_dir={run_dir}",
-        "image_size=16",
-        "batch_size=4",
-        f"max_steps={max_steps}",
-        "vgg_weights=random",
-        "tracker=none",
-        "num_workers=0",
-        "log_every=1",
-        "sample_every=1000",
-        "val_every=1000",
-        "checkpoint_every=1000",
-        "pg_timeout_s=60",
-    ]
+    return tiny(run_dir, shards, f"max_steps={max_steps}", "pg_timeout_s=60")
 
 
 # one host plays 2 machines: 2 srun tasks, machine_rank 0 and 1, one CPU rank each (gloo)
