@@ -1,6 +1,6 @@
 """Checkpoint I/O, the one place for it: final weights, checkpoint discovery, loading any source.
 
-Layout of a run dir (DESIGN.md):
+Layout of a run dir:
     runs/NAME/config.json
     runs/NAME/checkpoints/step-000400/   accelerate save_state + config.json + trainer_state.json
     runs/NAME/final/                     model.safetensors + config.json + trainer_state.json
@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from artscale.atomic import write_json_atomic
 from artscale.errors import UserError
 from artscale.model import ConvDiffusionModel
+from artscale.state_dict import read_state_dict
 
 WEIGHTS_NAME = "model.safetensors"  # what accelerate's save_state names the first model
 CONFIG_NAME = "config.json"
@@ -59,12 +61,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def save_final(state_dict: dict[str, torch.Tensor], run_dir: str | Path, config: dict[str, Any], step: int) -> Path:
@@ -112,32 +108,6 @@ def _resolve(source: Path) -> Path:
     if found:
         return found[-1][1]
     raise UserError(f"{source} holds no weights (expected {WEIGHTS_NAME}, final/ or checkpoints/step-*)")
-
-
-def read_state_dict(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a torch file (weights_only: never unpickles code).
-
-    The usual wrappers (`{"state_dict": ...}`, `{"model_state_dict": ...}`, nn.DataParallel's
-    `module.` prefix) are taken off: the article saved `model.state_dict()`, others do not."""
-    try:
-        obj: Any = (
-            load_file(str(path))
-            if path.suffix == ".safetensors"
-            else torch.load(path, map_location="cpu", weights_only=True)
-        )
-    except Exception as e:  # truncated zip, pickle with code in it, not a tensor file at all
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {msg[:200]}") from None
-    if isinstance(obj, dict):
-        for key in ("model_state_dict", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path} does not hold a state dict")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return obj
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -12,8 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from artscale import __version__
+from artscale import __version__, multiple_of_8
 from artscale.errors import UserError
+from artscale.manifest import is_shards_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +27,7 @@ def _positive_multiple_of_8(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0 or value % 8:
+    if not multiple_of_8(value):
         raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 8 (the model pools 3 times)")
     return value
 
@@ -195,7 +196,7 @@ def _info(path: Path) -> str:
         from artscale.export import describe_onnx
 
         return describe_onnx(path)
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if path.is_dir() and is_shards_dir(path):
         from artscale.shards import describe_shards
 
         return describe_shards(path)

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from artscale import multiple_of_8
 from artscale.errors import UserError
 
 
@@ -110,7 +111,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 
 
 def _validate(cfg: TrainConfig) -> TrainConfig:
-    if cfg.image_size <= 0 or cfg.image_size % 8:
+    if not multiple_of_8(cfg.image_size):
         raise UserError(f"config image_size={cfg.image_size}: must be a positive multiple of 8")
     for name in ("batch_size", "grad_accum", "log_every", "sample_every", "val_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from artscale import __version__
+from artscale.atomic import write_atomic
 from artscale.checkpoint import load_model
 from artscale.errors import UserError
+from artscale.manifest import is_shards_dir, read_manifest, split_shards
 from artscale.model import IMAGENET_MEAN, IMAGENET_STD, check_size
 from artscale.shard_writer import sha256_file
 
@@ -59,12 +61,7 @@ def _val_images(shards: Path, size: int, limit: int) -> list[np.ndarray]:
     """Up to `limit` decoded val images of a shards dir (manifest.json from `artscale pack`)."""
     from artscale.images import decode_bytes
 
-    manifest_path = shards / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {manifest_path}: {e}") from None
-    names = [s["name"] for s in manifest.get("shards", []) if s.get("split") == "val"]
+    names = [s["name"] for s in split_shards(read_manifest(shards), "val")]
     found: list[np.ndarray] = []
     for name in names:
         try:
@@ -100,11 +97,11 @@ def _generated_images(size: int, count: int) -> list[np.ndarray]:
 
 
 def _parity_images(shards: Path | None, config: dict[str, Any] | None, size: int) -> tuple[np.ndarray, str]:
-    if shards is not None and not (shards / "manifest.json").is_file():
+    if shards is not None and not is_shards_dir(shards):
         raise UserError(f"--shards {shards}: no manifest.json there (expected a dir written by `artscale pack`)")
     if shards is None and config and config.get("data"):
         candidate = Path(config["data"])
-        shards = candidate if (candidate / "manifest.json").is_file() else None
+        shards = candidate if is_shards_dir(candidate) else None
     if shards is not None:
         found = _val_images(shards, size, PARITY_IMAGES)
         if found:
@@ -153,7 +150,7 @@ def _export_graph(model: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
             (example,),
             buf,
             dynamo=False,
-            opset_version=OPSET,  # dynamo needs onnxscript (FACTS.md)
+            opset_version=OPSET,  # the default dynamo exporter needs the onnxscript package
             input_names=[INPUT],
             output_names=[OUTPUT, FLOAT_OUTPUT],
             dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (INPUT, OUTPUT, FLOAT_OUTPUT)},
@@ -230,15 +227,11 @@ def export_onnx(
     dynamic = _compare(_session(data), model, other, float_output=False)
     _gate(dynamic, tolerance, f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]} (dynamic shape)")
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        tmp.replace(out)
+        write_atomic(out, data, tmp=out.with_name(f".{out.name}.tmp-{os.getpid()}"))
     except OSError as e:  # a full disk or a read-only place: nothing half-written stays
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     report = {
         "path": str(out),
         "bytes": len(data),

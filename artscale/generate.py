@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import hashlib
 import io
-import json
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from artscale import usable_cores
+from artscale import multiple_of_8, usable_cores
+from artscale.atomic import write_atomic, write_json_atomic
 from artscale.errors import UserError
 from artscale.images import SkipImage, encode_image, is_ignored, is_image_name, load_image, resize_image
 
@@ -127,7 +127,7 @@ def open_session(
     """An onnxruntime session on the device asked for; returns (session, provider actually used).
 
     onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
-    is disabled in the session, and `get_providers()` is read back after creation (FACTS.md).
+    is disabled in the session, and `get_providers()` is read back after creation.
     """
     import onnxruntime as ort
 
@@ -266,11 +266,8 @@ def _write(path: Path, pixels: np.ndarray, original: tuple[int, int] | None, fmt
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")  # one name per output: a rerun overwrites a stale one
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(path, data, tmp=tmp)
     except OSError as e:  # a full disk, a quota, a read-only mount: the run stops, what is written stays
-        tmp.unlink(missing_ok=True)
         raise UserError(
             f"cannot write {path}: {e.strerror or e}; the outputs written so far are kept, run again to continue"
         ) from None
@@ -308,7 +305,7 @@ def _check_args(
         )
     if not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: must be 1..100")
-    if size < 0 or size % 8:
+    if size and not multiple_of_8(size):
         raise UserError(f"--size {size}: must be a positive multiple of 8")
     if batch_size < 0 or workers < 0:
         raise UserError("--batch-size and --workers must be >= 0 (0: chosen for the device)")
@@ -404,9 +401,7 @@ def generate(
         "img_per_s": round(written / wall, 2) if wall > 0 else 0.0,
     }
     name = "report.json" if num_shards == 1 else f"report-{shard_index}-of-{num_shards}.json"
-    tmp = out_dir / f".{name}{TMP_SUFFIX}"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out_dir / name)
+    write_json_atomic(out_dir / name, report, sort_keys=False, tmp=out_dir / f".{name}{TMP_SUFFIX}")
     print(
         f"generated {written} images ({already_done} already done, {len(skipped)} skipped, {ignored} ignored) "
         f"in {wall:.1f} s, {report['img_per_s']} img/s on {used}; report: {out_dir / name}"

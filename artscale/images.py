@@ -178,7 +178,7 @@ def load_image(
             im.draft("RGB", (side, side))
         try:
             # Decode first: on a PNG, reading EXIF (getexif) would load a corrupt image and fail
-            # in a place that swallowed the error (FACTS.md).
+            # in a place that swallowed the error, and the corrupt file would be packed.
             im.load()
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
             if "not available" in str(e):  # Pillow built without that codec (e.g. JPEG 2000)

@@ -29,7 +29,7 @@ from torch.utils.data import get_worker_info
 
 from artscale.errors import UserError
 from artscale.images import decode_bytes
-from artscale.shards import read_manifest
+from artscale.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 

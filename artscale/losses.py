@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 
-from artscale.checkpoint import read_state_dict
 from artscale.errors import UserError
 from artscale.model import normalize
+from artscale.state_dict import read_state_dict
 
 log = logging.getLogger(__name__)
 

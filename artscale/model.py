@@ -6,6 +6,7 @@ A `.pth` saved by the article's script loads into this class as it is (see check
 import torch
 from torch import nn
 
+from artscale import multiple_of_8
 from artscale.errors import UserError
 
 # ImageNet statistics: the model's input is an image in [0, 1] normalised with these.
@@ -23,7 +24,7 @@ def _up(cin: int, cout: int) -> nn.ConvTranspose2d:
 
 def check_size(height: int, width: int) -> None:
     """Three 2x poolings and three 2x upsamplings give the input size back only for multiples of 8."""
-    if height <= 0 or width <= 0 or height % 8 or width % 8:
+    if not (multiple_of_8(height) and multiple_of_8(width)):
         raise UserError(f"image size {height}x{width} is not a positive multiple of 8 (the model pools 3 times)")
 
 

@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from artscale.atomic import write_atomic
 from artscale.collection import Entry
 
 SHARD_MTIME = 946_684_800  # 2000-01-01: tar members get a fixed time, so reruns are byte-identical
@@ -35,15 +36,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 class Journal:
     """Append-only record of finished shards (JSON lines, fsynced); a torn last line is ignored."""
 
@@ -62,7 +54,7 @@ class Journal:
         return records
 
     def start(self, header: dict) -> None:
-        write_atomic(self.path, json.dumps(header) + "\n")
+        write_atomic(self.path, json.dumps(header) + "\n", sync_dir=True)
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:

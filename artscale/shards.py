@@ -20,13 +20,14 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from artscale import __version__, usable_cores
+from artscale import __version__, multiple_of_8, usable_cores
+from artscale.atomic import write_atomic
 from artscale.collection import Collection, Entry, scan_collection
 from artscale.errors import UserError
 from artscale.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
-from artscale.shard_writer import Journal, SplitWriter, sha256_file, write_atomic
+from artscale.manifest import MANIFEST, read_manifest, split_shards
+from artscale.shard_writer import Journal, SplitWriter, sha256_file
 
-MANIFEST = "manifest.json"
 JOURNAL = ".pack-journal.jsonl"
 SPLITS = ("train", "val")
 MIN_TRAIN_SHARDS = 8  # fewer shards than nodes x loader workers leaves some of them idle
@@ -49,21 +50,6 @@ def _init_worker(settings: dict[str, Any]) -> None:
     _SETTINGS.update(settings)
 
 
-def read_manifest(out: Path) -> dict:
-    """The manifest of a shards dir; a UserError (one line) when it is missing or unreadable."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{path} not found: is {out} a shards dir written by `artscale pack`?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); run `artscale pack` again with --force") from None
-    missing = [k for k in ("classes", "image_size", "image_format", "shards", "splits") if k not in manifest]
-    if not isinstance(manifest, dict) or missing:
-        raise UserError(f"{path} lacks {', '.join(missing) or 'a mapping'}; run `artscale pack` again with --force")
-    return manifest
-
-
 def _settings(
     size,
     val_fraction,
@@ -81,7 +67,7 @@ def _settings(
         raise UserError(f"--format {image_format}: choose jpg or png")
     if resize not in ("stretch", "center-crop"):
         raise UserError(f"--resize {resize}: choose stretch or center-crop")
-    if size <= 0 or size % 8:
+    if not multiple_of_8(size):
         raise UserError(f"--size {size}: must be a positive multiple of 8")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
@@ -145,10 +131,7 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         return None, []
     journal = Journal(out / JOURNAL)
     if (out / MANIFEST).is_file():
-        try:
-            old = json.loads((out / MANIFEST).read_text())
-        except ValueError:
-            raise UserError(f"{out / MANIFEST} is not valid JSON; use --force to pack {out} again") from None
+        old = read_manifest(out)
         if {"source": old.get("source"), "settings": old.get("settings")} != identity:
             _refuse(out, old, identity)
         intact = all(
@@ -247,7 +230,7 @@ def pack(
     try:
         records = _run(coll, out, settings, kept, journal, workers)
         manifest = _manifest(coll, identity, records)
-        write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
+        write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n", sync_dir=True)
     except OSError as e:  # a full disk, a quota, a read-only mount: finished shards stay in the journal
         where = f" {e.filename}" if e.filename else f" in {out}"
         raise UserError(
@@ -432,7 +415,7 @@ def verify(out: Path) -> list[str]:
         if count != s["count"]:
             problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
     for split in SPLITS:
-        shards = [s for s in m["shards"] if s["split"] == split]
+        shards = split_shards(m, split)
         if m["splits"][split]["count"] != sum(s["count"] for s in shards):
             problems.append(f"manifest: {split} count {m['splits'][split]['count']} is not the sum over its shards")
     extra = sorted(p.name for p in out.glob("*.tar") if p.name not in listed)

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from artscale.atomic import write_json_atomic
 from artscale.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,9 +298,7 @@ def write_merged(out_dir: Path, num_shards: int) -> dict:
     """merge_reports, then OUT/report.json written atomically."""
     merged = merge_reports(out_dir, num_shards)
     target = Path(out_dir) / "report.json"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    tmp.replace(target)
+    write_json_atomic(target, merged)
     return merged
 
 

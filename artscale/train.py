@@ -30,13 +30,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from artscale import usable_cores
+from artscale.atomic import write_atomic, write_json_atomic
 from artscale.checkpoint import (
     CONFIG_NAME,
     CheckpointManager,
     check_run_dir,
     resume_point,
     save_final,
-    write_json_atomic,
 )
 from artscale.config import TrainConfig, load_config
 from artscale.errors import UserError
@@ -302,9 +302,7 @@ class Samples:
         im = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:06d}.png"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(encode_image(im, "png"))
-        tmp.replace(path)
+        write_atomic(path, encode_image(im, "png"))
         for tracker in self.acc.trackers:
             if tracker.name == "wandb":
                 import wandb
@@ -495,7 +493,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--config", default=None, help="a YAML file of config keys")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config keys (see DESIGN.md); override the file"
+        "overrides", nargs="*", metavar="key=value", help="config keys (see the README); override the file"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -144,7 +144,13 @@ def _val_shards(root, size: int, count: int):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    manifest = {"image_size": size, "shards": [{"name": "val-000000.tar", "split": "val", "count": count}]}
+    manifest = {
+        "classes": ["painting"],
+        "image_size": size,
+        "image_format": "png",
+        "shards": [{"name": "val-000000.tar", "split": "val", "count": count}],
+        "splits": {"train": {"count": 0, "shards": 0}, "val": {"count": count, "shards": 1}},
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
