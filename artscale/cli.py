@@ -129,6 +129,25 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="decode/encode threads (default: from the core count)")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="FID and KID of a folder of generated images against a split of the shards")
+    p.add_argument(
+        "generated", type=Path, help="folder of images, walked recursively (class subfolders: per class too)"
+    )
+    p.add_argument("shards", type=Path, help="a shards dir from `artscale pack`")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="the real images (default val)")
+    p.add_argument("--out", type=Path, default=None, help="the JSON result (default GENERATED/eval.json)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="FILE",
+        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: from torch's hub cache)",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what a shards dir, run dir, checkpoint or .onnx holds")
     p.add_argument("path", type=Path)
@@ -184,7 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="artscale", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"artscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info, _add_submit):
+    for add in (
+        _add_demo,
+        _add_pack,
+        _add_verify,
+        _add_train,
+        _add_export,
+        _add_generate,
+        _add_eval,
+        _add_info,
+        _add_submit,
+    ):
         add(sub)
     return parser
 
@@ -262,6 +291,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             opts["generate_args"] = shlex.split(args.generate_args)
         submit(args.what, opts, dry_run=args.dry_run)
+    elif args.command == "eval":
+        from artscale.evaluate import evaluate
+
+        opts = vars(args).copy()
+        for k in ("command", "generated", "shards"):
+            opts.pop(k)
+        evaluate(args.generated, args.shards, **opts)
     elif args.command == "info":
         print(_info(args.path))
     return 0
