@@ -67,9 +67,10 @@ def gaussian_features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Te
     return torch.from_numpy(rng.normal(size=(n, d)) @ mix + shift)
 
 
-@pytest.mark.parametrize("n,d", [(400, 24), (30, 64)])  # full-rank, and rank-deficient like small eval sets
-def test_fid_matches_a_reference_frechet_distance(n, d):
-    a, b = gaussian_features(n, d, 0), gaussian_features(n, d, 1, shift=0.3)
+# more samples than dimensions, fewer (rank-deficient, like small eval sets), and one of each
+@pytest.mark.parametrize("na,nb,d", [(400, 300, 24), (30, 40, 64), (20, 200, 32)])
+def test_fid_matches_a_reference_frechet_distance(na, nb, d):
+    a, b = gaussian_features(na, d, 0), gaussian_features(nb, d, 1, shift=0.3)
     ref = reference_fid(a.numpy(), b.numpy())
     assert ref > 1.0
     assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-7)  # the reference has sqrt-of-rounding noise
