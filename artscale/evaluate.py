@@ -117,9 +117,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
     With S = R R^T, tr((S_a S_b)^1/2) is the sum of the singular values of R_a^T R_b: exact, and
     symmetric (no square roots of rounding noise). torch-fidelity and torchmetrics take the
-    eigenvalues of the non-symmetric 2048 x 2048 product instead, which costs 3-40 s per FID on
-    2 CPU cores and reads about 1e-6 for a set against itself; here a per-class FID over a few
-    hundred images takes milliseconds."""
+    eigenvalues of the non-symmetric 2048 x 2048 product instead, whatever the sample count:
+    3-60 s per FID on 2 busy CPU cores, and about 1e-6 for a set against itself. Here a FID
+    over fewer images than dimensions (a per-class figure) takes well under a second."""
     a, b = a.double().cpu(), b.double().cpu()
     ra, rb = _cov_factor(a), _cov_factor(b)
     diff = a.mean(0) - b.mean(0)
