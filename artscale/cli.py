@@ -203,18 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="artscale", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"artscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (
-        _add_demo,
-        _add_pack,
-        _add_verify,
-        _add_train,
-        _add_export,
-        _add_generate,
-        _add_eval,
-        _add_info,
-        _add_submit,
-    ):
+    for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info, _add_submit):
         add(sub)
+    _add_eval(sub)
     return parser
 
 

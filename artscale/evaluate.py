@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import sys
 import time
@@ -26,14 +25,14 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from artscale import __version__
-from artscale.checkpoint import read_state_dict
+from artscale.atomic import write_json_atomic
 from artscale.errors import UserError
 from artscale.generate import list_inputs
 from artscale.images import SkipImage, decode_bytes, load_image
 from artscale.loader import IMAGE_KEYS, SkipCounter, data_spec
+from artscale.manifest import read_manifest
 from artscale.progress import Progress
-from artscale.shard_writer import write_atomic
-from artscale.shards import read_manifest
+from artscale.state_dict import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +281,7 @@ def evaluate(
     result["seconds"] = round(time.perf_counter() - started, 1)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, json.dumps(result, indent=2) + "\n")
+        write_json_atomic(out, result, sort_keys=False)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     _report(result, out)
