@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -166,21 +167,33 @@ def extract_features(
     return (torch.cat(feats) if feats else torch.zeros(0, 2048, dtype=torch.float64)), labels
 
 
-def generated_images(root: Path, classes: list[str], skipped: list[dict]) -> Iterator[tuple[np.ndarray, int]]:
+@dataclass
+class FolderScan:
+    """What walking GENERATED_DIR found besides the images: unreadable files, junk, image sizes."""
+
+    skipped: list[dict] = field(default_factory=list)
+    ignored: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> images
+
+
+def generated_images(root: Path, classes: list[str], scan: FolderScan) -> Iterator[tuple[np.ndarray, int]]:
     """Every readable image under root, with its class index (its top folder named as a manifest
-    class) or -1; what cannot be read is appended to `skipped` and left out."""
+    class) or -1; what cannot be read goes to `scan.skipped`, hidden files and junk to `scan.ignored`."""
     index = {name: i for i, name in enumerate(classes)}
     for entry in list_inputs(root, ".png"):
         if entry.ignored:
+            scan.ignored += 1
             continue
         if entry.reason:
-            skipped.append({"path": entry.rel, "reason": entry.reason})
+            scan.skipped.append({"path": entry.rel, "reason": entry.reason})
             continue
         try:
             im, _ = load_image(root / entry.rel)
         except SkipImage as e:
-            skipped.append({"path": entry.rel, "reason": str(e)})
+            scan.skipped.append({"path": entry.rel, "reason": str(e)})
             continue
+        size = f"{im.width}x{im.height}"
+        scan.sizes[size] = scan.sizes.get(size, 0) + 1
         top = entry.rel.split("/")[0] if "/" in entry.rel else ""
         yield np.asarray(im, dtype=np.uint8), index.get(top, -1)
 
@@ -233,8 +246,9 @@ def evaluate(
     out = Path(out) if out is not None else generated / "eval.json"
 
     # The generated side first: a folder without images fails before the network is loaded.
-    skipped: list[dict] = []
-    gen_iter = generated_images(generated, classes, skipped)
+    scan = FolderScan()
+    skipped = scan.skipped
+    gen_iter = generated_images(generated, classes, scan)
     first = next(gen_iter, None)
     if first is None:
         why = f"; skipped {len(skipped)} files, e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
@@ -255,13 +269,27 @@ def evaluate(
             f"{skipped[0]['path']}: {skipped[0]['reason']}",
             file=sys.stderr,
         )
+    size = manifest["image_size"]
+    if set(scan.sizes) != {f"{size}x{size}"}:
+        print(
+            f"artscale: warning: generated images are {', '.join(sorted(scan.sizes))}, the shards' are {size}x{size}: "
+            "FID and KID measure that difference too (sample at the shards' size)",
+            file=sys.stderr,
+        )
     if len(fake) < 2 or len(real) < 2:
         raise UserError(f"FID needs at least 2 images on each side: {len(fake)} generated, {len(real)} {split}")
 
     result = {
         **_metrics(real, fake, kid_subsets, kid_subset_size),
         "kid_subsets": kid_subsets,
-        "generated": {"dir": str(generated), "images": len(fake), "skipped": len(skipped), "skipped_files": skipped},
+        "generated": {
+            "dir": str(generated),
+            "images": len(fake),
+            "skipped": len(skipped),
+            "ignored": scan.ignored,
+            "sizes": scan.sizes,
+            "skipped_files": skipped,
+        },
         "real": {"shards": str(shards), "split": split, "images": len(real), "skipped": counter.count},
         "features": "Inception-v3 (torch-fidelity inception-v3-compat), 2048-d pool3, 299 px",
         "inception_weights": "random" if inception_weights == "random" else str(inception_weights or inception_cache()),

@@ -19,6 +19,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from artscale.errors import UserError
 from artscale.evaluate import (
     RANDOM_INCEPTION_WARNING,
+    FolderScan,
     evaluate,
     extract_features,
     frechet_distance,
@@ -137,7 +138,7 @@ def test_fid_grows_with_a_shift_and_matches_the_reference_on_the_same_features(e
     fakes, fids = [], []
     for shift in (25, 80):
         root = write_copies(eval_shards, tmp_path / f"shift{shift}", shift)
-        fake, labels = extract_features(net, generated_images(root, CLASSES, []), batch_size=4)
+        fake, labels = extract_features(net, generated_images(root, CLASSES, FolderScan()), batch_size=4)
         assert sorted(labels) == sorted(real_labels)
         fakes.append(fake)
         fids.append(frechet_distance(real, fake))
@@ -158,6 +159,8 @@ def test_eval_cli_writes_counts_and_per_class_figures(eval_shards, tmp_path):
     res = json.loads(out.read_text())
     assert res["generated"]["images"] == 4 and res["generated"]["skipped"] == 1
     assert res["generated"]["skipped_files"][0]["path"] == "oil/broken.png"
+    assert res["generated"]["ignored"] == 1 and res["generated"]["sizes"] == {"16x16": 4}
+    assert "warning: generated images are" not in r.stderr
     assert res["real"] == {"shards": str(eval_shards), "split": "train", "images": 4, "skipped": 0}
     assert abs(res["fid"]) < 1e-9 and res["kid_subset_size"] == 4
     # The unbiased MMD^2 of a set against itself is -2 (mean k(x, x) - mean k(x, y)) / m: <= 0 for a PSD kernel.
