@@ -79,10 +79,16 @@ def accelerate_launch_command(
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list (`node[01-04]` -> `node01`), as scontrol expands it."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    hosts = out.stdout.split()
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    except OSError as e:  # scontrol missing (not a SLURM node) or not executable
+        raise UserError(
+            f"cannot run scontrol to find the first host of {nodelist!r} ({e.strerror or e}); set ARTSCALE_MAIN_ADDR"
+        ) from None
+    hosts = out.stdout.split() if out.returncode == 0 else []
     if not hosts:
-        raise UserError(f"scontrol could not expand the node list {nodelist!r}")
+        said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise UserError(f"scontrol could not expand the node list {nodelist!r} ({said}); set ARTSCALE_MAIN_ADDR")
     return hosts[0]
 
 
@@ -178,14 +184,7 @@ def _catches(pid: int, signum: int) -> bool:
 
 
 def run_node(train_args: Sequence[str]) -> int:
-    """Run this machine's `accelerate launch`, passing USR1/TERM on to the training ranks.
-
-    SLURM signals every process of the step, the launcher included, and SIGUSR1's default
-    action would kill the launcher (and with it the srun task, while its ranks are still writing
-    their checkpoint). So the launcher starts with SIGUSR1 ignored, and the ranks inherit that
-    until they install their own handler. A stop request is passed on to each rank once, as
-    soon as it has that handler: one that comes while the ranks are still starting is not lost.
-    """
+    """Run this machine's `accelerate launch`, passing USR1/TERM on to the training ranks (see `relay`)."""
     env = dict(os.environ)
     main_ip = env.get("ARTSCALE_MAIN_ADDR", "").strip() or (
         first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1"
@@ -193,12 +192,36 @@ def run_node(train_args: Sequence[str]) -> int:
     cmd, extra = node_launch_command(env, main_ip, train_args)
     rank = env.get("SLURM_PROCID", "0")
     print(f"artscale: machine {rank}: {' '.join(cmd)}", flush=True)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    launcher = subprocess.Popen(cmd, env={**env, **extra})
+    return relay(cmd, {**env, **extra}, rank)
+
+
+def relay(cmd: Sequence[str], env: Mapping[str, str], rank: str = "0") -> int:
+    """Run cmd; pass each USR1/TERM this process gets on to cmd's children once they catch it.
+
+    SLURM signals every process of the step, the launcher included, and SIGUSR1's default
+    action would kill the launcher (and with it the srun task, while its ranks are still writing
+    their checkpoint). So the launcher starts with SIGUSR1 ignored, and the ranks inherit that
+    until they install their own handler. A stop request is passed on to each rank once, as
+    soon as it has that handler: one that comes while the ranks are still starting is not lost.
+    """
     pending: set[int] = set()
     delivered: set[tuple[int, int]] = set()
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: pending.add(signum))
+    stops = {signal.SIGUSR1, signal.SIGTERM}
+    # Held back (blocked, not ignored) from here until the handler below is in place: a signal
+    # that comes meanwhile waits, then reaches the handler. The launcher gets them unblocked,
+    # with USR1 ignored.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        for sig in stops:
+            signal.signal(sig, lambda signum, _frame: pending.add(signum))
+
+        def launcher_signals() -> None:  # in the child, between fork and exec
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+
+        launcher = subprocess.Popen(list(cmd), env=dict(env), preexec_fn=launcher_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     while True:
         try:
             return launcher.wait(timeout=0.5)
@@ -254,7 +277,12 @@ def merge_reports(out_dir: Path, num_shards: int) -> dict:
         )  # as generate names it
         if not path.is_file():
             raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
-        rep = json.loads(path.read_text())
+        try:
+            rep = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is not a readable JSON report ({e}); run shard {i} again") from None
+        if not isinstance(rep, dict) or any(not isinstance(rep.get(k), int) for k in COUNTS):
+            raise UserError(f"{path} is not a generation report (it lacks {', '.join(COUNTS)}); run shard {i} again")
         if (rep.get("shard_index"), rep.get("num_shards")) != (i, num_shards):
             raise UserError(f"{path} says shard {rep.get('shard_index')} of {rep.get('num_shards')}")
         accounted = sum(rep[k] for k in COUNTS[1:])
