@@ -15,6 +15,7 @@ from pathlib import Path
 from artscale import __version__, multiple_of_8
 from artscale.errors import UserError
 from artscale.manifest import is_shards_dir
+from artscale.slurm import CPUS_PER_GPU
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,6 +182,12 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
     t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
     t.add_argument(
+        "--cpus-per-gpu",
+        type=int,
+        default=CPUS_PER_GPU,
+        help=f"cores per GPU for its loader workers (default {CPUS_PER_GPU})",
+    )
+    t.add_argument(
         "--signal-seconds", type=int, default=300, help="USR1 this long before the time limit: checkpoint, requeue"
     )
     t.add_argument("--config", default=None, help="a YAML file of training config keys")
@@ -193,6 +200,12 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the input tree")
     g.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
     g.add_argument("--gpus-per-task", type=int, default=0)
+    g.add_argument(
+        "--cpus-per-gpu",
+        type=int,
+        default=CPUS_PER_GPU,
+        help=f"cores per GPU for the decoders and encoders feeding it (default {CPUS_PER_GPU})",
+    )
     g.add_argument(
         "--generate-args", default="", help='more `artscale generate` flags, quoted: "--format jpg --batch-size 64"'
     )

@@ -23,6 +23,7 @@ from artscale.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
+CPUS_PER_GPU = 8  # `artscale submit --cpus-per-gpu`: cores per GPU for loader workers or decoders
 
 
 def accelerate_launch_command(
@@ -347,18 +348,26 @@ def train_sbatch_command(
     gpus_per_node: int = 0,
     cpu_processes: int = 1,
     cpus_per_task: int = 0,
+    cpus_per_gpu: int = CPUS_PER_GPU,
     time_limit: str = "",
     partition: str = "",
     account: str = "",
     signal_seconds: int = 300,
     sbatch_args: Sequence[str] = (),
 ) -> list[str]:
-    """The `sbatch` line for slurm/train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0)."""
-    if nodes < 1 or gpus_per_node < 0 or cpu_processes < 1 or signal_seconds < 0:
-        raise UserError("--nodes and --cpu-processes must be >= 1, --gpus-per-node and --signal-seconds >= 0")
+    """The `sbatch` line for slurm/train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0).
+
+    One srun task per node runs all its ranks, so with GPUs the task asks for G x cpus_per_gpu
+    cores: each rank's loader workers get cores of their own (unless --cpus-per-task says otherwise).
+    """
+    if nodes < 1 or gpus_per_node < 0 or cpu_processes < 1 or signal_seconds < 0 or cpus_per_gpu < 1:
+        raise UserError(
+            "--nodes, --cpu-processes and --cpus-per-gpu must be >= 1, --gpus-per-node and --signal-seconds >= 0"
+        )
     cmd = ["sbatch", f"--nodes={nodes}", "--ntasks-per-node=1"]
     if gpus_per_node:
         cmd.append(f"--gpus-per-node={gpus_per_node}")
+        cpus_per_task = cpus_per_task or gpus_per_node * cpus_per_gpu
     else:
         cmd.append(f"--export=ALL,ARTSCALE_CPU_PROCESSES={cpu_processes}")
     cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
@@ -376,18 +385,23 @@ def generate_sbatch_commands(
     max_running: int = 0,
     gpus_per_task: int = 0,
     cpus_per_task: int = 0,
+    cpus_per_gpu: int = CPUS_PER_GPU,
     time_limit: str = "",
     partition: str = "",
     account: str = "",
     sbatch_args: Sequence[str] = (),
     generate_args: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
-    """The array line for slurm/generate.sbatch, and the merge line; its `{array}` is the array's job id."""
-    if tasks < 1 or max_running < 0:
-        raise UserError(f"--tasks {tasks}: need at least 1 task (and --max-running >= 0)")
+    """The array line for slurm/generate.sbatch, and the merge line; its `{array}` is the array's job id.
+
+    A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders that keep one
+    GPU fed need several cores (about 150 images/s per core at 128 px)."""
+    if tasks < 1 or max_running < 0 or cpus_per_gpu < 1:
+        raise UserError(f"--tasks {tasks}: need at least 1 task (and --max-running >= 0, --cpus-per-gpu >= 1)")
     array = f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")
     cmd = ["sbatch", array]
     cmd += [f"--gpus-per-task={gpus_per_task}"] if gpus_per_task else []
+    cpus_per_task = cpus_per_task or gpus_per_task * cpus_per_gpu
     cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
     cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
     device = (

@@ -177,6 +177,7 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "--nodes=2",
         "--ntasks-per-node=1",
         "--gpus-per-node=8",
+        "--cpus-per-task=64",  # 8 cores per GPU: one task per node runs its 8 ranks and their loaders
         "--signal=B:USR1@300",
         "--time=24:00:00",
         "--partition=gpu",
@@ -207,6 +208,7 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "sbatch",
         "--array=0-99%20",
         "--gpus-per-task=1",
+        "--cpus-per-task=8",
         str(ROOT / "slurm" / "generate.sbatch"),
         "m.onnx",
         "in",
@@ -223,6 +225,15 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "out",
         "100",
     ]
+    fewer = run_cli("submit", "train", "--gpus-per-node", "4", "--cpus-per-gpu", "6", "--dry-run")
+    assert fewer.returncode == 0 and "--cpus-per-task=24" in fewer.stdout.split(), fewer.stderr
+    cpu = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "2", "--dry-run")
+    assert "--cpus-per-task" not in cpu.stdout  # no GPU: the script's own default
+    # srun gets the task's cores explicitly (newer Slurm does not pass sbatch's on), NCCL says only warnings
+    train_script = (ROOT / "slurm" / "train.sbatch").read_text()
+    assert 'srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK' in train_script
+    for script in ("train.sbatch", "generate.sbatch"):
+        assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in (ROOT / "slurm" / script).read_text()
     bad = run_cli("submit", "train", "--dry-run", "no_such_key=1")
     assert bad.returncode == 2 and "unknown config key no_such_key" in bad.stderr and bad.stdout == ""
     bad = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "0", "--dry-run")
