@@ -128,6 +128,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="images per onnxruntime call (default: 2 per core on CPU, 32 on a GPU)",
     )
     p.add_argument("--workers", type=int, default=0, help="decode/encode threads (default: from the core count)")
+    p.add_argument(
+        "--follow-symlinks", action="store_true", help="generate for symlinks that lead outside IN_DIR, as pack does"
+    )
+    p.add_argument(
+        "--list-only",
+        action="store_true",
+        help="walk IN_DIR once and write OUT_DIR/listing.jsonl, which the tasks of an array and the merge read",
+    )
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -80,29 +80,40 @@ def _class_names(src: Path, wanted: list[str]) -> list[str]:
     return sorted(set(wanted)) if wanted else names
 
 
-class _Walker:
-    """Walks one class folder in sorted order, deciding each file's fate from names and links."""
+class TreeWalker:
+    """Walks a folder in sorted order, deciding each file's fate from names and links alone.
 
-    def __init__(self, src_real: str, follow: bool):
-        self.src_real, self.follow = src_real, follow
-        self.files: list[
-            tuple[str, str, int, int]
-        ] = []  # (rel, fate, size, mtime_ns); fate: "", "ignored" or a skip reason
+    The one definition of "inside the tree" for pack (SRC) and generate (IN_DIR): a symlink whose
+    target lies outside the root, or a symlink to a folder, is skipped with its reason unless
+    `follow` (--follow-symlinks); files in hidden folders, hidden files and known junk are
+    "ignored"; a folder reached twice is a loop. `files` holds (rel, fate, size, mtime_ns), fate
+    "" (a file to decode), "ignored" or a skip reason; size and time only with `stat`.
+    `folders` maps each folder walked to the names of its subfolders (links to folders included).
+    """
+
+    def __init__(self, root_real: str, follow: bool, root_name: str = "SRC", verb: str = "packs", stat: bool = True):
+        self.root_real, self.follow, self.stat = root_real, follow, stat
+        self.root_name, self.follow_hint = root_name, f"--follow-symlinks {verb} it"  # each stage names itself
+        self.files: list[tuple[str, str, int, int]] = []
+        self.folders: dict[str, set[str]] = {}
+        self.mtimes: dict[str, int] = {}  # folder -> st_mtime_ns, taken before reading it
         self.visited: set[str] = set()
 
-    def walk(self, path: str, rel: str, hidden: bool) -> None:
+    def walk(self, path: str, rel: str = "", hidden: bool = False) -> None:
         real = os.path.realpath(path)
         if real in self.visited:
             self.files.append((rel, "symlink loop (a folder that contains itself)", 0, 0))
             return
         self.visited.add(real)
         try:
+            self.mtimes[rel] = os.stat(path).st_mtime_ns
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as e:
             self.files.append((rel, f"unreadable: {e.strerror or e}", 0, 0))
             return
+        self.folders[rel] = {e.name for e in entries if e.is_dir()}
         for e in entries:
-            self._entry(e, f"{rel}/{e.name}", hidden or e.name.startswith("."))
+            self._entry(e, f"{rel}/{e.name}" if rel else e.name, hidden or e.name.startswith("."))
 
     def _entry(self, e: os.DirEntry, rel: str, hidden: bool) -> None:
         link = e.is_symlink()
@@ -110,16 +121,18 @@ class _Walker:
             target = os.path.realpath(e.path)
             if not os.path.exists(target):
                 return self.files.append((rel, "unreadable: broken symlink", 0, 0))
-            if not self.follow and not _inside(target, self.src_real):
-                return self.files.append((rel, "symlink leads outside SRC (--follow-symlinks packs it)", 0, 0))
+            if not self.follow and not _inside(target, self.root_real):
+                return self.files.append((rel, f"symlink leads outside {self.root_name} ({self.follow_hint})", 0, 0))
         if e.is_dir():
             if link and not self.follow:
-                return self.files.append((rel, "symlink to a folder (--follow-symlinks packs it)", 0, 0))
+                return self.files.append((rel, f"symlink to a folder ({self.follow_hint})", 0, 0))
             return self.walk(e.path, rel, hidden)
         if hidden or is_ignored(Path(e.name)):
             return self.files.append((rel, "ignored", 0, 0))
         if not e.is_file():
             return self.files.append((rel, "unreadable: not a regular file", 0, 0))
+        if not self.stat:
+            return self.files.append((rel, "", 0, 0))
         st = e.stat()
         self.files.append((rel, "", st.st_size, st.st_mtime_ns))
 
@@ -134,7 +147,7 @@ def scan_collection(src: Path, wanted: list[str], follow_symlinks: bool, val_fra
     coll.unclassified = sum(1 for p in src.iterdir() if not p.is_dir())
     h = hashlib.sha256()
     for ci, name in enumerate(names):
-        walker = _Walker(src_real, follow_symlinks)
+        walker = TreeWalker(src_real, follow_symlinks)
         class_dir = src / name
         target = os.path.realpath(class_dir)
         if class_dir.is_symlink() and not follow_symlinks and not _inside(target, src_real):

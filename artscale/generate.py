@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import io
-import os
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from artscale import multiple_of_8, usable_cores
 from artscale.atomic import write_atomic, write_json_atomic
 from artscale.errors import UserError
-from artscale.images import SkipImage, encode_image, is_ignored, is_image_name, load_image, resize_image
+from artscale.images import SkipImage, encode_image, load_image, resize_image
+from artscale.listing import LISTING, Entry, list_inputs, read_listing, shard_of, write_listing
+from artscale.progress import Progress
 
 INPUT, OUTPUT = "images", "generated"
 TMP_SUFFIX = ".artscale-tmp"
@@ -37,68 +36,6 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # go in smaller batches, so memory stays near 0.3 GB per inference stream.
 MAX_BATCH_PIXELS = 8 * 256 * 256
 CPU_BATCH, GPU_BATCH = 2, 32  # default images per session run (--batch-size 0)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One file of IN_DIR: its relative path, its output's relative path, or why it has none."""
-
-    rel: str
-    out: str = ""
-    ignored: bool = False
-    reason: str = ""  # set when the file is skipped before decoding
-
-
-def output_names(names: list[str], ext: str, folders: set[str] = frozenset()) -> dict[str, str]:
-    """File names of one folder -> output names: `x.jpg` -> `x.png`, but when two inputs (or a
-    folder) would share that name, each keeps its whole name: `x.jpg.png`, `x.png.png`.
-    Names that still clash with a folder map to ""."""
-    whole: set[str] = set()
-    while True:
-        out = {n: (n if n in whole else os.path.splitext(n)[0]) + ext for n in names}
-        users: dict[str, list[str]] = {}
-        for name, target in out.items():
-            users.setdefault(target, []).append(name)
-        clash = {n for target, group in users.items() if len(group) > 1 or target in folders for n in group}
-        if not clash - whole:
-            return {n: ("" if out[n] in folders else out[n]) for n in names}
-        whole |= clash
-
-
-def list_inputs(in_dir: Path, ext: str) -> list[Entry]:
-    """Every file under in_dir in a stable order (sorted walk), named over the whole listing."""
-    entries: list[Entry] = []
-    for dirpath, dirnames, filenames in os.walk(in_dir):
-        here = Path(dirpath)
-        rel_dir = here.relative_to(in_dir)
-        links = {d for d in dirnames if (here / d).is_symlink()}
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
-        candidates = []
-        for name in sorted(filenames) + sorted(links):
-            rel = (rel_dir / name).as_posix()
-            if name in links:
-                entries.append(Entry(rel, reason="symlink to a folder (not followed)"))
-            elif is_ignored(Path(name)):
-                entries.append(Entry(rel, ignored=True))
-            elif not is_image_name(Path(name)):
-                entries.append(Entry(rel, reason=f"not an image file name ({Path(name).suffix or 'no extension'})"))
-            else:
-                candidates.append(name)
-        names = output_names(candidates, ext, set(dirnames) | links)
-        for name in candidates:
-            rel = (rel_dir / name).as_posix()
-            out = names[name]
-            entries.append(
-                Entry(rel, (rel_dir / out).as_posix())
-                if out
-                else Entry(rel, reason="its output name is a folder's name")
-            )
-    return entries
-
-
-def shard_of(rel: str, num_shards: int) -> int:
-    """A stable shard for a relative path: the same on every machine, unchanged when files are added."""
-    return int.from_bytes(hashlib.sha1(os.fsencode(rel)).digest()[:8], "big") % num_shards
 
 
 def native_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -311,6 +248,45 @@ def _check_args(
         raise UserError("--batch-size and --workers must be >= 0 (0: chosen for the device)")
 
 
+def shard_entries(
+    in_dir: Path, out_dir: Path, ext: str, follow_symlinks: bool, num_shards: int, shard_index: int
+) -> list[Entry]:
+    """This shard's entries of IN_DIR: from OUT_DIR's listing when a sharded run has one (see
+    `--list-only`), else from a walk of the tree."""
+    listing = read_listing(out_dir, in_dir, ext, follow_symlinks) if num_shards > 1 else None
+    if listing is not None:
+        print(
+            f"artscale: reading the listing {out_dir / LISTING} ({len(listing.entries)} files, made {listing.created})",
+            file=sys.stderr,
+        )
+    entries = listing.entries if listing is not None else list_inputs(in_dir, ext, follow_symlinks)
+    return [e for e in entries if shard_of(e.rel, num_shards) == shard_index]
+
+
+def report_name(num_shards: int, shard_index: int) -> str:
+    return "report.json" if num_shards == 1 else f"report-{shard_index}-of-{num_shards}.json"
+
+
+def write_report(out_dir: Path, report: dict) -> Path:
+    """report.json (report-I-of-K.json for a shard), written atomically."""
+    path = out_dir / report_name(report["num_shards"], report["shard_index"])
+    write_json_atomic(path, report, sort_keys=False, tmp=out_dir / f".{path.name}{TMP_SUFFIX}")
+    return path
+
+
+def make_listing(model: Path, in_dir: Path, out_dir: Path, image_format: str, follow_symlinks: bool) -> dict:
+    """`--list-only`: walk IN_DIR once and write OUT_DIR/listing.jsonl for an array's tasks and its merge."""
+    _check_args(model, in_dir, out_dir, 1, 0, 95, 0, 0, 0)
+    started = time.perf_counter()
+    listing = write_listing(in_dir, out_dir, EXTENSIONS[image_format], follow_symlinks)
+    todo = sum(1 for e in listing.entries if e.out)
+    wall = time.perf_counter() - started
+    print(
+        f"listed {len(listing.entries)} files ({todo} to generate) under {in_dir} in {wall:.1f} s: {out_dir / LISTING}"
+    )
+    return {"files": len(listing.entries), "to_generate": todo, "wall_s": round(wall, 3)}
+
+
 def generate(
     model: str | Path,
     in_dir: str | Path,
@@ -329,24 +305,28 @@ def generate(
     restore_size: bool = False,
     batch_size: int = 0,
     workers: int = 0,
+    follow_symlinks: bool = False,
+    list_only: bool = False,
+    session: tuple | None = None,
 ) -> dict:
-    """Run MODEL over this shard of IN_DIR into OUT_DIR; returns the report (also written as JSON)."""
+    """Run MODEL over this shard of IN_DIR into OUT_DIR; returns the report (also written as JSON).
+
+    `session`: a (session, provider) pair from open_session, opened beforehand (a benchmark
+    keeps the opening out of its timing); by default it is opened here.
+    """
     model, in_dir, out_dir = Path(model), Path(in_dir), Path(out_dir)
-    _check_args(model, in_dir, out_dir, num_shards, shard_index, quality, size, batch_size, workers)
     if image_format not in EXTENSIONS:
         raise UserError(f"--format {image_format}: choose one of {', '.join(EXTENSIONS)}")
+    if list_only:
+        return make_listing(model, in_dir, out_dir, image_format, follow_symlinks)
+    _check_args(model, in_dir, out_dir, num_shards, shard_index, quality, size, batch_size, workers)
     cores = usable_cores()
     if provider == "tensorrt" and device == "cpu":
         raise UserError("--provider tensorrt runs on a GPU: use it with --device cuda or auto")
     # One intra-op thread per session run; on CPU, `cores` runs side by side (see _Pipeline).
-    session, used = open_session(
+    session, used = session or open_session(
         model, device, allow_cpu_fallback, provider, threads=1, cache_dir=out_dir / ".trt-cache", varied_shapes=native
     )
-    inp = session.get_inputs()[0]
-    if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
-        raise UserError(
-            f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)"
-        )
     trained = session.get_modelmeta().custom_metadata_map.get("image_size", "")
     if not native and not size:
         if not trained.isdigit():
@@ -355,7 +335,7 @@ def generate(
     workers = workers or cores
 
     started = time.perf_counter()
-    entries = [e for e in list_inputs(in_dir, EXTENSIONS[image_format]) if shard_of(e.rel, num_shards) == shard_index]
+    entries = shard_entries(in_dir, out_dir, EXTENSIONS[image_format], follow_symlinks, num_shards, shard_index)
     skipped = [{"path": e.rel, "reason": e.reason} for e in entries if e.reason]
     ignored = sum(e.ignored for e in entries)
     candidates = [e for e in entries if e.out]
@@ -396,15 +376,15 @@ def generate(
         "provider": used,
         "size": "native" if native else size,
         "format": image_format,
+        "follow_symlinks": follow_symlinks,
         "batches": batches,
         "wall_s": round(wall, 3),
         "img_per_s": round(written / wall, 2) if wall > 0 else 0.0,
     }
-    name = "report.json" if num_shards == 1 else f"report-{shard_index}-of-{num_shards}.json"
-    write_json_atomic(out_dir / name, report, sort_keys=False, tmp=out_dir / f".{name}{TMP_SUFFIX}")
+    path = write_report(out_dir, report)
     print(
         f"generated {written} images ({already_done} already done, {len(skipped)} skipped, {ignored} ignored) "
-        f"in {wall:.1f} s, {report['img_per_s']} img/s on {used}; report: {out_dir / name}"
+        f"in {wall:.1f} s, {report['img_per_s']} img/s on {used}; report: {path}"
     )
     return report
 
@@ -439,7 +419,13 @@ class _Pipeline:
         running: deque[Future] = deque()  # inference batches, each returning its write futures
         writes: deque[Future] = deque()
         batches = written = 0
-        bar = tqdm(total=len(todo), unit="img", desc="generate", disable=None, dynamic_ncols=True)
+        # A bar on a terminal; in a batch job, a plain line every ARTSCALE_PROGRESS_S seconds.
+        bar, lock = Progress(len(todo), "generate"), threading.Lock()
+
+        def tick(_: object = None) -> None:  # encode threads finish images side by side
+            with lock:
+                bar.update()
+
         source = iter(todo)
         with (
             ThreadPoolExecutor(self.workers, "decode") as decoders,
@@ -465,7 +451,7 @@ class _Pipeline:
                             self.quality,
                         )
                     )
-                    futures[-1].add_done_callback(lambda _: bar.update())
+                    futures[-1].add_done_callback(tick)
                 return futures
 
             def settle(keep_running: int) -> None:
@@ -491,7 +477,7 @@ class _Pipeline:
                         str(e) if isinstance(e, SkipImage) else f"decoder error: {type(e).__name__}: {str(e)[:160]}"
                     )
                     skipped.append({"path": entry.rel, "reason": reason})
-                    bar.update()
+                    tick()
                     refill()
                     continue
                 refill()

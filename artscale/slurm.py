@@ -262,20 +262,20 @@ COUNTS = ("inputs_seen", "written", "already_done", "skipped", "ignored")
 
 
 def merge_reports(out_dir: Path, num_shards: int) -> dict:
-    """Merge OUT/report-I-of-K.json (I = 0..K-1) into one report, checked against the input tree.
+    """Merge OUT/report-I-of-K.json (I = 0..K-1) into one report, checked against the input tree
+    (OUT/listing.jsonl when the array had one; files added since are counted in `after_listing`).
 
     UserError when a shard's report is missing, when a shard does not account for each of its
     inputs (written, already done, skipped with a reason, or ignored), when the shards together
     did not see exactly the files IN_DIR holds, or when an output is missing.
     """
-    from artscale.generate import EXTENSIONS, list_inputs, shard_of
+    from artscale.generate import EXTENSIONS, report_name
+    from artscale.listing import LISTING, files_after_listing, list_inputs, read_listing, shard_of
 
     out_dir = Path(out_dir)
     reports = []
     for i in range(num_shards):
-        path = out_dir / (
-            "report.json" if num_shards == 1 else f"report-{i}-of-{num_shards}.json"
-        )  # as generate names it
+        path = out_dir / report_name(num_shards, i)
         if not path.is_file():
             raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
         try:
@@ -298,11 +298,15 @@ def merge_reports(out_dir: Path, num_shards: int) -> dict:
     in_dir = Path(in_dirs.pop())
     if not in_dir.is_dir():
         raise UserError(f"input folder {in_dir} not found (the merge checks every input against it)")
-    entries = list_inputs(in_dir, EXTENSIONS[reports[0]["format"]])
+    ext, follow = EXTENSIONS[reports[0]["format"]], bool(reports[0].get("follow_symlinks", False))
+    listing = read_listing(out_dir, in_dir, ext, follow)
+    entries = listing.entries if listing is not None else list_inputs(in_dir, ext, follow)
+    where = out_dir / LISTING if listing is not None else f"{in_dir} now"
     for i, rep in enumerate(reports):
         expected = sum(shard_of(e.rel, num_shards) == i for e in entries)
         if rep["inputs_seen"] != expected:
-            raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {in_dir} holds {expected} for it now")
+            raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {where} holds {expected} for it")
+    late = files_after_listing(listing) if listing is not None else []
     skipped = {s["path"] for rep in reports for s in rep["skipped_files"]}
     missing = [e.out for e in entries if e.out and e.rel not in skipped and not (out_dir / e.out).is_file()]
     if missing:
@@ -315,6 +319,9 @@ def merge_reports(out_dir: Path, num_shards: int) -> dict:
         skipped_files=sorted((s for rep in reports for s in rep["skipped_files"]), key=lambda s: s["path"]),
         providers=sorted({rep.get("provider", "") for rep in reports}),
         wall_s_max=max(rep.get("wall_s", 0.0) for rep in reports),
+        # files added to IN_DIR after the listing: not generated, named here (the first 1000)
+        after_listing=len(late),
+        after_listing_files=late[:1000],
         shards=[
             {k: rep.get(k) for k in ("shard_index", "inputs_seen", "written", "wall_s", "img_per_s", "provider")}
             for rep in reports
@@ -391,8 +398,9 @@ def generate_sbatch_commands(
     account: str = "",
     sbatch_args: Sequence[str] = (),
     generate_args: Sequence[str] = (),
-) -> tuple[list[str], list[str]]:
-    """The array line for slurm/generate.sbatch, and the merge line; its `{array}` is the array's job id.
+) -> tuple[list[str], list[str], list[str]]:
+    """The sbatch lines of a generation: the listing job (one walk of IN_DIR), the array for
+    slurm/generate.sbatch after it (`{listing}`: its job id), the merge after the array (`{array}`).
 
     A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders that keep one
     GPU fed need several cores (about 150 images/s per core at 128 px)."""
@@ -409,7 +417,14 @@ def generate_sbatch_commands(
         if any(a.startswith("--device") for a in generate_args)
         else ["--device", "cuda" if gpus_per_task else "auto"]
     )
-    cmd += [str(SLURM_DIR / "generate.sbatch"), model, in_dir, out_dir, *device, *generate_args]
+    args = [model, in_dir, out_dir, *device, *generate_args]
+    cmd = [*cmd[:1], "--dependency=afterok:{listing}", *cmd[1:], str(SLURM_DIR / "generate.sbatch"), *args]
+    listing = [
+        "sbatch",
+        *_common_sbatch("", partition, account, sbatch_args),
+        str(SLURM_DIR / "generate-list.sbatch"),
+        *args,
+    ]
     merge = [
         "sbatch",
         "--dependency=afterok:{array}",
@@ -418,7 +433,7 @@ def generate_sbatch_commands(
         out_dir,
         str(tasks),
     ]
-    return cmd, merge
+    return listing, cmd, merge
 
 
 def _sbatch(cmd: list[str]) -> str:
@@ -444,16 +459,19 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
         cmds = [train_sbatch_command(**opts)]
     else:
         opts = dict(opts)
-        array, merge = generate_sbatch_commands(opts.pop("model"), opts.pop("in_dir"), opts.pop("out_dir"), **opts)
-        cmds = [array, merge]
+        cmds = list(generate_sbatch_commands(opts.pop("model"), opts.pop("in_dir"), opts.pop("out_dir"), **opts))
     if dry_run:
         for cmd in cmds:
             print(shlex.join(cmd))
         return []
-    ids = [_sbatch(cmds[0])]
+    ids: list[str] = []
+    for cmd, after in zip(cmds, ("", "{listing}", "{array}")):
+        ids.append(_sbatch([a.replace(after, ids[-1]) if after else a for a in cmd]))
     if what == "generate":
-        ids.append(_sbatch([a.replace("{array}", ids[0]) for a in cmds[1]]))
-        print(f"submitted generation array {ids[0]} ({opts['tasks']} tasks) and merge job {ids[1]} (after all succeed)")
+        print(
+            f"submitted listing job {ids[0]}, then generation array {ids[1]} ({opts['tasks']} tasks), "
+            f"then merge job {ids[2]} (each after the one before succeeds)"
+        )
     else:
         print(f"submitted training job {ids[0]}")
     return ids
@@ -481,6 +499,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"artscale: merged {args.num_shards} reports: {merged['inputs_seen']} inputs, {merged['written']} written, "
             f"{merged['already_done']} already done, {merged['skipped']} skipped, {merged['ignored']} ignored"
         )
+        if merged["after_listing"]:
+            print(
+                f"artscale: warning: {merged['after_listing']} files came into {merged['in_dir']} after the listing "
+                f"and were not generated (e.g. {merged['after_listing_files'][0]}); list and run again to add them",
+                file=sys.stderr,
+            )
         return 0
     except UserError as e:
         print(f"artscale: error: {e}", file=sys.stderr)

@@ -20,7 +20,8 @@ from PIL import Image
 
 from artscale.errors import UserError
 from artscale.export import describe_onnx, export_onnx
-from artscale.generate import CPU_BATCH, TMP_SUFFIX, Runner, generate, list_inputs, native_size, output_names
+from artscale.generate import CPU_BATCH, TMP_SUFFIX, Runner, generate, native_size
+from artscale.listing import list_inputs, output_names
 
 
 def _cuda_usable() -> bool:
@@ -98,12 +99,13 @@ def test_tree_is_mirrored_and_every_input_is_accounted_for(tree, model16, tmp_pa
     report = generate(model16, tree, out, device="cpu", workers=2, batch_size=3)
     assert _files(out) == set(GOOD.values()) | {"report.json"}
     assert json.loads((out / "report.json").read_text()) == report
-    assert report["inputs_seen"] == len(GOOD) + len(BAD) + len(JUNK)
+    # every entry accounted for: a file in a hidden folder is ignored, and counted, as pack counts it
+    assert report["inputs_seen"] == len(GOOD) + len(BAD) + len(JUNK) + 1
     assert (report["written"], report["already_done"], report["skipped"], report["ignored"]) == (
         len(GOOD),
         0,
         len(BAD),
-        len(JUNK),
+        len(JUNK) + 1,
     )
     reasons = {s["path"]: s["reason"] for s in report["skipped_files"]}
     assert set(reasons) == set(BAD) and reasons["b/model.psd"] == BAD["b/model.psd"]
@@ -321,3 +323,67 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tree, model16, tmp_p
     assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]
     assert run_cli("generate", model16, tree, out, "--device", "cpu").returncode == 0
     assert json.loads((out / "report.json").read_text())["written"] > 0
+
+
+def test_symlinks_follow_packs_rule(model16, tmp_path):
+    """One rule for pack and generate: a link that leads outside IN_DIR, or to a folder, is skipped
+    with its reason unless --follow-symlinks; a link inside the tree is generated."""
+    src, outside = tmp_path / "in", tmp_path / "outside"
+    make_image(src / "a" / "real.jpg", (16, 16), seed=1)
+    make_image(outside / "elsewhere.jpg", (16, 16), seed=2)
+    make_image(outside / "folder" / "inner.jpg", (16, 16), seed=3)
+    (src / "a" / "link-in.jpg").symlink_to(src / "a" / "real.jpg")
+    (src / "a" / "link-out.jpg").symlink_to(outside / "elsewhere.jpg")
+    (src / "a" / "link-folder").symlink_to(outside / "folder")
+    make_image(src / "b" / "x.jpg", (16, 16), seed=4)
+    (src / "a" / "link-b").symlink_to(src / "b")
+    strict = generate(model16, src, tmp_path / "strict", device="cpu")
+    assert strict["written"] == 3 and not (tmp_path / "strict" / "a" / "link-out.png").exists()
+    reasons = {s["path"]: s["reason"] for s in strict["skipped_files"]}
+    assert reasons == {
+        "a/link-out.jpg": "symlink leads outside IN_DIR (--follow-symlinks follows it)",
+        "a/link-folder": "symlink leads outside IN_DIR (--follow-symlinks follows it)",
+        "a/link-b": "symlink to a folder (--follow-symlinks follows it)",
+    }
+    (src / "a" / "link-b").unlink()  # followed, it would reach b/ twice (pack's rule: the second is a loop)
+    followed = generate(model16, src, tmp_path / "followed", device="cpu", follow_symlinks=True)
+    assert (followed["written"], followed["skipped"]) == (5, 0) and followed["follow_symlinks"]
+    assert (tmp_path / "followed" / "a" / "link-folder" / "inner.png").is_file()
+
+
+def test_a_batch_job_prints_progress_lines(model16, tree, tmp_path):
+    """stderr is a file in a batch job: plain progress lines, not a silent (or carriage-return) bar."""
+    done = run_cli("generate", model16, tree, tmp_path / "out", "--device", "cpu", env={"ARTSCALE_PROGRESS_S": "0.001"})
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("generate: ")]
+    assert lines and "\r" not in done.stderr
+    assert lines[-1].startswith(f"generate: {len(GOOD) + 3}/{len(GOOD) + 3} img (100%)") and "img/s" in lines[-1]
+
+
+def test_list_only_then_shards_read_the_listing(model16, tree, tmp_path):
+    """--list-only walks once; sharded tasks read OUT/listing.jsonl (a file added afterwards is not
+    seen by them) and the merge names that file instead of missing it in silence."""
+    from artscale.listing import LISTING, read_listing
+    from artscale.slurm import merge_reports
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    for rel in ("a/one.jpg", "a/two.jpg", "b/c/three.jpg", ".hidden/x.jpg"):
+        make_image(src / rel, (16, 16), seed=len(rel))
+    listed = run_cli("generate", model16, src, out, "--list-only")
+    assert listed.returncode == 0 and "listed 4 files (3 to generate)" in listed.stdout, listed.stderr
+    assert read_listing(out, src, ".png", False).entries == list_inputs(src, ".png")
+    make_image(src / "b" / "c" / "late.jpg", (16, 16), seed=9)
+    make_image(src / "new" / "later.jpg", (16, 16), seed=10)
+    reports = [generate(model16, src, out, device="cpu", num_shards=2, shard_index=i) for i in range(2)]
+    assert sum(r["inputs_seen"] for r in reports) == 4 and sum(r["written"] for r in reports) == 3
+    assert not (out / "b" / "c" / "late.png").exists()
+    merged = merge_reports(out, 2)
+    assert merged["written"] == 3 and merged["ignored"] == 1
+    assert merged["after_listing"] == 2 and merged["after_listing_files"] == ["b/c/late.jpg", "new/later.jpg"]
+    with pytest.raises(UserError, match="was made with ext '.png' \\(this run: '.jpg'\\)"):
+        generate(model16, src, out, device="cpu", num_shards=2, shard_index=0, image_format="jpg")
+    (out / LISTING).write_text('{"artscale_listing": 1, "files": 3}\n["a"]\n')
+    with pytest.raises(UserError, match="not a whole artscale listing"):
+        generate(model16, src, out, device="cpu", num_shards=2, shard_index=0)
+    single = generate(model16, src, tmp_path / "single", device="cpu")  # one machine walks, as before
+    assert single["written"] == 5

@@ -203,20 +203,18 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "--dry-run",
     )
     assert out.returncode == 0, out.stderr
-    array, merge = out.stdout.splitlines()
+    listing, array, merge = out.stdout.splitlines()
+    generate_args = ["m.onnx", "in", "out", "--device", "cuda", "--batch-size", "64"]
+    # first one walk of the tree (the listing job), then the array after it, then the merge
+    assert listing.split() == ["sbatch", str(ROOT / "slurm" / "generate-list.sbatch"), *generate_args]
     assert array.split() == [
         "sbatch",
+        "'--dependency=afterok:{listing}'",
         "--array=0-99%20",
         "--gpus-per-task=1",
         "--cpus-per-task=8",
         str(ROOT / "slurm" / "generate.sbatch"),
-        "m.onnx",
-        "in",
-        "out",
-        "--device",
-        "cuda",
-        "--batch-size",
-        "64",
+        *generate_args,
     ]
     assert merge.split() == [
         "sbatch",
@@ -409,7 +407,9 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
         cwd=tmp_path,
     )
     assert submitted.returncode == 0, submitted.stderr
-    array, merge = re.search(r"generation array (\d+) \(3 tasks\) and merge job (\d+)", submitted.stdout).groups()
+    listing, array, merge = re.search(
+        r"listing job (\d+), then generation array (\d+) \(3 tasks\), then merge job (\d+)", submitted.stdout
+    ).groups()
     tasks = wait_job(array, 180)
     assert sorted(r["JobState"] for r in tasks) == ["COMPLETED"] * 3, [
         p.read_text() for p in tmp_path.glob("slurm-*.out")
