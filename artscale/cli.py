@@ -125,7 +125,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=0,
-        help="images per onnxruntime call (default: 2 per core on CPU, 32 on a GPU)",
+        help="images per onnxruntime call (default: 2 on CPU; on a GPU as many as fit in its memory, up to 64)",
     )
     p.add_argument("--workers", type=int, default=0, help="decode/encode threads (default: from the core count)")
     p.add_argument(

@@ -8,13 +8,11 @@ renamed; a rerun skips outputs that exist. No torch here: workers start in well 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import io
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,161 +25,17 @@ from artscale.errors import UserError
 from artscale.images import SkipImage, encode_image, load_image, resize_image
 from artscale.listing import LISTING, Entry, list_inputs, read_listing, shard_of, write_listing
 from artscale.progress import Progress
+from artscale.session import Runner, batch_limit, gpu_memory_bytes, open_session
 
-INPUT, OUTPUT = "images", "generated"
 TMP_SUFFIX = ".artscale-tmp"
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-# A CPU run holds ~0.55 KB per pixel (measured: 283 MB for 2 x 512 x 512): large --native images
-# go in smaller batches, so memory stays near 0.3 GB per inference stream.
-MAX_BATCH_PIXELS = 8 * 256 * 256
-CPU_BATCH, GPU_BATCH = 2, 32  # default images per session run (--batch-size 0)
+GPU_STREAMS = 2  # batches in flight on a GPU: one computes while the other's copies run
 
 
 def native_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     """An image's own size, scaled down to fit max_side, each side rounded to a multiple of 8."""
     scale = min(1.0, max_side / max(size))
     return tuple(max(8, int(side * scale / 8 + 0.5) * 8) for side in size)  # type: ignore[return-value]
-
-
-def _cuda_hint() -> str:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver here (libcuda.so.1 not found)"
-    return "CUDA 13 / cuDNN 9 libraries missing or no usable GPU"
-
-
-def open_session(
-    model: Path,
-    device: str,
-    allow_cpu_fallback: bool,
-    provider: str,
-    threads: int,
-    cache_dir: Path | None = None,
-    varied_shapes: bool = False,
-):
-    """An onnxruntime session on the device asked for; returns (session, provider actually used).
-
-    onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
-    is disabled in the session, and `get_providers()` is read back after creation.
-    """
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(4)  # its C++ lines about missing libraries: we say it in one line
-
-    def options(strict: bool):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        # Decode/encode threads share these cores: idle onnxruntime workers must sleep, not spin.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if strict:
-            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        return opts
-
-    def cpu_session():
-        try:
-            return ort.InferenceSession(str(model), options(False), providers=["CPUExecutionProvider"])
-        except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail: not a usable model
-            raise UserError(f"cannot load {model} as an ONNX model: {str(e).splitlines()[0][:200]}") from None
-
-    if device == "cpu":
-        return cpu_session(), "CPUExecutionProvider"
-    available = ort.get_available_providers()
-    # cuDNN's exhaustive algorithm search runs once per input shape: worth it for one size only.
-    wanted: list = [
-        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC" if varied_shapes else "EXHAUSTIVE"})
-    ]
-    if provider == "tensorrt":  # engines are built per input shape: cache them beside the outputs
-        wanted.insert(
-            0,
-            (
-                "TensorrtExecutionProvider",
-                {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")},
-            ),
-        )
-    names = [name for name, _ in wanted]
-    problem = ""
-    if not set(names) <= set(available):
-        problem = (
-            f"this onnxruntime has no {' or '.join(n for n in names if n not in available)} (install onnxruntime-gpu)"
-        )
-    else:
-        if provider == "tensorrt" and cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels torch brings, without importing torch
-        # Strict first (every node on the GPU); then let a few nodes sit on CPU, as long as the GPU runs.
-        for strict in (True, False):
-            printed = io.StringIO()  # onnxruntime prints a 4-line "EP Error" block when TensorRT cannot start
-            try:
-                with contextlib.redirect_stdout(printed):
-                    session = ort.InferenceSession(
-                        str(model), options(strict), providers=wanted if strict else [*wanted, "CPUExecutionProvider"]
-                    )
-            except Exception as e:  # the fallback-disabled Fail, or a model error the CPU session names below
-                problem = str(e).splitlines()[0][:160]
-                continue
-            used = session.get_providers()[0]
-            if used in GPU_PROVIDERS:
-                if provider == "tensorrt" and used != "TensorrtExecutionProvider":
-                    print(
-                        f"artscale: TensorRT did not start (TensorRT libraries missing?); running on {used}",
-                        file=sys.stderr,
-                    )
-                return session, used
-            problem = f"onnxruntime chose {used}"
-    session = cpu_session()
-    why = problem if problem.startswith("this onnxruntime") else _cuda_hint()
-    if device == "cuda" and not allow_cpu_fallback:
-        raise UserError(f"--device cuda: CUDA does not run here ({why}); use --device cpu, or add --allow-cpu-fallback")
-    print(f"artscale: --device {device}: CUDA does not run here ({why}); running on CPU", file=sys.stderr)
-    return session, "CPUExecutionProvider"
-
-
-class Runner:
-    """session.run for one batch. With IO binding (a GPU), inputs and outputs go through host
-    buffers kept per batch shape, page-locked (pinned) when CUDA is there: onnxruntime's copies
-    to and from the device then run at full PCIe speed, with no staging copy in the driver."""
-
-    def __init__(self, session, io_device: str | None) -> None:
-        self.session = session
-        self.binding = session.io_binding() if io_device else None
-        self.pinned = io_device == "cuda"
-        self.buffers: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # shape -> (input, output)
-
-    def _host_pair(self, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-        if shape not in self.buffers:
-            if len(self.buffers) >= 4:  # --native sees many shapes: keep a few, like any cache
-                self.buffers.pop(next(iter(self.buffers)))
-            self.buffers[shape] = (self._alloc(shape), self._alloc(shape))
-        return self.buffers[shape]
-
-    def _alloc(self, shape: tuple) -> np.ndarray:
-        if self.pinned:
-            try:
-                import torch  # its pinned allocator; only a GPU run pays for the import
-
-                return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
-            except Exception as e:  # a CUDA-less torch: pageable memory still works, a bit slower
-                print(
-                    f"artscale: pinned host memory unavailable ({type(e).__name__}); using pageable buffers",
-                    file=sys.stderr,
-                )
-                self.pinned = False
-        return np.empty(shape, np.uint8)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if self.binding is None:
-            return self.session.run([OUTPUT], {INPUT: batch})[0]
-        host_in, host_out = self._host_pair(batch.shape)
-        np.copyto(host_in, batch)
-        shape = list(batch.shape)
-        self.binding.bind_input(INPUT, "cpu", 0, np.uint8, shape, host_in.ctypes.data)
-        self.binding.bind_output(OUTPUT, "cpu", 0, np.uint8, shape, host_out.ctypes.data)
-        self.session.run_with_iobinding(self.binding)
-        return host_out.copy()  # the buffer is reused by the next batch
 
 
 def _decode(path: Path, size: int, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -343,14 +197,19 @@ def generate(
     already_done = len(candidates) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    on_cpu = used == "CPUExecutionProvider"
+    on_gpu = used != "CPUExecutionProvider"
     # CPU: each core runs its own small batch, whose activations stay in that core's cache
-    # (bench/generate.py: batch 2 gave 80-91 img/s on 2 cores, batch 8 72). A GPU wants big batches.
-    batch_size = batch_size or (CPU_BATCH if on_cpu else GPU_BATCH)
+    # (bench/generate.py: batch 2 gave 80-91 img/s on 2 cores, batch 8 72). A GPU wants big
+    # batches, sized by its memory, two in flight.
+    memory = gpu_memory_bytes() if on_gpu and not batch_size else 0
+
+    def limit(shape: tuple) -> int:
+        return batch_limit(shape[0], shape[1], on_gpu=on_gpu, requested=batch_size, gpu_memory=memory)
+
     run = _Pipeline(
-        Runner(session, None if on_cpu else "cuda"),
-        cores if on_cpu else 1,
-        batch_size,
+        Runner(session, "cuda" if on_gpu else None),
+        GPU_STREAMS if on_gpu else cores,
+        limit,
         workers,
         size=size,
         max_side=max_side,
@@ -400,7 +259,7 @@ class _Pipeline:
         self,
         runner: Runner,
         streams: int,
-        batch_size: int,
+        limit: Callable[[tuple], int],
         workers: int,
         *,
         size: int,
@@ -409,9 +268,11 @@ class _Pipeline:
         fmt: str,
         quality: int,
     ) -> None:
-        self.runner, self.streams, self.batch_size, self.workers = runner, streams, batch_size, workers
+        self.runner, self.streams, self.batch_limit, self.workers = runner, streams, limit, workers
         self.size, self.max_side, self.restore, self.fmt, self.quality = size, max_side, restore, fmt, quality
-        self.limit = 2 * batch_size + workers  # images waiting per stage
+        side = size or 8  # --native: sized for the smallest image, the largest batch
+        # images waiting per stage: every stream's batch, one more filling, and the workers' own
+        self.limit = (streams + 1) * limit((side, side)) + workers
 
     def __call__(self, todo: list[Entry], in_dir: Path, out_dir: Path, skipped: list[dict]) -> tuple[int, int]:
         pending: dict[tuple, list] = {}  # shape -> [(entry, pixels, original)], native sizes batch apart
@@ -483,7 +344,7 @@ class _Pipeline:
                 refill()
                 group = pending.setdefault(pixels.shape, [])
                 group.append((entry, pixels, original))
-                if len(group) >= self.batch_size or len(group) * pixels.shape[0] * pixels.shape[1] >= MAX_BATCH_PIXELS:
+                if len(group) >= self.batch_limit(pixels.shape):
                     flush(pixels.shape)
                 elif sum(map(len, pending.values())) > self.limit:
                     flush(max(pending, key=lambda s: len(pending[s])))

@@ -20,8 +20,9 @@ from PIL import Image
 
 from artscale.errors import UserError
 from artscale.export import describe_onnx, export_onnx
-from artscale.generate import CPU_BATCH, TMP_SUFFIX, Runner, generate, native_size
+from artscale.generate import TMP_SUFFIX, generate, native_size
 from artscale.listing import list_inputs, output_names
+from artscale.session import CPU_BATCH, GPU_MAX_BATCH, MAX_BATCH_PIXELS, Runner, batch_limit
 
 
 def _cuda_usable() -> bool:
@@ -173,32 +174,61 @@ def test_native_size_restore_size_and_formats(tree, model16, tmp_path):
             assert im.format == "WEBP" and im.size == src.size
 
 
-def test_io_binding_runner_gives_the_same_pixels(model16, capsys):
-    """The GPU path's binding of reused host buffers, run on CPU: same pixels for every shape,
-    and a returned batch never changes when the next one reuses the buffers."""
+def test_io_binding_runner_gives_the_same_pixels(model16):
+    """The GPU path (input copied in, output bound on the device, one binding per thread), run on
+    CPU: the same pixels as session.run for every shape, with two batches in flight at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     session = ort.InferenceSession(str(model16), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    bound = Runner(session, "cpu")
-    shapes = [
-        (3, 16, 24, 3),
-        (1, 8, 8, 3),
-        (3, 16, 24, 3),
-        (2, 32, 16, 3),
-        (1, 16, 16, 3),
-        (4, 8, 16, 3),
-        (3, 16, 24, 3),
-    ]
+    shapes = [(3, 16, 24, 3), (1, 8, 8, 3), (3, 16, 24, 3), (2, 32, 16, 3), (4, 8, 16, 3), (3, 16, 24, 3)]
     batches = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
-    results = [bound(b) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(Runner(session, "cpu"), batches))
     for batch, result in zip(batches, results):
-        plain = Runner(session, None)(batch)
-        assert result.shape == batch.shape and np.array_equal(plain, result)
-    assert len(bound.buffers) <= 4
-    # The CUDA path's buffers on this CPU session: pinned where CUDA is, else pageable, said once.
-    cuda_path = Runner(session, "cuda")
-    assert np.array_equal(cuda_path(batches[0]), results[0]) and np.array_equal(cuda_path(batches[1]), results[1])
-    if not _cuda_usable():
-        assert not cuda_path.pinned and capsys.readouterr().err.count("using pageable buffers") == 1
+        assert result.shape == batch.shape and np.array_equal(Runner(session, None)(batch), result)
+
+
+def test_batch_sizes_cap_cpu_only():
+    """The batch policy, on CPU and on a pretend 80 GB GPU: --batch-size is honoured on a GPU
+    (the CPU cache cap once cut 64 to 8 at 256 px); the default follows the GPU's memory."""
+    gb = 1 << 30
+    assert batch_limit(128, 128, on_gpu=False) == CPU_BATCH
+    assert batch_limit(256, 256, on_gpu=False, requested=64) == MAX_BATCH_PIXELS // (256 * 256) == 8
+    assert batch_limit(1024, 1024, on_gpu=False, requested=64) == 1
+    assert batch_limit(256, 256, on_gpu=True, requested=64) == 64
+    assert batch_limit(1024, 1024, on_gpu=True, requested=64) == 64
+    assert batch_limit(128, 128, on_gpu=True, gpu_memory=80 * gb) == GPU_MAX_BATCH
+    assert batch_limit(1024, 1024, on_gpu=True, gpu_memory=80 * gb) == 36  # 20 GB / (560 B x 1 Mpx)
+    assert batch_limit(1024, 1024, on_gpu=True, gpu_memory=8 * gb) == 3
+    assert batch_limit(4096, 4096, on_gpu=True, gpu_memory=8 * gb) == 1
+
+
+def test_a_model_that_fails_to_run_is_one_line_with_onnxruntimes_words(tmp_path):
+    """The warm-up batch runs while the session opens: a model that loads but cannot run (here a
+    Reshape no input fits; on a GPU, a broken cuDNN) fails there, in one line that keeps
+    onnxruntime's own error text, not later in a worker thread."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["f", "shape"], ["r"]),
+            helper.make_node("Cast", ["r"], ["generated"], to=TensorProto.UINT8),
+        ],
+        "broken",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info("generated", TensorProto.UINT8, None)],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, -1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model.metadata_props.add(key="image_size", value="16")
+    onnx.save(model, tmp_path / "broken.onnx")
+    make_image(tmp_path / "in" / "a.jpg", (16, 16), seed=0)
+    out = run_cli("generate", tmp_path / "broken.onnx", tmp_path / "in", tmp_path / "out", "--device", "cpu")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "fails on a tiny batch on CPU: onnxruntime:" in out.stderr and "Reshape" in out.stderr
 
 
 def test_user_mistakes_are_refused(tree, model16, tmp_path):

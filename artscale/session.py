@@ -1,0 +1,218 @@
+"""onnxruntime sessions for generation: opened on the device asked for and warmed up, a batch
+run through IO binding on a GPU, and how many images go in one run.
+
+No torch here: an array task starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from artscale.errors import UserError
+
+INPUT, OUTPUT = "images", "generated"
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# A run holds ~0.55 KB per pixel (measured on CPU: 283 MB for 2 x 512 x 512).
+BYTES_PER_PIXEL = 560
+# CPU: large --native images go in smaller batches, so memory stays near 0.3 GB per inference
+# stream and a batch's activations stay in the core's cache.
+MAX_BATCH_PIXELS = 8 * 256 * 256
+CPU_BATCH = 2  # default images per run on CPU (--batch-size 0)
+# GPU: batches sized by memory, up to this many images (beyond it a GPU gains little).
+GPU_MAX_BATCH = 64
+GPU_MEMORY_SHARE = 0.25  # of the GPU's memory, per batch in flight (two are)
+ASSUMED_GPU_MEMORY = 16 << 30  # when nvidia-smi cannot say
+
+
+def batch_limit(height: int, width: int, *, on_gpu: bool, requested: int = 0, gpu_memory: int = 0) -> int:
+    """Images per session run for images of height x width.
+
+    CPU: --batch-size (default 2), capped at MAX_BATCH_PIXELS. GPU: --batch-size as given;
+    by default as many as fit in a quarter of the GPU's memory, at most GPU_MAX_BATCH.
+    """
+    pixels = height * width
+    if not on_gpu:
+        return max(1, min(requested or CPU_BATCH, -(-MAX_BATCH_PIXELS // pixels)))
+    if requested:
+        return requested
+    fit = int((gpu_memory or ASSUMED_GPU_MEMORY) * GPU_MEMORY_SHARE) // (BYTES_PER_PIXEL * pixels)
+    return max(1, min(GPU_MAX_BATCH, fit))
+
+
+def gpu_memory_bytes() -> int:
+    """Total memory of the first visible GPU, from nvidia-smi; 0 when it cannot say."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    cmd = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+    cmd += ["-i", visible] if visible else []
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return int(out.stdout.split()[0]) << 20 if out.returncode == 0 else 0
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return 0
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _cuda_hint() -> str:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver here (libcuda.so.1 not found)"
+    return "CUDA 13 / cuDNN 9 libraries missing or no usable GPU"
+
+
+def check_signature(session, model: Path) -> None:
+    """An artscale model takes uint8 [N, H, W, 3] named `images` (see `artscale export`)."""
+    inp = session.get_inputs()[0]
+    if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+        raise UserError(
+            f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)"
+        )
+
+
+def warm_up(session, device: str | None) -> None:
+    """One 8 x 8 image through the session, the way batches will go: a library that cannot run
+    (cuDNN, cuBLAS) fails here, and the first real batch does not pay for the start."""
+    Runner(session, device)(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def open_session(
+    model: Path,
+    device: str,
+    allow_cpu_fallback: bool,
+    provider: str,
+    threads: int,
+    cache_dir: Path | None = None,
+    varied_shapes: bool = False,
+):
+    """An onnxruntime session on the device asked for, warmed up; returns (session, provider used).
+
+    onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
+    is disabled in the session, and `get_providers()` is read back after creation. A broken cuDNN
+    or CUDA library only shows when the session first runs, so a tiny batch runs here, inside
+    these checks: its failure is one line with onnxruntime's own words, not a traceback later in
+    a worker thread.
+    """
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)  # its C++ lines about missing libraries: we say it in one line
+
+    def options(strict: bool):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # Decode/encode threads share these cores: idle onnxruntime workers must sleep, not spin.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if strict:
+            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        return opts
+
+    def cpu_session():
+        try:
+            session = ort.InferenceSession(str(model), options(False), providers=["CPUExecutionProvider"])
+        except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail: not a usable model
+            raise UserError(f"cannot load {model} as an ONNX model: {_first_line(e)}") from None
+        check_signature(session, model)
+        try:
+            warm_up(session, None)
+        except Exception as e:  # onnxruntime's own words: the model fails when it runs
+            raise UserError(f"{model} fails on a tiny batch on CPU: onnxruntime: {_first_line(e)}") from None
+        return session
+
+    if device == "cpu":
+        return cpu_session(), "CPUExecutionProvider"
+    available = ort.get_available_providers()
+    # cuDNN's exhaustive algorithm search runs once per input shape: worth it for one size only.
+    wanted: list = [
+        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC" if varied_shapes else "EXHAUSTIVE"})
+    ]
+    if provider == "tensorrt":  # engines are built per input shape: cache them beside the outputs
+        wanted.insert(
+            0,
+            (
+                "TensorrtExecutionProvider",
+                {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")},
+            ),
+        )
+    names = [name for name, _ in wanted]
+    problem = ""
+    if not set(names) <= set(available):
+        problem = (
+            f"this onnxruntime has no {' or '.join(n for n in names if n not in available)} (install onnxruntime-gpu)"
+        )
+    else:
+        if provider == "tensorrt" and cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels torch brings, without importing torch
+        # Strict first (every node on the GPU); then let a few nodes sit on CPU, as long as the GPU runs.
+        for strict in (True, False):
+            printed = io.StringIO()  # onnxruntime prints a 4-line "EP Error" block when TensorRT cannot start
+            try:
+                with contextlib.redirect_stdout(printed):
+                    session = ort.InferenceSession(
+                        str(model), options(strict), providers=wanted if strict else [*wanted, "CPUExecutionProvider"]
+                    )
+            except Exception as e:  # the fallback-disabled Fail, or a model error the CPU session names below
+                problem = _first_line(e)
+                continue
+            used = session.get_providers()[0]
+            if used in GPU_PROVIDERS:
+                check_signature(session, model)
+                try:
+                    warm_up(session, "cuda")
+                except Exception as e:  # e.g. CUDNN_STATUS_..., a missing libcublas: the GPU cannot run it
+                    problem = _first_line(e)
+                    continue
+                if provider == "tensorrt" and used != "TensorrtExecutionProvider":
+                    print(
+                        f"artscale: TensorRT did not start (TensorRT libraries missing?); running on {used}",
+                        file=sys.stderr,
+                    )
+                return session, used
+            problem = f"onnxruntime chose {used}"
+    session = cpu_session()
+    why = problem if problem.startswith("this onnxruntime") else _cuda_hint()
+    if problem and not problem.startswith("this onnxruntime"):
+        why += f"; onnxruntime: {problem}"
+    if device == "cuda" and not allow_cpu_fallback:
+        raise UserError(f"--device cuda: CUDA does not run here ({why}); use --device cpu, or add --allow-cpu-fallback")
+    print(f"artscale: --device {device}: CUDA does not run here ({why}); running on CPU", file=sys.stderr)
+    return session, "CPUExecutionProvider"
+
+
+class Runner:
+    """session.run for one batch. On a GPU (device "cuda") through IO binding: the input is
+    copied from host memory, the output is bound on the device and copied back once the run is
+    done. Callable from several threads at once (one binding per thread), so two batches can be
+    in flight: one computes while the other's copies run."""
+
+    def __init__(self, session, device: str | None) -> None:
+        self.session, self.device = session, device
+        self.local = threading.local()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.device is None:
+            return self.session.run([OUTPUT], {INPUT: batch})[0]
+        binding = getattr(self.local, "binding", None)
+        if binding is None:
+            binding = self.local.binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT, np.ascontiguousarray(batch))
+        binding.bind_output(OUTPUT, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
