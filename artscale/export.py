@@ -28,6 +28,7 @@ from artscale.checkpoint import load_model
 from artscale.errors import UserError
 from artscale.manifest import is_shards_dir, read_manifest, split_shards
 from artscale.model import IMAGENET_MEAN, IMAGENET_STD, check_size
+from artscale.progress import Progress
 from artscale.shard_writer import sha256_file
 
 INPUT, OUTPUT, FLOAT_OUTPUT = "images", "generated", "probabilities"
@@ -203,9 +204,13 @@ def export_onnx(
 
     images, parity_source = _parity_images(Path(shards) if shards else None, config, image_size)
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    # export, parity gate, full ONNX check, dynamic-shape gate: minutes for a large model on CPU
+    bar = Progress(4, "export", unit="step")
     proto = _export_graph(model, image_size, fp16)
+    bar.update()
     parity = _compare(_session(proto.SerializeToString()), model, images, float_output=True)
     _gate(parity, tolerance, parity_source)
+    bar.update()
     # Dynamic shapes: another batch size and a non-square size must work and agree too.
     other = np.ascontiguousarray(np.concatenate([images[:3], images[:3, ::-1]], axis=2)[:, :, : image_size * 2 - 8])
     final = _drop_float_output(proto)
@@ -223,9 +228,12 @@ def export_onnx(
         final.metadata_props.add(key=key, value=value)
     final.producer_name, final.producer_version = "artscale", __version__
     onnx.checker.check_model(final, full_check=True)
+    bar.update()
     data = final.SerializeToString()
     dynamic = _compare(_session(data), model, other, float_output=False)
     _gate(dynamic, tolerance, f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]} (dynamic shape)")
+    bar.update()
+    bar.close()
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

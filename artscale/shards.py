@@ -26,6 +26,7 @@ from artscale.collection import Collection, Entry, scan_collection
 from artscale.errors import UserError
 from artscale.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
 from artscale.manifest import MANIFEST, read_manifest, split_shards
+from artscale.progress import Progress
 from artscale.shard_writer import Journal, SplitWriter, sha256_file
 
 JOURNAL = ".pack-journal.jsonl"
@@ -243,8 +244,6 @@ def pack(
 
 def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal: Journal, workers: int) -> list[dict]:
     """Decode what the kept shards do not cover, in a process pool, and write it in order."""
-    from tqdm import tqdm
-
     todo: list[tuple[str, int, Entry]] = []
     writers: dict[str, SplitWriter] = {}
     for split in SPLITS:
@@ -265,7 +264,7 @@ def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal:
     paths = [str(coll.root / e.rel) for _, _, e in todo]
     records, loose = [], []
     try:
-        with tqdm(total=len(todo), unit="img", desc="pack", mininterval=0.5, smoothing=0.1) as bar:
+        with Progress(len(todo), "pack") as bar:  # a bar on a terminal, plain lines in a batch job
             for (split, index, entry), (data, info) in zip(todo, _map_decode(paths, decode, workers)):
                 writers[split].add(index, entry, data, info)
                 bar.update(1)
@@ -390,30 +389,36 @@ def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
     return len(fields), bad
 
 
+def _verify_shard(out: Path, s: dict, image_format: str) -> list[str]:
+    path = out / s["name"]
+    if not path.is_file():
+        return [f"{s['name']}: missing"]
+    problems = []
+    if path.stat().st_size != s["bytes"]:
+        problems.append(f"{s['name']}: {path.stat().st_size} bytes, manifest says {s['bytes']}")
+    if sha256_file(path) != s["sha256"]:
+        return [*problems, f"{s['name']}: sha256 differs from the manifest (the file changed or is corrupt)"]
+    try:
+        count, bad = _count_samples(path, image_format)
+    except (tarfile.TarError, OSError) as e:
+        return [*problems, f"{s['name']}: not a readable tar ({e})"]
+    problems += bad
+    if count != s["count"]:
+        problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+    return problems
+
+
 def verify(out: Path) -> list[str]:
     """Re-hash and re-count every shard against manifest.json; the problems found (empty: all good)."""
     out = Path(out)
     m = read_manifest(out)
     problems = []
     listed = {s["name"] for s in m["shards"]}
+    bar = Progress(len(m["shards"]), "verify", unit="shard")
     for s in m["shards"]:
-        path = out / s["name"]
-        if not path.is_file():
-            problems.append(f"{s['name']}: missing")
-            continue
-        if path.stat().st_size != s["bytes"]:
-            problems.append(f"{s['name']}: {path.stat().st_size} bytes, manifest says {s['bytes']}")
-        if sha256_file(path) != s["sha256"]:
-            problems.append(f"{s['name']}: sha256 differs from the manifest (the file changed or is corrupt)")
-            continue
-        try:
-            count, bad = _count_samples(path, m["image_format"])
-        except (tarfile.TarError, OSError) as e:
-            problems.append(f"{s['name']}: not a readable tar ({e})")
-            continue
-        problems += bad
-        if count != s["count"]:
-            problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        problems += _verify_shard(out, s, m["image_format"])
+        bar.update()
+    bar.close()
     for split in SPLITS:
         shards = split_shards(m, split)
         if m["splits"][split]["count"] != sum(s["count"] for s in shards):

@@ -79,9 +79,10 @@ def test_article_pth_exports_and_info_prints_it(tmp_path):
     model = random_model(2)
     torch.save(model.state_dict(), tmp_path / "article.pth")  # what the article's script saves
     out = tmp_path / "exports" / "article.onnx"
-    result = run_cli("export", tmp_path / "article.pth", out, "--size", "24")
+    result = run_cli("export", tmp_path / "article.pth", out, "--size", "24", env={"ARTSCALE_PROGRESS_S": "0.001"})
     assert result.returncode == 0, result.stderr
     assert "parity on 8 generated images" in result.stdout
+    assert "export: 4/4 step (100%)" in result.stderr  # the parity gate's progress, as a batch job shows it
     images = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
     assert np.abs(onnx_run(out, images).astype(int) - torch_uint8(model, images).astype(int)).max() <= 1
     info = run_cli("info", out)

@@ -228,14 +228,17 @@ def test_bad_src_gives_one_line_and_exit_2(tmp_path, case):
 
 def test_cli_pack_info_verify(image_folder, tmp_path):
     out = tmp_path / "out"
-    r = run_cli("pack", image_folder, out, "--size", "16", "--workers", "1", "--format", "png")
+    job = {"ARTSCALE_PROGRESS_S": "0.001"}  # stderr is a file, as in a batch job: plain progress lines
+    r = run_cli("pack", image_folder, out, "--size", "16", "--workers", "1", "--format", "png", env=job)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("packed 40 of 42 files")
     assert "warning: only 1 train shards" in r.stderr
+    assert "pack: 41/41 img (100%)" in r.stderr and "\r" not in r.stderr  # 40 packed, 1 corrupt
     info = run_cli("info", out)
     assert info.returncode == 0 and "train: " in info.stdout and "painting: seen 9, packed 8, skipped 1" in info.stdout
-    ok = run_cli("verify", out)
+    ok = run_cli("verify", out, env=job)
     assert ok.returncode == 0 and "every shard matches" in ok.stdout
+    assert "verify: 2/2 shard (100%)" in ok.stderr
 
 
 def _big_collection(root: Path, n: int) -> Path:
