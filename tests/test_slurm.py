@@ -419,7 +419,13 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
     assert merged_job["JobState"] == "COMPLETED", merge_log
     assert "merged 3 reports" in merge_log
 
-    assert tree_files(tmp_path / "out") == tree_files(tmp_path / "one")
+    # the listing job walked the tree once; every task read its listing instead of walking
+    assert (tmp_path / "out" / "listing.jsonl").is_file()
+    task_logs = [p.read_text() for p in tmp_path.glob(f"slurm-artscale-generate-{array}_*.out")]
+    assert len(task_logs) == 3 and all("reading the listing" in log for log in task_logs)
+    assert tree_files(tmp_path / "out") == tree_files(tmp_path / "one") | {
+        "listing.jsonl": (tmp_path / "out" / "listing.jsonl").read_bytes()
+    }
     assert sorted(p.name for p in (tmp_path / "out").glob("report*.json")) == [
         "report-0-of-3.json",
         "report-1-of-3.json",
