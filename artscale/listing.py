@@ -15,12 +15,12 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from artscale.atomic import write_atomic
 from artscale.collection import TreeWalker
 from artscale.errors import UserError
-from artscale.images import is_image_name
+from artscale.images import IMAGE_EXTENSIONS
 
 LISTING = "listing.jsonl"
 FOLLOW_HINT = "follows"  # "--follow-symlinks follows it"
@@ -71,27 +71,27 @@ def _walk(in_dir: Path, follow_symlinks: bool) -> TreeWalker:
 
 
 def _entries(walker: TreeWalker, ext: str) -> list[Entry]:
-    """The walker's files as entries, output names decided per folder over all its files."""
+    """The walker's files as entries, output names decided per folder over all its files.
+    Plain string operations: pathlib here cost 6x the walk itself on 200,000 files."""
+    split = [(rel, fate, *rel.rpartition("/")[::2]) for rel, fate, _, _ in walker.files]  # rel, fate, folder, name
     candidates: dict[str, list[str]] = {}
-    for rel, fate, _, _ in walker.files:
-        if not fate and is_image_name(Path(rel)):
-            parent = PurePosixPath(rel).parent.as_posix()
-            candidates.setdefault("" if parent == "." else parent, []).append(PurePosixPath(rel).name)
+    for _, fate, folder, name in split:
+        if not fate and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            candidates.setdefault(folder, []).append(name)
     names = {
         folder: output_names(files, ext, walker.folders.get(folder, set())) for folder, files in candidates.items()
     }
     entries = []
-    for rel, fate, _, _ in walker.files:
-        path = PurePosixPath(rel)
-        folder = "" if path.parent.as_posix() == "." else path.parent.as_posix()
+    for rel, fate, folder, name in split:
+        suffix = os.path.splitext(name)[1]
         if fate == "ignored":
             entries.append(Entry(rel, ignored=True))
         elif fate:
             entries.append(Entry(rel, reason=fate))
-        elif not is_image_name(Path(rel)):
-            entries.append(Entry(rel, reason=f"not an image file name ({path.suffix or 'no extension'})"))
-        elif out := names[folder][path.name]:
-            entries.append(Entry(rel, (path.parent / out).as_posix()))
+        elif suffix.lower() not in IMAGE_EXTENSIONS:
+            entries.append(Entry(rel, reason=f"not an image file name ({suffix or 'no extension'})"))
+        elif out := names[folder][name]:
+            entries.append(Entry(rel, f"{folder}/{out}" if folder else out))
         else:
             entries.append(Entry(rel, reason="its output name is a folder's name"))
     return entries
@@ -148,7 +148,8 @@ def read_listing(out_dir: Path, in_dir: Path, ext: str, follow_symlinks: bool) -
     try:
         with open(path) as f:
             header = json.loads(f.readline())
-            rows = [json.loads(line) for line in f]
+            # one parse for all rows (a row never holds a raw newline: JSON escapes it): 5x faster
+            rows = json.loads("[" + f.read().rstrip("\n").replace("\n", ",") + "]")
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable listing ({e}); {again}") from None
     if not isinstance(header, dict) or header.get("artscale_listing") != 1 or len(rows) != header.get("files"):
