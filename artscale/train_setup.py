@@ -89,12 +89,13 @@ def check_world(env: Mapping[str, str], num_processes: int) -> None:
         )
 
 
-def loader_workers(cfg_workers: int, device_type: str, local_processes: int) -> int:
+def loader_workers(cfg_workers: int, device_type: str, local_processes: int, cores: int | None = None) -> int:
     """num_workers=-1: none on CPU (a worker only takes cores from the step), on a GPU up to 4 per
-    process, dividing this node's usable cores among its processes."""
+    process, dividing this node's usable cores (`cores`, default: this process's) among its processes."""
     if cfg_workers >= 0:
         return cfg_workers
-    return 0 if device_type == "cpu" else min(4, usable_cores() // max(1, local_processes))
+    cores = usable_cores() if cores is None else cores
+    return 0 if device_type == "cpu" else min(4, cores // max(1, local_processes))
 
 
 def wandb_has_credentials(env: Mapping[str, str]) -> bool:
@@ -102,7 +103,7 @@ def wandb_has_credentials(env: Mapping[str, str]) -> bool:
     in ~/.netrc (or $NETRC) for the W&B host."""
     if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlsplit(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    host = urlsplit(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc or "api.wandb.ai"
     path = Path(env.get("NETRC") or Path(env.get("HOME", str(Path.home()))) / ".netrc").expanduser()
     try:
         entry = netrc.netrc(str(path)).authenticators(host)
