@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,14 +149,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / CONFIG_NAME, cfg.to_dict())
-        if dropped := rewind_metrics(run_dir, start):
-            print(f"metrics.jsonl: dropped {dropped} (logged again from step {start + 1})", file=sys.stderr)
-            if cfg.tracker == "wandb" and "steps" in dropped:
-                print(
-                    f"W&B keeps its values for the {dropped.split(' from')[0]} and ignores this run's (W&B steps only "
-                    "grow; rewinding a run needs W&B online, beta): metrics.jsonl holds the run as resumed",
-                    file=sys.stderr,
-                )
+        rewind_metrics(run_dir, start, wandb=cfg.tracker == "wandb")
     acc.print(
         f"world size {plan.world}, global batch {plan.global_batch} ({cfg.batch_size} per process x {plan.world} "
         f"processes x grad_accum {cfg.grad_accum}); steps {start} -> {plan.total_steps} ({plan.steps_per_epoch} per epoch), "

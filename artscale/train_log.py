@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,24 +37,30 @@ def to_device(images: torch.Tensor, device: torch.device, fmt: torch.memory_form
     return images.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
 
 
-def rewind_metrics(run_dir: Path, step: int) -> str:
-    """Keep metrics.jsonl's entries up to `step` (a resumed run logs the later ones again; a torn
-    last line from a killed run goes too). Returns what was dropped, in words ("" if nothing)."""
+def rewind_metrics(run_dir: Path, step: int, wandb: bool) -> None:
+    """Keep metrics.jsonl's entries up to `step`: a run resumed from there logs the later ones
+    again (a crash came after they were logged), and a torn last line from a killed run goes too.
+    W&B cannot take them back (its steps only grow; rewinding a run is an online-only beta): say which."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return ""
+        return
     lines = path.read_text().splitlines()
     entries = read_metrics(path)
     kept = [m for m in entries if m.get("step", 0) <= step]
     if len(kept) == len(lines):
-        return ""
+        return
     write_atomic(path, "".join(json.dumps(m) + "\n" for m in kept))
     later = sorted({m["step"] for m in entries if m.get("step", 0) > step})
-    torn = len(lines) - len(entries)
-    return ", ".join(
-        ([f"steps {later[0]}..{later[-1]} from the interrupted run"] if later else [])
-        + ([f"{torn} unreadable line"] if torn else [])
-    )
+    steps = f"steps {later[0]}..{later[-1]}" if later else ""
+    torn = f"{len(lines) - len(entries)} unreadable line" if len(lines) > len(entries) else ""
+    dropped = ", ".join(x for x in (steps and f"{steps} from the interrupted run", torn) if x)
+    print(f"metrics.jsonl: dropped {dropped} (logged again from step {step + 1})", file=sys.stderr)
+    if wandb and steps:
+        print(
+            f"W&B keeps its values for the {steps} and ignores this run's for them (W&B steps only grow): "
+            "metrics.jsonl holds the run as resumed",
+            file=sys.stderr,
+        )
 
 
 class StepLog:
