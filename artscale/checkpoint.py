@@ -63,6 +63,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's entries; a line that is not JSON (the torn last line of a killed run) is left out."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def save_final(state_dict: dict[str, torch.Tensor], run_dir: str | Path, config: dict[str, Any], step: int) -> Path:
     """Write run_dir/final (safetensors + config + step) under a temporary name, then swap it in."""
     final = Path(run_dir) / "final"
@@ -307,11 +322,7 @@ def describe(path: str | Path) -> str:
         )
         for tmp in sorted((path / "checkpoints").glob("*" + TMP_SUFFIX)):
             lines.append(f"  incomplete: {tmp.name} (a save that did not finish; ignored, removed by the next save)")
-        logged = (
-            [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-            if (path / "metrics.jsonl").is_file()
-            else []
-        )
+        logged = read_metrics(path / "metrics.jsonl")
         train = next((m for m in reversed(logged) if "loss" in m), None)
         val = next((m for m in reversed(logged) if "val/psnr" in m), None)
         if train:

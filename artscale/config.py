@@ -75,6 +75,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     origin = get_origin(hint)
     if origin is Literal:
         choices = get_args(hint)
+        if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in choices:
             raise UserError(f"config {name}={value!r}: choose one of {', '.join(map(str, choices))}")
         return value

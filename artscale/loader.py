@@ -1,10 +1,17 @@
 """Streaming training data: webdataset pipelines over the shards `artscale pack` writes.
 
-Train: shards are resampled per rank and DataLoader worker, seeded from (seed, epoch, rank,
-worker), so every rank has an endless stream and runs exactly the same number of batches per
-epoch. Uneven shards never leave one rank short (that hangs DDP: on CPU even
+Batches are (images uint8 [N, 3, H, W], labels int64 [N], keys, skipped): uint8 is a quarter of
+the bytes of float through worker shared memory and the pin thread; train.py converts on the
+device. `labels` is the class index `artscale pack` stores per sample (`.cls`), -1 where a
+shard carries none.
+
+Train: one DataLoader for the whole run, so its workers start once, not at every epoch. Each
+worker plays a role per epoch (DataLoader takes batches from workers in turn): role r makes the
+epoch's batches r, r + W, ... from shards resampled and shuffled with seeds from (seed, epoch,
+rank, role). Every rank has an endless stream and runs exactly the same number of batches per
+epoch; uneven shards never leave one rank short (that hangs DDP: on CPU even
 `join_uneven_inputs` does not save it). Because the stream is a pure function of those seeds,
-a resumed run skips to the exact batch it stopped at. `accelerator.prepare` never sees these
+a resumed run starts at the exact batch it stopped at. `accelerator.prepare` never sees these
 loaders: it would shard them a second time.
 
 Val: every rank reads every val shard and keeps samples rank, rank + W, ...: disjoint parts
@@ -19,13 +26,12 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from artscale.errors import UserError
 from artscale.images import decode_bytes
@@ -116,22 +122,9 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def _worker(skip: int = 0) -> tuple[int, int]:
-    """(this DataLoader worker's role, workers). DataLoader takes batches from workers in turn,
-    always starting at worker 0: after skipping `skip` batches, worker w plays the part that
-    worker (w + skip) % W played in the uninterrupted run, so the batch order is the same."""
-    info = get_worker_info()
-    return ((info.id + skip) % info.num_workers, info.num_workers) if info else (0, 1)
-
-
-def _worker_seed(rank: int, skip: int) -> int:
-    return rank * 1000 + _worker(skip)[0]
-
-
-def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, skip: int, initial: int = 100) -> Iterator:
-    """A shuffle buffer seeded per rank, worker and epoch (webdataset's default seeds from the clock).
-    It starts yielding at `initial` samples and grows to `bufsize`, so the first batch comes quickly."""
-    rng = random.Random(_seed(seed, epoch, rank, _worker(skip)[0]))
+def _shuffle(src: Iterator, bufsize: int, rng: random.Random, initial: int = 100) -> Iterator:
+    """A shuffle buffer driven by `rng` (webdataset's default seeds from the clock). It starts
+    yielding at `initial` samples and grows to `bufsize`, so the first batch comes quickly."""
     src = iter(src)
     buf: list = []
     for sample in src:
@@ -146,19 +139,12 @@ def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, skip
     yield from buf
 
 
-def _skip_batches(src: Iterator, batches: int, batch_size: int) -> Iterator:
-    """Drop what this worker's role contributed to the first `batches` batches."""
-    role, workers = _worker(batches)
-    mine = max(0, (batches - role + workers - 1) // workers)
-    return itertools.islice(src, mine * batch_size, None)
-
-
 def _every_nth(src: Iterator, rank: int, world: int) -> Iterator:
     return itertools.islice(src, rank, None, world)
 
 
-def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torch.Tensor, str]:
-    """A shard sample to a float [0, 1] CHW tensor; a wrong size raises (the handler counts it)."""
+def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torch.Tensor, int, str]:
+    """A shard sample to (uint8 CHW tensor, class index, key); a wrong size raises (the handler counts it)."""
     key = sample.get("__key__", "?")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
@@ -168,55 +154,89 @@ def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torc
         raise ValueError(
             f"sample {key} in {sample.get('__url__')} is {im.size[0]}x{im.size[1]}, expected {size}x{size}"
         )
-    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
     if flip_seed is not None and _seed(flip_seed, key) & 1:  # a coin per (key, epoch): position-free, so resume-exact
         x = x.flip(-1)
-    return x, key
+    return x.contiguous(), int(sample["cls"]) if "cls" in sample else -1, key
 
 
-def _collate(samples: list) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([s[0] for s in samples]), [s[1] for s in samples]
+def _batched(src: Iterator, batch_size: int, counter: SkipCounter, partial: bool = False) -> Iterator:
+    """(images, labels, keys, skipped): skipped is what this worker skipped since its last batch."""
+    src = iter(src)
+    while group := list(itertools.islice(src, batch_size)):
+        if len(group) == batch_size or partial:
+            images, labels, keys = zip(*group)
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys), counter.take()
 
 
-def _with_skips(src: Iterator, counter: SkipCounter) -> Iterator:
-    """Each batch carries how many samples this worker skipped since its last batch."""
-    for images, keys in src:
-        yield images, keys, counter.take()
+def _decoded(samples: Iterator, size: int | None, flip_seed: int | None, counter: SkipCounter) -> Iterator:
+    for sample in samples:
+        try:
+            yield _decode(sample, size, flip_seed)
+        except Exception as e:  # a truncated image, a wrong size: counted, skipped
+            counter(e)
+
+
+class _TrainStream(IterableDataset):
+    """This rank's endless train batches from global batch `start` on (see the module docstring)."""
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        batch_size: int,
+        epoch_batches: int,
+        seed: int,
+        rank: int,
+        start: int,
+        hflip: bool,
+        bufsize: int,
+    ) -> None:
+        self.spec, self.batch_size, self.epoch_batches = spec, batch_size, epoch_batches
+        self.seed, self.rank, self.start, self.hflip, self.bufsize = seed, rank, start, hflip, bufsize
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        counter = SkipCounter()
+        epoch, done = divmod(self.start, self.epoch_batches)
+        first = -done  # this loader's index of the epoch's batch 0; DataLoader gives index i to worker i % workers
+        while True:
+            role = (worker - first) % workers
+            skip = max(0, -(-(done - role) // workers))  # what this role made of the epoch's first `done` batches
+            mine = len(range(role, self.epoch_batches, workers)) - skip
+            yield from itertools.islice(self._epoch(epoch, role, skip, counter), mine)
+            epoch, done, first = epoch + 1, 0, first + self.epoch_batches
+
+    def _epoch(self, epoch: int, role: int, skip: int, counter: SkipCounter) -> Iterator:
+        rng = random.Random(_seed(self.seed, epoch, self.rank, role))
+        urls = self.spec.train_urls
+        shards = ({"url": urls[rng.randrange(len(urls))]} for _ in itertools.count())
+        samples = _shuffle(wds.tariterators.tarfile_samples(shards, handler=counter), self.bufsize, rng)
+        samples = itertools.islice(samples, skip * self.batch_size, None)
+        flip_seed = _seed(self.seed, epoch) if self.hflip else None
+        return _batched(_decoded(samples, self.spec.image_size, flip_seed, counter), self.batch_size, counter)
 
 
 def train_loader(
     spec: DataSpec,
     *,
     batch_size: int,
-    batches: int,
+    epoch_batches: int,
     seed: int,
-    epoch: int,
     rank: int,
     num_workers: int = 0,
-    skip: int = 0,
+    start: int = 0,
     hflip: bool = False,
     shuffle_buffer: int = 1000,
-) -> wds.WebLoader:
-    """Exactly `batches - skip` batches of (images, keys, skipped) for this rank's `epoch`."""
-    counter = SkipCounter()
-    size = spec.image_size
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(
-            spec.train_urls, seed=_seed(seed, epoch), worker_seed=partial(_worker_seed, rank, skip), deterministic=True
-        ),
-        wds.tarfile_to_samples(handler=counter),
-        wds.pipelinefilter(_shuffle)(shuffle_buffer, seed, epoch, rank, skip),
-        wds.pipelinefilter(_skip_batches)(skip, batch_size),
-        wds.map(partial(_decode, size=size, flip_seed=_seed(seed, epoch) if hflip else None), handler=counter),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-        wds.pipelinefilter(_with_skips)(counter),
-    )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    return loader.with_epoch(nbatches=batches - skip)
+) -> DataLoader:
+    """Endless batches of (images uint8, labels, keys, skipped) for this rank, from batch `start`
+    (batch `start % epoch_batches` of epoch `start // epoch_batches`) on."""
+    stream = _TrainStream(spec, batch_size, epoch_batches, seed, rank, start, hflip, shuffle_buffer)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
 def val_loader(spec: DataSpec, *, batch_size: int, rank: int, world: int, num_workers: int = 0) -> wds.WebLoader | None:
-    """This rank's disjoint part of the val split, once, as (images, keys, skipped); None without val shards."""
+    """This rank's disjoint part of the val split, once, as (images, labels, keys, skipped); None without val shards."""
     if not spec.val_urls:
         return None
     counter = SkipCounter()
@@ -227,9 +247,8 @@ def val_loader(spec: DataSpec, *, batch_size: int, rank: int, world: int, num_wo
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter),
         wds.pipelinefilter(_every_nth)(rank, world),
-        wds.map(partial(_decode, size=spec.image_size, flip_seed=None), handler=counter),
-        wds.batched(batch_size, collation_fn=_collate, partial=True),
-        wds.pipelinefilter(_with_skips)(counter),
+        wds.pipelinefilter(_decoded)(spec.image_size, None, counter),
+        wds.pipelinefilter(_batched)(batch_size, counter, partial=True),
     )
     # Fewer shards than workers would leave workers empty (webdataset's empty_check raises): cap them.
     return wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(spec.val_urls)))

@@ -51,8 +51,19 @@ class ConvDiffusionModel(nn.Module):
         return self.dec3(d2)
 
 
+_STATS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images (N, 3, H, W) to ImageNet-normalised ones."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """[0, 1] images (N, 3, H, W) to ImageNet-normalised ones.
+
+    Mean and std are made once per device and dtype: a new tensor from Python values each call
+    would be a blocking host-to-device copy in every training step."""
+    key = (images.device, images.dtype)
+    if key not in _STATS:
+        _STATS[key] = tuple(
+            torch.tensor(v, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+            for v in (IMAGENET_MEAN, IMAGENET_STD)
+        )
+    mean, std = _STATS[key]
     return (images - mean) / std

@@ -12,6 +12,7 @@ Run: .venv/bin/python bench/loader.py [--images 160] [--batches 40] [--batch-siz
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -57,13 +58,13 @@ def artscale_way(shards: Path, batches: int, batch: int, size: int, workers: int
     """(steady img/s after the first batch, seconds to the first batch). The stream is resampled
     and endless, as in training, so it can run more batches than there are files."""
     spec = data_spec(str(shards), size)
-    loader = train_loader(spec, batch_size=batch, batches=batches + 1, seed=0, epoch=0, rank=0, num_workers=workers)
+    loader = train_loader(spec, batch_size=batch, epoch_batches=batches + 1, seed=0, rank=0, num_workers=workers)
     t = time.perf_counter()
     it = iter(loader)
     next(it)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    n = sum(len(images) for images, _, _ in it)
+    n = sum(len(images) for images, _, _, _ in itertools.islice(it, batches))
     return n / (time.perf_counter() - t), first
 
 

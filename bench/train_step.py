@@ -1,14 +1,15 @@
-"""Benchmark: training images/s of artscale's loop against the article's loop, same model, loss and batch.
+"""Benchmark: training images/s of artscale's loop against the article's loop, same model, loss and batch,
+both on the same device (a GPU when there is one, else the CPU; `--device` picks).
 
 The article's loop is written plainly here: fp32, contiguous tensors, model + VGG16 features[:16]
-hybrid loss + Adam, on a batch already in memory (no data loading: that favours the article).
-artscale's figure is the real thing: `artscale train` on shards packed from the same kind of
-images, read from its metrics.jsonl (img/s of optimizer steps after the first), with
-mixed_precision=no and =bf16, num_workers=0 (the article's loop has its batch in memory; on 2 cores a
-loader worker only takes CPU from the step). artscale keeps freed memory in the process on CPU
-(train.keep_freed_memory); the article's loop runs as written. VGG weights are random in both
-(same compute; no download).
-Prints one JSON line. Run: .venv/bin/python bench/train_step.py [--steps 2] [--batch-size 32] [--size 128]
+hybrid loss + Adam, on a batch already on the device. artscale's figure is the real thing:
+`artscale train` on shards packed from the same kind of images, read from its metrics.jsonl
+(log_every=1: each logged step ends with a host sync, so its time is the step's), with the
+step's data wait (decoding) taken out, with mixed_precision=no and =bf16 (bf16 on a CPU only
+where it has avx512_bf16 or AMX). Both sides warm up for `--warmup` steps outside the timing
+and synchronise the device before reading clocks. VGG weights are random in both (same compute;
+no download). Prints one JSON line with the device it ran on.
+Run: .venv/bin/python bench/train_step.py [--steps 3] [--batch-size 32] [--size 128] [--device cuda]
 """
 
 from __future__ import annotations
@@ -44,23 +45,29 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def article_loop(steps: int, batch: int, size: int) -> float:
-    """img/s of the article's step (after one warm-up step)."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def article_loop(steps: int, batch: int, size: int, device: torch.device, warmup: int) -> float:
+    """img/s of the article's step on `device`, after `warmup` untimed steps."""
     torch.manual_seed(0)
-    model, vgg = ConvDiffusionModel(), load_vgg_features("random")
+    model, vgg = ConvDiffusionModel().to(device), load_vgg_features("random").to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images = torch.rand(batch, 3, size, size)
+    images = torch.rand(batch, 3, size, size, device=device)
     x, target = normalize(images), images
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            t = time.perf_counter()
         out = model(x)
         loss = F.mse_loss(out, target) + F.mse_loss(vgg(normalize(out)), vgg(normalize(target)))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times[1:])
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - t)
 
 
 def make_shards(root: Path, n: int, size: int) -> Path:
@@ -78,8 +85,10 @@ def make_shards(root: Path, n: int, size: int) -> Path:
     return root / "shards"
 
 
-def artscale_loop(shards: Path, run_dir: Path, steps: int, batch: int, size: int, precision: str) -> float:
-    """img/s of `artscale train` steps after the first, from its metrics.jsonl."""
+def artscale_loop(
+    shards: Path, run_dir: Path, steps: int, batch: int, size: int, precision: str, device: torch.device, warmup: int
+) -> float:
+    """img/s of `artscale train` steps after `warmup`, from its metrics.jsonl, data wait taken out."""
     cmd = [
         str(Path(sys.executable).parent / "artscale"),
         "train",
@@ -87,7 +96,7 @@ def artscale_loop(shards: Path, run_dir: Path, steps: int, batch: int, size: int
         f"run_dir={run_dir}",
         f"image_size={size}",
         f"batch_size={batch}",
-        f"max_steps={steps + 1}",
+        f"max_steps={steps + warmup}",
         "vgg_weights=random",
         "tracker=none",
         "num_workers=0",
@@ -97,16 +106,22 @@ def artscale_loop(shards: Path, run_dir: Path, steps: int, batch: int, size: int
         "checkpoint_every=100000",
         f"mixed_precision={precision}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if device.type == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the same device as the article's loop
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
-    rates = [json.loads(line)["img_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(rates[1:])
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = [batch / m["img_per_s"] - m["data_wait_s"] for m in logged if "loss" in m][warmup:]
+    return batch / statistics.median(seconds)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (cuDNN's kernel search, caches)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
     p.add_argument(
@@ -115,9 +130,17 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line only
         shards = make_shards(Path(tmp), args.images, args.size)
-        article = article_loop(args.steps, args.batch_size, args.size)
-        fp32 = artscale_loop(shards, Path(tmp) / "fp32", args.steps, args.batch_size, args.size, "no")
-        bf16 = artscale_loop(shards, Path(tmp) / "bf16", args.steps, args.batch_size, args.size, "bf16")
+        device = torch.device(args.device)
+        torch.backends.cudnn.benchmark = True  # as artscale sets it: one input shape
+        article = article_loop(args.steps, args.batch_size, args.size, device, args.warmup)
+        timing = (args.steps, args.batch_size, args.size)
+        fp32 = artscale_loop(shards, Path(tmp) / "fp32", *timing, "no", device, args.warmup)
+        bf16 = (
+            artscale_loop(shards, Path(tmp) / "bf16", *timing, "bf16", device, args.warmup)
+            if device.type == "cuda" or cpu_has_bf16()
+            else None
+        )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         json.dumps(
             {
@@ -125,14 +148,15 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "image_size": args.size,
                 "steps": args.steps,
+                "warmup": args.warmup,
                 "threads": torch.get_num_threads(),
                 "cpu_bf16": cpu_has_bf16(),
-                "device": "cpu",
+                "device": name,
                 "article_img_s": round(article, 2),
                 "artscale_fp32_img_s": round(fp32, 2),
-                "artscale_bf16_img_s": round(bf16, 2),
+                "artscale_bf16_img_s": round(bf16, 2) if bf16 else None,
                 "fp32_speedup": round(fp32 / article, 2),
-                "bf16_speedup": round(bf16 / article, 2),
+                "bf16_speedup": round(bf16 / article, 2) if bf16 else None,
             }
         )
     )

@@ -8,6 +8,7 @@ import resource
 
 import pytest
 import torch
+from _train_helpers import shards, tiny, train_cli  # noqa: F401  (fixture)
 
 from artscale.checkpoint import (
     CheckpointManager,
@@ -148,13 +149,25 @@ def test_describe_a_run_dir_a_checkpoint_and_weights(setup):
         describe(run / "nope")
 
 
-def test_a_compiled_model_still_saves_the_models_own_keys(setup):
-    acc, net, model, opt, run = setup
-    compiled = acc.prepare(torch.compile(net))  # keys of the wrapper start with _orig_mod.
-    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    path = CheckpointManager(acc, run, {}, net, every=1, keep=1).save(1, {})
-    _, weights = load_model(path)
-    assert set(weights.state_dict) == set(ConvDiffusionModel().state_dict())
+@pytest.mark.slow
+def test_a_compiled_training_run_checkpoints_exports_and_loads(shards, tmp_path):
+    """compile=true for real (torch.compile wraps the model: its keys start with `_orig_mod.`): the
+    checkpoint and final/ hold the model's own keys, `artscale export` reads the run, onnxruntime runs it."""
+    import numpy as np
+    from conftest import run_cli
+    from test_export import onnx_run, torch_uint8
+
+    run = tmp_path / "run"
+    proc = train_cli(tiny(run, shards, "max_steps=1", "compile=true"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final, weights = load_model(run / "final")
+    assert set(weights.state_dict) == set(ConvDiffusionModel().state_dict()) and weights.step == 1
+    assert set(load_model(run / "checkpoints" / "step-000001")[1].state_dict) == set(weights.state_dict)
+    out = tmp_path / "m.onnx"
+    result = run_cli("export", run, out, "--size", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    assert np.abs(onnx_run(out, images).astype(int) - torch_uint8(final, images).astype(int)).max() <= 1
 
 
 def test_a_run_dir_resolves_to_its_newest_weights(tmp_path):

@@ -177,18 +177,7 @@ def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shard
     whole = train_cli(tiny(tmp_path / "whole", shards, *opts))
     assert whole.returncode == 0, whole.stderr[-3000:]
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(
-        [*train_cli_cmd(), *tiny(cut, shards, *opts)],
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_step(cut, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
-    stopped = int(out.split("stopped by a signal at step ")[1].split(":")[0])
+    stopped, _ = sigterm_at(tiny(cut, shards, *opts), cut, 5)
     assert 5 <= stopped < 10 and (cut / "checkpoints" / f"step-{stopped:06d}").is_dir()
     again = train_cli(tiny(cut, shards, *opts))
     assert again.returncode == 0, again.stderr[-3000:]
@@ -202,6 +191,22 @@ def train_cli_cmd() -> list[str]:
     from _train_helpers import VENV_BIN
 
     return [str(VENV_BIN / "artscale"), "train"]
+
+
+def sigterm_at(overrides: list[str], run: Path, step: int, **extra_env: str) -> tuple[int, str]:
+    """Start `artscale train`, SIGTERM it once `step` is logged; (the step it stopped at, its stderr)."""
+    proc = subprocess.Popen(
+        [*train_cli_cmd(), *overrides],
+        env={**env(), **extra_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(run, step, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    return int(out.split("stopped by a signal at step ")[1].split(":")[0]), err
 
 
 @pytest.mark.slow
@@ -307,6 +312,8 @@ def test_the_shipped_accelerate_configs_parse(name, processes):
 
     cfg = load_config_from_file(str(ROOT / "launch" / "accelerate" / f"{name}.yaml"))
     assert cfg.num_processes == processes and cfg.mixed_precision == "no"
+    assert cfg.gpu_ids in (None, "all")  # never a fixed GPU: the scheduler's CUDA_VISIBLE_DEVICES decides
+    assert cfg.main_process_ip is None  # a node must be told where rank 0 is, never 127.0.0.1 by default
 
 
 @pytest.mark.slow
@@ -362,3 +369,149 @@ def test_freed_activation_memory_is_reused_not_faulted_in_again():
 
     assert faults("plain") > 0.9 * pages
     assert faults("keep") < 0.5 * pages  # seen 0-25% here (more under load), against 100%
+
+
+@pytest.mark.slow
+def test_a_stop_on_a_validation_step_saves_first_and_progress_lines_show_step_loss_lr(shards, tmp_path):
+    """Every step validates here: the stop must checkpoint and exit without validating its step.
+    stderr is a file, so training and validation print plain progress lines (every 0.01 s here)."""
+    run = tmp_path / "run"
+    stopped, err = sigterm_at(tiny(run, shards, "max_steps=200", "val_every=1"), run, 2, ARTSCALE_PROGRESS_S="0.01")
+    assert (run / "checkpoints" / f"step-{stopped:06d}").is_dir()
+    val_steps = [m["step"] for m in metrics(run) if "val/mse" in m]
+    assert stopped - 1 in val_steps and stopped not in val_steps
+    train_lines = [ln for ln in err.splitlines() if ln.startswith("train: ")]
+    assert train_lines and all(" step (" in ln and " loss " in ln and " lr " in ln for ln in train_lines[1:])
+    assert any(ln.startswith("val: ") and " img" in ln for ln in err.splitlines())
+
+
+@pytest.mark.slow
+def test_after_a_crash_the_resumed_run_logs_each_step_once_and_a_torn_line_is_ignored(shards, tmp_path):
+    """A SIGKILL after step 4 was logged but before its checkpoint: checkpoint 2 is the newest, and
+    the last metrics line is half-written. `info` reads the run; the resume logs steps 3, 4 once."""
+    run = tmp_path / "run"
+    first = train_cli(tiny(run, shards, "max_steps=4", "checkpoint_every=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    shutil.rmtree(run / "final")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 0.1')
+    info = subprocess.run([*train_cli_cmd()[:1], "info", str(run)], env=env(), capture_output=True, text=True)
+    assert info.returncode == 0 and "last logged: step 4" in info.stdout, info.stderr[-2000:]
+    again = train_cli(tiny(run, shards, "max_steps=4", "checkpoint_every=2", "tracker=wandb"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 2" in again.stdout
+    assert "metrics.jsonl: dropped steps 3..4 from the interrupted run, 1 unreadable line" in again.stderr
+    assert "W&B keeps its values for the steps 3..4" in again.stderr
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3, 4]
+    assert [s for s, _ in wandb_history(run)["loss"]] == [3, 4]  # this run's W&B part
+
+
+def count_host_syncs(monkeypatch) -> dict[str, int]:
+    """Calls, made from artscale's own code, that wait for the device: .item(), .tolist(), bool/float/int
+    of a tensor, a tensor made from Python values on the device's side (new_tensor), a cross-rank reduce."""
+    from accelerate import Accelerator
+
+    counts: dict[str, int] = {}
+
+    def counting(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if "/artscale/" in sys._getframe(1).f_code.co_filename:
+                counts[name] = counts.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "new_tensor"):
+        counting(torch.Tensor, name)
+    counting(Accelerator, "reduce")
+    return counts
+
+
+@pytest.mark.slow
+def test_the_training_step_makes_no_host_sync_between_log_steps(shards, tmp_path, monkeypatch):
+    """Runs of 3 and 9 steps that log, validate and checkpoint only at their last step make the same
+    host syncs: 0 per step. Logging every step costs syncs, so the counter does see them."""
+    from accelerate.state import AcceleratorState
+
+    def syncs(steps: int, log_every: int) -> int:
+        counts = count_host_syncs(monkeypatch)
+        try:
+            assert (
+                main(tiny(tmp_path / f"run{steps}-{log_every}", shards, f"max_steps={steps}", f"log_every={log_every}"))
+                == 0
+            )
+        finally:
+            AcceleratorState._reset_state(True)
+            monkeypatch.undo()
+        return sum(counts.values())
+
+    assert syncs(9, 1000) - syncs(3, 1000) == 0
+    assert syncs(9, 1) - syncs(3, 1) >= 6
+
+
+def test_gpus_asked_for_without_cuda_stop_with_one_line(shards, tmp_path):
+    """A fake SLURM GPU allocation on this CPU machine: one line naming torch's CUDA and the driver."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    proc = subprocess.run(
+        [*train_cli_cmd(), *tiny(tmp_path / "run", shards, "max_steps=1")],
+        env={**env(), "SLURM_GPUS_ON_NODE": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert "GPUs were asked for (SLURM_GPUS_ON_NODE=2)" in proc.stderr and "CUDA" in proc.stderr
+    assert "nvidia-smi" in proc.stderr or "driver" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_what_asks_for_a_gpu_and_a_world_size_that_disagrees():
+    from artscale.train_setup import check_gpu, check_world, gpus_asked_for
+
+    assert gpus_asked_for({}) == ""
+    assert gpus_asked_for({"WORLD_SIZE": "8", "LOCAL_RANK": "3"}).startswith("WORLD_SIZE=8")
+    assert gpus_asked_for({"CUDA_VISIBLE_DEVICES": "2"}) == "CUDA_VISIBLE_DEVICES=2"
+    assert gpus_asked_for({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1", "SLURM_GPUS_ON_NODE": "4"}) == ""
+    check_gpu({"SLURM_GPUS_ON_NODE": "4"}, cuda_available=True)
+    with pytest.raises(UserError, match=r"WORLD_SIZE=8 .*torch .* is built for CUDA"):
+        check_gpu({"WORLD_SIZE": "8"}, cuda_available=False)
+    check_world({"WORLD_SIZE": "2"}, 2)
+    check_world({}, 1)
+    with pytest.raises(UserError, match="started 8 processes .* group of 1"):
+        check_world({"WORLD_SIZE": "8"}, 1)
+
+
+def test_loader_workers_divide_the_cores_among_the_local_processes():
+    from artscale.train_setup import loader_workers
+
+    assert loader_workers(-1, "cuda", 8, cores=16) == 2  # 8 GPU ranks on a 16-core allocation
+    assert loader_workers(-1, "cuda", 1, cores=16) == 4
+    assert loader_workers(-1, "cuda", 8, cores=4) == 0
+    assert loader_workers(-1, "cpu", 1, cores=64) == 0
+    assert loader_workers(3, "cuda", 8, cores=4) == 3
+
+
+def test_wandb_goes_offline_only_without_any_credentials(tmp_path):
+    """A key saved by `wandb login` in ~/.netrc is wandb's own login: no forced offline mode then."""
+    from artscale.train_setup import wandb_mode
+
+    home = tmp_path / "home"
+    home.mkdir()
+    assert wandb_mode({"HOME": str(home)}) == "offline"
+    (home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'a' * 40}\n")
+    (home / ".netrc").chmod(0o600)
+    assert wandb_mode({"HOME": str(home)}) is None
+    assert wandb_mode({"HOME": str(tmp_path), "WANDB_API_KEY": "k" * 40}) is None
+    assert wandb_mode({"HOME": str(tmp_path), "WANDB_MODE": "disabled"}) is None  # the user's choice stands
+    assert wandb_mode({"HOME": str(home), "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"
+
+
+def test_the_articles_config_is_fp32():
+    from _train_helpers import ROOT
+
+    cfg = load_config(ROOT / "configs" / "article.yaml")
+    assert cfg.mixed_precision == "no" and cfg.image_size == 128 and cfg.batch_size == 32
