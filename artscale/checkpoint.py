@@ -4,6 +4,8 @@ Layout of a run dir:
     runs/NAME/config.json
     runs/NAME/checkpoints/step-000400/   accelerate save_state + config.json + trainer_state.json
     runs/NAME/final/                     model.safetensors + config.json + trainer_state.json
+A diffusion run's checkpoints and final/ also hold denoiser.json (UNet and scheduler configs,
+classes); any run with EMA on holds ema.safetensors (the averaged weights, same keys).
 Nothing here unpickles: safetensors, JSON, and `torch.load(weights_only=True)` for article files.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ from artscale.state_dict import read_state_dict
 WEIGHTS_NAME = "model.safetensors"  # what accelerate's save_state names the first model
 CONFIG_NAME = "config.json"
 STATE_NAME = "trainer_state.json"
+EMA_NAME = "ema.safetensors"
+DENOISER_NAME = "denoiser.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_SUFFIX = ".tmp"
 
@@ -78,8 +83,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def save_final(state_dict: dict[str, torch.Tensor], run_dir: str | Path, config: dict[str, Any], step: int) -> Path:
-    """Write run_dir/final (safetensors + config + step) under a temporary name, then swap it in."""
+def save_final(
+    state_dict: dict[str, torch.Tensor],
+    run_dir: str | Path,
+    config: dict[str, Any],
+    step: int,
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write run_dir/final (safetensors + config + step, then what `extras(dir)` adds: EMA weights,
+    denoiser.json) under a temporary name, then swap it in."""
     final = Path(run_dir) / "final"
     tmp = final.with_name("final" + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +99,8 @@ def save_final(state_dict: dict[str, torch.Tensor], run_dir: str | Path, config:
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS_NAME))
     write_json_atomic(tmp / CONFIG_NAME, config)
     write_json_atomic(tmp / STATE_NAME, {"step": step})
+    if extras is not None:
+        extras(tmp)
     old = final.with_name("final.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -140,18 +154,33 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
             )
 
 
-def load_weights(source: str | Path) -> Weights:
-    """Weights from a run dir, a checkpoint dir, a .safetensors file or an article .pth file."""
+def load_weights(source: str | Path, weights: str | None = None) -> Weights:
+    """Weights from a run dir, a checkpoint dir, a .safetensors file or an article .pth file.
+
+    `weights`: "ema" (the averaged weights; an error where the run kept none), "raw", or None:
+    the EMA where the run kept one, else the raw weights."""
     path = _resolve(Path(source))
+    if path.name == WEIGHTS_NAME and (path.parent / DENOISER_NAME).is_file():
+        raise UserError(f"{source} is a diffusion run (objective=diffusion), not the article's model")
+    if weights not in (None, "ema", "raw"):
+        raise UserError(f"weights={weights!r}: choose ema or raw")
+    ema = path.with_name(EMA_NAME)
+    if weights == "ema" and (path.name != WEIGHTS_NAME or not ema.is_file()):
+        raise UserError(f"{source} holds no EMA weights (ema_decay was 0): use --weights raw")
+    if weights != "raw" and path.name == WEIGHTS_NAME and ema.is_file():
+        path = ema
     state_dict = read_state_dict(path)
     check_state_dict(state_dict, path)
-    config = _read_json(path.parent / CONFIG_NAME) if path.name == WEIGHTS_NAME else None
-    state = _read_json(path.parent / STATE_NAME) if path.name == WEIGHTS_NAME else None
+    in_run = path.name in (WEIGHTS_NAME, EMA_NAME)
+    config = _read_json(path.parent / CONFIG_NAME) if in_run else None
+    state = _read_json(path.parent / STATE_NAME) if in_run else None
     return Weights(state_dict, config, state.get("step") if state else None, path)
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[ConvDiffusionModel, Weights]:
-    weights = load_weights(source)
+def load_model(
+    source: str | Path, device: str | torch.device = "cpu", weights: str | None = None
+) -> tuple[ConvDiffusionModel, Weights]:
+    weights = load_weights(source, weights)
     model = ConvDiffusionModel()
     model.load_state_dict(weights.state_dict)
     return model.to(device).eval(), weights
@@ -174,7 +203,41 @@ RUN_DEFINING_KEYS = (
     "mixed_precision",
     "hflip",
     "seed",
+    "objective",
+    "denoiser",
+    "block_out_channels",
+    "layers_per_block",
+    "norm_num_groups",
+    "prediction_type",
+    "beta_schedule",
+    "zero_terminal_snr",
+    "min_snr_gamma",
+    "cond_drop",
+    "ema_decay",
 )
+
+
+def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A diffusion run's UNet2DModel (eval mode) and its denoiser.json + {step, weights, path}, from a
+    run dir (final/, else the newest checkpoint), a checkpoint dir or final/ itself."""
+    from diffusers import UNet2DModel
+
+    if weights not in ("ema", "raw"):
+        raise UserError(f"weights={weights!r}: choose ema or raw")
+    folder = _resolve(Path(source)).parent
+    meta = _read_json(folder / DENOISER_NAME)
+    if meta is None:
+        raise UserError(f"{source} is not a diffusion run (no {DENOISER_NAME}): train with objective=diffusion")
+    path = folder / (EMA_NAME if weights == "ema" else WEIGHTS_NAME)
+    if not path.is_file():
+        raise UserError(f"{folder} holds no EMA weights (trained with ema_decay=0): use --weights raw")
+    model = UNet2DModel.from_config(meta["unet"])
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit its {DENOISER_NAME}: {str(e).splitlines()[0][:200]}") from None
+    step = (_read_json(folder / STATE_NAME) or {}).get("step")
+    return model.eval(), {**meta, "step": step, "weights": weights, "path": str(folder)}
 
 
 def check_run_dir(run_dir: str | Path, config: dict[str, Any], force: bool) -> None:
@@ -225,9 +288,16 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, accelerator: Any, run_dir: str | Path, config: dict[str, Any], net: torch.nn.Module, every: int, keep: int
+        self,
+        accelerator: Any,
+        run_dir: str | Path,
+        config: dict[str, Any],
+        net: torch.nn.Module,
+        every: int,
+        keep: int,
+        extras: Callable[[Path], None] | None = None,
     ) -> None:
-        self.accelerator, self.config, self.net = accelerator, config, net
+        self.accelerator, self.config, self.net, self.extras = accelerator, config, net, extras
         self.root = Path(run_dir) / "checkpoints"
         self.every, self.keep = every, keep
         self.last_saved: int | None = None
@@ -238,8 +308,11 @@ class CheckpointManager:
         weights[0] = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
 
     def _load_plain_weights(self, models: list, input_dir: str) -> None:
-        weights = load_weights(input_dir)
-        self.net.load_state_dict(weights.state_dict)
+        path = Path(input_dir)
+        if (path / DENOISER_NAME).is_file():
+            self.net.load_state_dict(read_state_dict(path / WEIGHTS_NAME))
+        else:
+            self.net.load_state_dict(load_weights(input_dir, "raw").state_dict)
         models.pop(0)  # loaded: accelerate would look for its own (wrapped) keys
 
     def load(self, path: Path) -> dict[str, Any]:
@@ -266,6 +339,8 @@ class CheckpointManager:
             if acc.is_main_process:
                 write_json_atomic(tmp / CONFIG_NAME, self.config)
                 write_json_atomic(tmp / STATE_NAME, {**state, "step": step})
+                if self.extras is not None:
+                    self.extras(tmp)
         except Exception as e:  # ENOSPC, EFBIG, EDQUOT, EIO: say so on every rank, keep what was there
             if not _is_write_failure(e):
                 raise

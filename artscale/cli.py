@@ -45,7 +45,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("artscale-demo"), help="where everything goes (default ./artscale-demo)"
     )
-    p.add_argument("--steps", type=int, default=0, help="training steps (default: a few minutes on CPU)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="steps of each training run, the article's and diffusion's (default: a few minutes each on CPU)",
+    )
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
@@ -89,6 +94,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--shards", type=Path, default=None, help="val shards for the parity check (default: the run's data)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default=None,
+        help="the EMA weights (default, where the run kept them) or raw",
     )
 
 
@@ -275,7 +286,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from artscale.export import export_onnx
 
-        export_onnx(args.source, args.out, fp16=args.fp16, size=args.size or None, shards=args.shards)
+        export_onnx(
+            args.source, args.out, fp16=args.fp16, size=args.size or None, shards=args.shards, weights=args.weights
+        )
     elif args.command == "generate":
         from artscale.generate import generate
 

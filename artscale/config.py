@@ -34,9 +34,32 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides epochs
     grad_accum: int = 1
     max_grad_norm: float = 0.0  # 0 disables clipping (the grad norm is still logged)
+    # objective: `reconstruct` is the article's image-to-image model; `diffusion` trains a class-
+    # conditional denoiser (diffusers' UNet2DModel) that draws new images from noise (README: Diffusion)
+    objective: Literal["reconstruct", "diffusion"] = "reconstruct"
     # loss
-    perceptual_weight: float = 1.0
+    perceptual_weight: float = -1.0  # VGG16 term; -1: the objective's default (1.0 reconstruct, 0 diffusion,
+    # where it applies to the predicted clean image at low-noise timesteps only)
     vgg_weights: str = "imagenet"  # imagenet | a local torchvision VGG16 .pth/.safetensors | random
+    # diffusion: the denoiser (a preset, or its parts; explicit values override the preset's)
+    denoiser: Literal["tiny", "small", "base"] = "tiny"
+    block_out_channels: list[int] = field(default_factory=list)  # channels per UNet level; []: the preset's
+    layers_per_block: int = 0  # 0: the preset's
+    norm_num_groups: int = 0  # GroupNorm groups; 0: the preset's
+    # diffusion: the forward process and the loss
+    prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
+    beta_schedule: Literal["squaredcos_cap_v2", "linear"] = "squaredcos_cap_v2"  # cosine by default
+    zero_terminal_snr: bool = False  # rescale betas so the last timestep is pure noise (needs v_prediction)
+    min_snr_gamma: float = 0.0  # min-SNR loss weighting (5 is usual); 0: off
+    cond_drop: float = 0.1  # probability a label is dropped to the null class (classifier-free guidance)
+    # weights EMA (both objectives), updated on optimizer steps, with a warm-up so early steps are not
+    # frozen; used for samples, validation and export. -1: the objective's default (0.9999 diffusion,
+    # 0 reconstruct, which keeps the article's run unchanged); 0: off
+    ema_decay: float = -1.0
+    # diffusion: the sample grids logged every sample_every steps (one row per class, fixed seeds)
+    sampler: Literal["ddim", "dpm++"] = "dpm++"
+    sample_steps: int = 20
+    guidance: float = 3.0  # classifier-free guidance scale; 1: none
     # speed
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = True
@@ -61,6 +84,13 @@ class TrainConfig:
     resume: str = "latest"  # latest | a checkpoint path | "" (start fresh; refused if run_dir has checkpoints)
     force: bool = False  # allow a run_dir whose saved config differs
     pg_timeout_s: int = 600  # a rank waiting longer than this on its peers fails instead of hanging
+
+    def __post_init__(self) -> None:
+        diffusion = self.objective == "diffusion"
+        if self.perceptual_weight == -1.0:
+            self.perceptual_weight = 0.0 if diffusion else 1.0
+        if self.ema_decay == -1.0:
+            self.ema_decay = 0.9999 if diffusion else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +127,11 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise UserError(f"config {name}={value!r}: expected a list")
+        if get_args(hint) == (int,):
+            try:
+                return [int(v) for v in value]
+            except (TypeError, ValueError):
+                raise UserError(f"config {name}={value!r}: expected a list of integers") from None
         return [str(v) for v in value]
     try:
         if hint is int:
@@ -124,9 +159,31 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("config: set epochs > 0 or max_steps > 0")
     if cfg.num_workers < -1:
         raise UserError(f"config num_workers={cfg.num_workers}: must be >= 0, or -1 (chosen for the device)")
+    _validate_diffusion(cfg)
     if cfg.keep_checkpoints < 1:
         raise UserError(f"config keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
     return cfg
+
+
+def _validate_diffusion(cfg: TrainConfig) -> None:
+    if cfg.perceptual_weight < 0:
+        raise UserError(f"config perceptual_weight={cfg.perceptual_weight}: must be >= 0")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UserError(f"config ema_decay={cfg.ema_decay}: must be in [0, 1) (0 turns EMA off)")
+    if not 0.0 <= cfg.cond_drop < 1.0:
+        raise UserError(f"config cond_drop={cfg.cond_drop}: must be in [0, 1)")
+    if cfg.min_snr_gamma < 0:
+        raise UserError(f"config min_snr_gamma={cfg.min_snr_gamma}: must be >= 0 (0 turns it off)")
+    if any(c <= 0 for c in cfg.block_out_channels) or cfg.layers_per_block < 0 or cfg.norm_num_groups < 0:
+        raise UserError(
+            "config block_out_channels, layers_per_block, norm_num_groups: must be positive (0 or []: the preset's)"
+        )
+    if cfg.sample_steps < 1:
+        raise UserError(f"config sample_steps={cfg.sample_steps}: must be >= 1")
+    if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
+        raise UserError(
+            "config zero_terminal_snr=true needs prediction_type=v_prediction (epsilon is undefined at zero SNR)"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""The bundled demo: a procedural art collection, then pack -> train -> export -> generate.
+"""The bundled demo: a procedural art collection, then pack -> train -> export -> generate, and a
+diffusion model trained on the same collection that draws new pieces of each class from noise.
 
 The collection is drawn here (no download): the article's five Kaggle classes, about 200 images
 of mixed sizes, formats and colour modes, and a few broken files so the skip path shows.
@@ -152,8 +153,48 @@ def _before_after(held: Path, generated: Path, report: dict, size: int, path: Pa
     return path
 
 
+def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
+    """Train the CPU diffusion setup (configs/diffusion-cpu.yaml) at 32 px; returns its last grid of new pieces."""
+    import shutil
+
+    from artscale.config import load_config
+    from artscale.shards import pack
+    from artscale.train import EXIT_PREEMPTED, train
+
+    pack(collection, out / "shards-32", size=32, val_fraction=0.1, shard_max_count=16)
+    run_dir = out / "diffusion"
+    cfg = load_config(
+        None,
+        [
+            "objective=diffusion",
+            f"data={out / 'shards-32'}",
+            f"run_dir={run_dir}",
+            "image_size=32",
+            "denoiser=tiny",
+            "batch_size=32",
+            "lr_gamma=1",
+            "ema_decay=0.999",
+            "guidance=2",
+            f"max_steps={steps}",
+            "mixed_precision=bf16" if _has_bf16() else "mixed_precision=no",
+            "tracker=tensorboard",
+            f"log_every={every}",
+            "sample_every=100",
+            "val_every=100",
+            "checkpoint_every=100",
+            "num_workers=0",
+        ],
+    )
+    if train(cfg) == EXIT_PREEMPTED:
+        raise SystemExit(EXIT_PREEMPTED)
+    grid = out / "new-pieces.png"
+    shutil.copyfile(run_dir / "samples" / f"step-{steps:06d}.png", grid)  # the last grid: EMA weights, fixed seeds
+    return grid
+
+
 def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
-    """The whole pipeline on a generated collection; rerunning continues where it stopped."""
+    """The whole pipeline on a generated collection; rerunning continues where it stopped.
+    `steps` (0: a few minutes on CPU each) sets both training runs: the article's and diffusion's."""
     from artscale.config import load_config
     from artscale.export import export_onnx
     from artscale.generate import generate
@@ -170,10 +211,14 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
         marker.write_text("made by artscale demo\n")
     collection, held = out / "collection", out / "held-out"
 
-    print("== 1/4 pack")
+    took: dict[str, float] = {}
+    t = time.perf_counter()
+    print("== 1/5 pack")
     manifest = pack(collection, out / "shards", size=size, val_fraction=0.1, shard_max_count=16)
-    print("\n== 2/4 train")
+    took["pack"], t = time.perf_counter() - t, time.perf_counter()
+    print("\n== 2/5 train (the article's objective: reconstruct)")
     run_dir = out / "run"
+    diffusion_steps = steps or 400
     steps = steps or 300
     every = max(1, min(10, steps // 5))  # a few loss lines even for a short run
     cfg = load_config(
@@ -198,13 +243,19 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     code = train(cfg)
     if code == EXIT_PREEMPTED:
         raise SystemExit(code)
-    print("\n== 3/4 export")
+    took["train"], t = time.perf_counter() - t, time.perf_counter()
+    print("\n== 3/5 export")
     onnx_path = out / "exports" / "demo.onnx"
     exported = export_onnx(run_dir, onnx_path)
-    print("\n== 4/4 generate")
+    took["export"], t = time.perf_counter() - t, time.perf_counter()
+    print("\n== 4/5 generate")
     generated = out / "generated"
     report = generate(onnx_path, held, generated)
     grid = _before_after(held, generated, report, size, out / "before-after.png")
+    took["generate"], t = time.perf_counter() - t, time.perf_counter()
+    print("\n== 5/5 diffusion: a class-conditional denoiser at 32 px, then new pieces drawn from noise")
+    pieces = _diffusion(out, collection, diffusion_steps, max(1, min(50, diffusion_steps // 5)))
+    took["diffusion"] = time.perf_counter() - t
 
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     summary = {
@@ -215,7 +266,9 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
         "parity_max_uint8_diff": exported["parity"]["max_uint8_diff"],
         "generated": report["written"] + report["already_done"],
         "img_per_s": report["img_per_s"],
+        "seconds": {k: round(v, 1) for k, v in took.items()},
     }
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in took.items())
     print(f"""
 == artscale demo: done in {time.perf_counter() - started:.0f} s (VGG16 weights: random, see the note above)
   collection  {collection}  ({summary["packed"]} packed, {summary["skipped"]} skipped: {", ".join(s["path"] for s in manifest["skipped"])})
@@ -224,6 +277,8 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
   onnx        {onnx_path}  parity vs PyTorch: max float diff {exported["parity"]["max_float_diff"]:.2g}, max uint8 diff {summary["parity_max_uint8_diff"]}
   generated   {generated}  ({summary["generated"]} images, {report["skipped"]} skipped, {report["img_per_s"]} img/s on {report["provider"]})
   before/after {grid}
+  new pieces  {pieces}  (diffusion, {diffusion_steps} steps: one row per class, drawn from noise; run in {out / "diffusion"})
+  time        {timing}
 """)
     return summary
 

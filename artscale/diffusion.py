@@ -66,6 +66,16 @@ def build_denoiser(
     )
 
 
+def denoiser_shape(
+    preset: str, block_out_channels: Sequence[int] = (), layers_per_block: int = 0, norm_num_groups: int = 0
+) -> tuple[tuple[int, ...], int, int]:
+    """(block_out_channels, layers_per_block, norm_num_groups): the preset's, each overridden when given."""
+    if preset not in DENOISER_PRESETS:
+        raise UserError(f"denoiser={preset!r}: choose one of {', '.join(DENOISER_PRESETS)}")
+    channels, layers, groups = DENOISER_PRESETS[preset]
+    return tuple(block_out_channels) or channels, layers_per_block or layers, norm_num_groups or groups
+
+
 def train_scheduler(
     prediction_type: str = "v_prediction", beta_schedule: str = "squaredcos_cap_v2", zero_terminal_snr: bool = False
 ) -> Any:

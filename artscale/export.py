@@ -185,14 +185,16 @@ def export_onnx(
     fp16: bool = False,
     size: int | None = None,
     shards: str | Path | None = None,
+    weights: str | None = None,
 ) -> dict:
-    """Export SOURCE (run dir, checkpoint, article .pth) to OUT, parity-gated; returns what was measured."""
+    """Export SOURCE (run dir, checkpoint, article .pth) to OUT, parity-gated; returns what was measured.
+    `weights`: ema, raw, or None (the EMA where the run kept one)."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"{out}: the output file must end in .onnx")
     if out.is_dir():
         raise UserError(f"{out} is a directory; give the .onnx file to write")
-    model, weights = load_model(source)
+    model, weights = load_model(source, weights=weights)
     config = weights.config
     trained = int(config["image_size"]) if config and config.get("image_size") else None
     image_size = size or trained or ARTICLE_SIZE

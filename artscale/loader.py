@@ -25,7 +25,7 @@ import itertools
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class DataSpec:
     train_count: int | None
     val_count: int | None
     image_size: int | None
+    classes: list[str] = field(default_factory=list)  # the manifest's, in label order; [] for a URL pattern
 
 
 def data_spec(data: str, image_size: int) -> DataSpec:
@@ -83,6 +84,7 @@ def data_spec(data: str, image_size: int) -> DataSpec:
             count["train"],
             count["val"],
             image_size,
+            list(manifest["classes"]),
         )
     if "{" not in data and "::" not in data and "://" not in data and not data.startswith("pipe:"):
         raise UserError(f"data={data}: not a shards directory (make one with: artscale pack SRC {data})")

@@ -23,16 +23,21 @@ import torch
 from artscale.atomic import write_json_atomic
 from artscale.checkpoint import (
     CONFIG_NAME,
+    DENOISER_NAME,
+    EMA_NAME,
     CheckpointManager,
     check_run_dir,
     resume_point,
     save_final,
 )
 from artscale.config import TrainConfig, load_config
+from artscale.ema import Ema
 from artscale.errors import UserError
 from artscale.loader import DataSpec, data_spec, train_loader
 from artscale.losses import HybridLoss
-from artscale.model import ConvDiffusionModel, normalize
+from artscale.model import ConvDiffusionModel
+from artscale.objectives import Diffusion, Reconstruct
+from artscale.state_dict import read_state_dict
 from artscale.train_log import Samples, StepLog, evaluate, rewind_metrics, to_device
 from artscale.train_setup import (
     absolute_paths,
@@ -108,6 +113,68 @@ class StopSignals:
         self.requested = "SIGINT"
 
 
+def build_net(cfg: TrainConfig, spec: DataSpec) -> torch.nn.Module:
+    """The article's ConvDiffusionModel, or (objective=diffusion) a UNet denoiser over the manifest's classes."""
+    if cfg.objective == "reconstruct":
+        return ConvDiffusionModel()
+    from artscale.diffusion import build_denoiser, denoiser_shape
+
+    if not spec.classes:
+        raise UserError(f"data={cfg.data}: objective=diffusion needs a shards dir with a manifest (its classes)")
+    channels, layers, groups = denoiser_shape(
+        cfg.denoiser, cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups
+    )
+    return build_denoiser(cfg.image_size, len(spec.classes), channels, layers, groups)
+
+
+def build_objective(
+    cfg: TrainConfig, spec: DataSpec, acc: Any, loss_fn: HybridLoss, start: int
+) -> Reconstruct | Diffusion:
+    """The objective the loop calls; a diffusion run's draws continue at micro-batch start x grad_accum."""
+    if cfg.objective == "reconstruct":
+        return Reconstruct(loss_fn, acc.autocast, cfg.image_size)
+    from artscale.diffusion import train_scheduler
+
+    return Diffusion(
+        train_scheduler(cfg.prediction_type, cfg.beta_schedule, cfg.zero_terminal_snr),
+        num_classes=len(spec.classes),
+        cond_drop=cfg.cond_drop,
+        min_snr_gamma=cfg.min_snr_gamma,
+        perceptual=loss_fn,
+        autocast=acc.autocast,
+        seed=cfg.seed,
+        rank=acc.process_index,
+        first_call=start * cfg.grad_accum,
+        device=acc.device,
+        sampler=cfg.sampler,
+        sample_steps=cfg.sample_steps,
+        guidance=cfg.guidance,
+    )
+
+
+def _extras(
+    net: torch.nn.Module, objective: Reconstruct | Diffusion, spec: DataSpec, cfg: TrainConfig, ema: Ema | None
+) -> Any:
+    """What checkpoints and final/ hold beside the raw weights: ema.safetensors, denoiser.json."""
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        if ema is not None:
+            save_file(ema.state_dict(), str(folder / EMA_NAME))
+        if isinstance(objective, Diffusion):
+            meta = {
+                "unet": dict(net.config),
+                "scheduler": {k: v for k, v in dict(objective.scheduler.config).items() if not k.startswith("_")},
+                "classes": spec.classes,
+                "null_label": objective.null_label,
+                "prediction_type": cfg.prediction_type,
+                "image_size": cfg.image_size,
+            }
+            write_json_atomic(folder / DENOISER_NAME, meta)
+
+    return write
+
+
 def train(cfg: TrainConfig) -> int:
     """Train until the plan's last step (returns 0) or a stop signal (checkpoints, returns EXIT_PREEMPTED)."""
     with StopSignals() as stop:
@@ -130,16 +197,23 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     plan = Plan.make(cfg, spec, acc.num_processes)
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest conv kernels once
-    net = ConvDiffusionModel().to(acc.device)
+    net = build_net(cfg, spec).to(acc.device)
     with acc.local_main_process_first():  # one process per node fills the node's VGG weights cache
         loss_fn = HybridLoss(cfg.vgg_weights, cfg.perceptual_weight).to(acc.device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net, loss_fn = net.to(memory_format=fmt), loss_fn.to(memory_format=fmt)
     optimizer = torch.optim.Adam(net.parameters(), lr=plan.lr_at(0))
     model, optimizer = acc.prepare(torch.compile(net) if cfg.compile else net, optimizer)
+    ema = Ema(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = CheckpointManager(acc, run_dir, cfg.to_dict(), net, cfg.checkpoint_every, cfg.keep_checkpoints)
     state = ckpt.load(resume_from) if resume_from else {}
     start = int(state.get("step", 0))
+    if ema is not None and resume_from:
+        if not (resume_from / EMA_NAME).is_file():
+            raise UserError(f"{resume_from} holds no {EMA_NAME} (trained with ema_decay=0): resume with ema_decay=0")
+        ema.load(read_state_dict(resume_from / EMA_NAME), int(state.get("ema_step", 0)))
+    objective = build_objective(cfg, spec, acc, loss_fn, start)
+    ckpt.extras = extras = _extras(net, objective, spec, cfg, ema)
     if start > plan.total_steps:
         raise UserError(
             f"{resume_from} is at step {start}, past this run's last step {plan.total_steps}: raise max_steps or epochs"
@@ -156,7 +230,15 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
         f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}, mixed precision {cfg.mixed_precision}"
     )
     start_trackers(acc, cfg, run_dir)
-    steps, samples = StepLog(acc, cfg, plan, start, state), Samples(acc, spec, cfg)
+    steps = StepLog(acc, cfg, plan, start, state, objective.names)
+    samples = Samples(acc, spec, cfg, objective)
+
+    def trainer_state() -> dict[str, Any]:
+        return {**steps.state(), **({"ema_step": ema.step} if ema is not None else {})}
+
+    def averaged() -> torch.nn.Module:  # samples and validation use the EMA weights where there are some
+        return ema.averaged() if ema is not None else net
+
     data = iter(
         train_loader(
             spec,
@@ -175,12 +257,10 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
-            images, _labels = steps.next_batch(data)
-            images = to_device(images, acc.device, fmt)
+            images, labels = steps.next_batch(data)
+            images, labels = to_device(images, acc.device, fmt), labels.to(acc.device, non_blocking=True)
             with acc.accumulate(model):
-                output = model(normalize(images))
-                with acc.autocast():
-                    loss, mse, perceptual = loss_fn(output, images)
+                loss, parts = objective.loss(model, images, labels)
                 acc.backward(loss)
                 grad_norm = (
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
@@ -189,10 +269,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
                 )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            steps.add(loss, mse, perceptual)
+            if ema is not None and acc.sync_gradients:  # an optimizer step, not an accumulation micro-step
+                ema.update()
+            steps.add(loss, parts)
         done = step + 1
         if steps.end_step(done, stop.requested, lr, grad_norm):  # save first: SLURM's warning is minutes
-            path = ckpt.save(done, steps.state())
+            path = ckpt.save(done, trainer_state())
             acc.print(
                 f"stopped by a signal at step {done}: saved {path}; run the same command again to resume (exit {EXIT_PREEMPTED})"
             )
@@ -200,20 +282,21 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
             acc.end_training()
             return EXIT_PREEMPTED
         if done % cfg.val_every == 0 or done == plan.total_steps:
-            if metrics := evaluate(net, loss_fn, spec, cfg, acc):
+            if metrics := evaluate(averaged(), objective, spec, cfg, acc):
                 steps.log(done, metrics)
         if done % cfg.sample_every == 0 or done == plan.total_steps:
-            samples.write(done, net)
+            samples.write(done, averaged())
         if done % cfg.checkpoint_every == 0:
-            ckpt.save(done, steps.state())
+            ckpt.save(done, trainer_state())
     steps.close()
     if ckpt.last_saved != plan.total_steps:
-        ckpt.save(plan.total_steps, steps.state())
+        ckpt.save(plan.total_steps, trainer_state())
     if acc.is_main_process:
-        save_final(net.state_dict(), run_dir, cfg.to_dict(), plan.total_steps)
+        save_final(net.state_dict(), run_dir, cfg.to_dict(), plan.total_steps, extras)
     acc.wait_for_everyone()
     acc.print(f"done: step {plan.total_steps}, final weights in {run_dir / 'final'} (skipped samples: {steps.skipped})")
-    print(f"rank {acc.process_index}/{plan.world} finished at step {plan.total_steps}", flush=True)
+    digest = f" (ema {ema.digest()})" if ema is not None else ""
+    print(f"rank {acc.process_index}/{plan.world} finished at step {plan.total_steps}{digest}", flush=True)
     acc.end_training()
     return 0
 

@@ -23,7 +23,6 @@ from artscale.checkpoint import read_metrics
 from artscale.config import TrainConfig
 from artscale.images import encode_image
 from artscale.loader import DataSpec, train_loader, val_loader
-from artscale.losses import HybridLoss
 from artscale.model import normalize
 from artscale.progress import Progress
 
@@ -67,10 +66,18 @@ class StepLog:
     """Sums this rank's losses on the device; at log steps the sums are reduced across ranks and
     the main process logs them (trackers, metrics.jsonl, a progress line or bar)."""
 
-    def __init__(self, acc: Any, cfg: TrainConfig, plan: Any, start: int, state: dict[str, Any]) -> None:
-        self.acc, self.cfg, self.plan = acc, cfg, plan
+    def __init__(
+        self,
+        acc: Any,
+        cfg: TrainConfig,
+        plan: Any,
+        start: int,
+        state: dict[str, Any],
+        names: tuple[str, ...] = ("mse", "perceptual"),
+    ) -> None:
+        self.acc, self.cfg, self.plan, self.names = acc, cfg, plan, names
         self.skipped = int(state.get("skipped_samples", 0))
-        self.sums = torch.zeros(4, device=acc.device)  # loss, mse, perceptual, micro-batches
+        self.sums = torch.zeros(len(names) + 2, device=acc.device)  # loss, the objective's parts, micro-batches
         self.wait_s, self.window_start, self.window_steps = 0.0, time.perf_counter(), 0
         self.local_skips = 0
         self.metrics_file = Path(cfg.run_dir) / "metrics.jsonl"
@@ -84,16 +91,16 @@ class StepLog:
         self.local_skips += skipped
         return images, labels
 
-    def add(self, loss: torch.Tensor, mse: torch.Tensor, perceptual: torch.Tensor) -> None:
-        parts = [loss.detach().float(), mse.detach().float(), perceptual.detach().float()]
-        self.sums += torch.stack([*parts, loss.new_ones((), dtype=torch.float32)])
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        values = [loss.detach().float(), *(parts[n].detach().float() for n in self.names)]
+        self.sums += torch.stack([*values, loss.new_ones((), dtype=torch.float32)])
 
     def _reduce(self, stop: str) -> list[float]:
         """Sums, stop requests, skips and data wait over all ranks: the one host sync, at log and stop-check steps."""
         local = torch.tensor([float(bool(stop)), float(self.local_skips), self.wait_s], dtype=torch.float32)
         totals = self.acc.reduce(torch.cat([self.sums, local.to(self.sums.device)]), "sum").tolist()
         self.local_skips = 0
-        self.skipped += int(totals[5])
+        self.skipped += int(totals[len(self.sums) + 1])
         return totals
 
     def end_step(self, step: int, stop: str, lr: float, grad_norm: torch.Tensor | None) -> bool:
@@ -104,22 +111,22 @@ class StepLog:
         if not log_now and (step % STOP_CHECK_EVERY if self.plan.world > 1 else not stop):
             return False
         totals = self._reduce(stop)
-        stopping = totals[4] > 0
+        stopping = totals[len(self.sums)] > 0
         if log_now or stopping:
             self._log(step, lr, grad_norm, totals)
         return stopping
 
     def _log(self, step: int, lr: float, grad_norm: torch.Tensor | None, totals: list[float]) -> None:
         elapsed = time.perf_counter() - self.window_start
-        n = max(totals[3], 1.0)
+        k = len(self.sums)  # totals: loss, the parts, micro-batches, then stop, skips, data wait
+        n = max(totals[k - 1], 1.0)
         metrics = {
             "loss": totals[0] / n,
-            "mse": totals[1] / n,
-            "perceptual": totals[2] / n,
+            **{name: totals[1 + i] / n for i, name in enumerate(self.names)},
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "img_per_s": self.plan.global_batch * self.window_steps / max(elapsed, 1e-9),
-            "data_wait_s": totals[6] / self.plan.world / self.window_steps,
+            "data_wait_s": totals[k + 2] / self.plan.world / self.window_steps,
             "skipped_samples": self.skipped,
             "epoch": step / self.plan.steps_per_epoch,
         }
@@ -151,11 +158,9 @@ class StepLog:
 
 
 def evaluate(
-    net: torch.nn.Module, loss_fn: HybridLoss, spec: DataSpec, cfg: TrainConfig, acc: Any
+    net: torch.nn.Module, objective: Any, spec: DataSpec, cfg: TrainConfig, acc: Any
 ) -> dict[str, float] | None:
-    """Val MSE, perceptual loss, PSNR and SSIM: each rank its own part, summed across ranks."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
+    """The objective's val figures (artscale.objectives), each rank its own part, summed across ranks, per image."""
     loader = val_loader(
         spec, batch_size=cfg.batch_size, rank=acc.process_index, world=acc.num_processes, num_workers=cfg.num_workers
     )
@@ -164,48 +169,38 @@ def evaluate(
     share = math.ceil((spec.val_count or 0) / acc.num_processes) or None
     if share and cfg.val_batches:
         share = min(share, cfg.val_batches * cfg.batch_size)
-    sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # mse, perceptual, psnr, ssim
+    names = objective.val_names
+    sums = torch.zeros(len(names), dtype=torch.float64, device=acc.device)
     images_seen, skips = 0, 0
+    was_training = net.training
     net.eval()
     with torch.no_grad(), Progress(share, "val", enabled=acc.is_main_process) as progress:
-        for i, (images, _, _, skipped) in enumerate(loader):
+        for i, (images, labels, keys, skipped) in enumerate(loader):
             if cfg.val_batches and i >= cfg.val_batches:
                 break
             x = to_device(images, acc.device, torch.contiguous_format)
-            with acc.autocast():
-                out = net(normalize(x))
-                _, mse, perceptual = loss_fn(out, x)
-            out, n = out.float().clamp(0, 1), x.shape[0]
-            psnr = peak_signal_noise_ratio(out, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
-            ssim = structural_similarity_index_measure(
-                out, x, data_range=1.0, reduction="none", kernel_size=min(11, cfg.image_size - 1)
-            )
-            sums += torch.stack([mse.double() * n, perceptual.double() * n, psnr.sum().double(), ssim.sum().double()])
-            images_seen, skips = images_seen + n, skips + skipped
-            progress.update(n)
-    net.train()
+            part = objective.val_sums(net, x, labels.to(acc.device), keys)
+            sums += torch.stack([torch.as_tensor(part[k], dtype=torch.float64, device=acc.device) for k in names])
+            images_seen, skips = images_seen + x.shape[0], skips + skipped
+            progress.update(x.shape[0])
+    net.train(was_training)
     counts = torch.tensor([images_seen, skips], dtype=torch.float64).to(acc.device)
-    sums = acc.reduce(torch.cat([sums, counts]), "sum").tolist()
-    n = sums[4]
+    totals = acc.reduce(torch.cat([sums, counts]), "sum").tolist()
+    n = totals[-2]
     if n == 0:
         return None
-    return {
-        "val/mse": sums[0] / n,
-        "val/perceptual": sums[1] / n,
-        "val/psnr": sums[2] / n,
-        "val/ssim": sums[3] / n,
-        "val/images": n,
-        "val/skipped": sums[5],
-    }
+    return {**{f"val/{k}": totals[i] / n for i, k in enumerate(names)}, "val/images": n, "val/skipped": totals[-1]}
 
 
 class Samples:
-    """Input | output grids of fixed images, as PNG under run_dir/samples/ and to the trackers (main process)."""
+    """Sample grids as PNG under run_dir/samples/ and to the trackers (main process): input | output of fixed
+    images for the article's objective, new images from fixed noise (one row per class) for diffusion."""
 
-    def __init__(self, acc: Any, spec: DataSpec, cfg: TrainConfig) -> None:
+    def __init__(self, acc: Any, spec: DataSpec, cfg: TrainConfig, objective: Any = None) -> None:
         self.acc, self.dir = acc, Path(cfg.run_dir) / "samples"
         self.images = None
-        if acc.is_main_process:
+        self.grid = getattr(objective, "grid", None)  # diffusion: new images, one row per class
+        if acc.is_main_process and self.grid is None:
             source = val_loader(spec, batch_size=8, rank=0, world=1) or train_loader(
                 spec, batch_size=8, epoch_batches=1, seed=cfg.seed, rank=0
             )
@@ -213,15 +208,21 @@ class Samples:
             self.images = None if batch is None else batch[0].float().div(255)
 
     def write(self, step: int, net: torch.nn.Module) -> Path | None:
-        if not self.acc.is_main_process or self.images is None:
+        if not self.acc.is_main_process or (self.images is None and self.grid is None):
             return None
         from torchvision.utils import make_grid
 
+        was_training = net.training
         net.eval()
-        with torch.no_grad(), self.acc.autocast():
-            out = net(normalize(self.images.to(self.acc.device))).float().clamp(0, 1).cpu()
-        net.train()
-        grid = make_grid(torch.stack([self.images, out], 1).flatten(0, 1), nrow=2, padding=2, pad_value=1.0)
+        if self.grid is not None:
+            images, columns = self.grid(net)
+            caption = "one row per class"
+        else:
+            with torch.no_grad(), self.acc.autocast():
+                out = net(normalize(self.images.to(self.acc.device))).float().clamp(0, 1).cpu()
+            images, columns, caption = torch.stack([self.images, out], 1).flatten(0, 1), 2, "input | output"
+        net.train(was_training)
+        grid = make_grid(images, nrow=columns, padding=2, pad_value=1.0)
         im = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:06d}.png"
@@ -230,7 +231,7 @@ class Samples:
             if tracker.name == "wandb":
                 import wandb
 
-                tracker.tracker.log({"samples": wandb.Image(im, caption="input | output")}, step=step)
+                tracker.tracker.log({"samples": wandb.Image(im, caption=caption)}, step=step)
             elif tracker.name == "tensorboard":
                 tracker.tracker.add_image("samples", np.asarray(im), step, dataformats="HWC")
         return path

@@ -9,6 +9,10 @@ step's data wait (decoding) taken out, with mixed_precision=no and =bf16 (bf16 o
 where it has avx512_bf16 or AMX). Both sides warm up for `--warmup` steps outside the timing
 and synchronise the device before reading clocks. VGG weights are random in both (same compute;
 no download). Prints one JSON line with the device it ran on.
+The diffusion step (--diffusion-size, 0 skips it): `artscale train objective=diffusion` (the tiny
+UNet, v-prediction, cosine schedule, EMA, grad clipping) against a plain loop written as diffusers'
+examples/unconditional_image_generation/train_unconditional.py does it: same UNet, scheduler,
+batch, clipping and EMA, fp32, `add_noise` + `get_velocity`, the batch already on the device.
 Run: .venv/bin/python bench/train_step.py [--steps 3] [--batch-size 32] [--size 128] [--device cuda]
 """
 
@@ -70,6 +74,40 @@ def article_loop(steps: int, batch: int, size: int, device: torch.device, warmup
     return batch * steps / (time.perf_counter() - t)
 
 
+def diffusers_loop(steps: int, batch: int, size: int, device: torch.device, warmup: int) -> float:
+    """img/s of a diffusion step as diffusers' train_unconditional.py writes it, after `warmup` untimed steps."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from artscale.diffusion import DENOISER_PRESETS, build_denoiser
+
+    torch.manual_seed(0)
+    model = build_denoiser(size, 2, *DENOISER_PRESETS["tiny"]).to(device)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    clean = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    labels = torch.randint(0, 2, (batch,), device=device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            t = time.perf_counter()
+        noise = torch.randn(clean.shape, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        pred = model(noisy, timesteps, class_labels=labels).sample
+        loss = F.mse_loss(pred.float(), scheduler.get_velocity(clean, noise, timesteps).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        ema.step(model.parameters())
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - t)
+
+
 def make_shards(root: Path, n: int, size: int) -> Path:
     from artscale.shards import pack
 
@@ -86,7 +124,15 @@ def make_shards(root: Path, n: int, size: int) -> Path:
 
 
 def artscale_loop(
-    shards: Path, run_dir: Path, steps: int, batch: int, size: int, precision: str, device: torch.device, warmup: int
+    shards: Path,
+    run_dir: Path,
+    steps: int,
+    batch: int,
+    size: int,
+    precision: str,
+    device: torch.device,
+    warmup: int,
+    *extra: str,
 ) -> float:
     """img/s of `artscale train` steps after `warmup`, from its metrics.jsonl, data wait taken out."""
     cmd = [
@@ -105,6 +151,7 @@ def artscale_loop(
         "sample_every=100000",
         "checkpoint_every=100000",
         f"mixed_precision={precision}",
+        *extra,
     ]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if device.type == "cpu":
@@ -127,6 +174,7 @@ def main() -> None:
     p.add_argument(
         "--images", type=int, default=160, help="images packed into the shards (an epoch is images / batch steps)"
     )
+    p.add_argument("--diffusion-size", type=int, default=32, help="image size of the diffusion step; 0 skips it")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line only
         shards = make_shards(Path(tmp), args.images, args.size)
@@ -140,6 +188,22 @@ def main() -> None:
             if device.type == "cuda" or cpu_has_bf16()
             else None
         )
+        diffusion = {}
+        if args.diffusion_size:
+            d_timing = (args.steps, args.batch_size, args.diffusion_size)
+            d_shards = make_shards(Path(tmp) / "d", args.images, args.diffusion_size)
+            plain = diffusers_loop(*d_timing, device, args.warmup)
+            opts = ("objective=diffusion", "denoiser=tiny", "max_grad_norm=1")
+            d32 = artscale_loop(d_shards, Path(tmp) / "d32", *d_timing, "no", device, args.warmup, *opts)
+            d16 = artscale_loop(d_shards, Path(tmp) / "d16", *d_timing, "bf16", device, args.warmup, *opts)
+            diffusion = {
+                "diffusion_image_size": args.diffusion_size,
+                "diffusers_loop_img_s": round(plain, 2),
+                "diffusion_fp32_img_s": round(d32, 2),
+                "diffusion_bf16_img_s": round(d16, 2),
+                "diffusion_fp32_speedup": round(d32 / plain, 2),
+                "diffusion_bf16_speedup": round(d16 / plain, 2),
+            }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         json.dumps(
@@ -157,6 +221,7 @@ def main() -> None:
                 "artscale_bf16_img_s": round(bf16, 2) if bf16 else None,
                 "fp32_speedup": round(fp32 / article, 2),
                 "bf16_speedup": round(bf16 / article, 2) if bf16 else None,
+                **diffusion,
             }
         )
     )

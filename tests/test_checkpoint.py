@@ -187,3 +187,25 @@ def test_a_run_dir_resolves_to_its_newest_weights(tmp_path):
     assert load_weights(run).step == 20
     save_final(ConvDiffusionModel().state_dict(), run, {"image_size": 16}, 20)
     assert load_weights(run).path == run / "final" / WEIGHTS_NAME
+
+
+def test_the_articles_weights_are_the_ema_where_the_run_kept_one_unless_raw_is_asked(tmp_path):
+    """A run dir with ema.safetensors beside model.safetensors (as training with ema_decay > 0 leaves it)."""
+    from safetensors.torch import save_file
+
+    from artscale.checkpoint import EMA_NAME, load_weights, save_final
+
+    raw, ema = ConvDiffusionModel().state_dict(), ConvDiffusionModel().state_dict()
+    save_final(raw, tmp_path / "with", {"image_size": 16}, 3, lambda d: save_file(ema, str(d / EMA_NAME)))
+    save_final(raw, tmp_path / "without", {"image_size": 16}, 3)
+    picked = load_weights(tmp_path / "with")
+    assert picked.path.name == EMA_NAME and picked.step == 3 and picked.config == {"image_size": 16}
+    assert all(torch.equal(picked.state_dict[k], ema[k]) for k in ema)
+    assert all(torch.equal(load_weights(tmp_path / "with", "raw").state_dict[k], raw[k]) for k in raw)
+    assert load_weights(tmp_path / "without").path.name == "model.safetensors"
+    with pytest.raises(UserError, match="--weights raw"):
+        load_weights(tmp_path / "without", "ema")
+    with pytest.raises(UserError, match="not a diffusion run"):
+        from artscale.checkpoint import load_denoiser
+
+        load_denoiser(tmp_path / "with")

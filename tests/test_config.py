@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from artscale.config import TrainConfig, config_from_dict, load_config
@@ -72,3 +74,41 @@ def test_the_shipped_config_is_the_articles_setup():
         150,
         "imagenet",
     )
+
+
+def test_diffusion_keys_resolve_per_objective_and_the_article_default_is_unchanged():
+    article = load_config(None, [])
+    assert article.objective == "reconstruct" and article.perceptual_weight == 1.0 and article.ema_decay == 0.0
+    d = load_config(None, ["objective=diffusion", "block_out_channels=16,32", "min_snr_gamma=5"])
+    assert d.perceptual_weight == 0.0 and d.ema_decay == 0.9999 and d.prediction_type == "v_prediction"
+    assert d.block_out_channels == [16, 32] and d.beta_schedule == "squaredcos_cap_v2" and d.cond_drop == 0.1
+    assert load_config(None, ["objective=diffusion", "ema_decay=0", "perceptual_weight=0.5"]).ema_decay == 0.0
+    assert load_config(None, ["ema_decay=0.99"]).ema_decay == 0.99  # EMA for the article's objective too
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("ema_decay=1", "ema_decay"),
+        ("cond_drop=1.5", "cond_drop"),
+        ("min_snr_gamma=-1", "min_snr_gamma"),
+        ("block_out_channels=32,x", "list of integers"),
+        ("denoiser=huge", "choose one of tiny, small, base"),
+        ("prediction_type=sample", "choose one of"),
+        ("sample_steps=0", "sample_steps"),
+    ],
+)
+def test_bad_diffusion_keys_are_one_line(bad, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, ["objective=diffusion", bad])
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    with pytest.raises(UserError, match="zero_terminal_snr"):
+        load_config(None, ["zero_terminal_snr=true", "prediction_type=epsilon"])
+
+
+@pytest.mark.parametrize("name", ["diffusion", "diffusion-cpu"])
+def test_the_shipped_diffusion_configs_load(name):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.objective == "diffusion" and cfg.ema_decay > 0 and cfg.lr_gamma == 1.0

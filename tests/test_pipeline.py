@@ -59,6 +59,9 @@ def test_demo_runs_end_to_end_and_says_vgg_is_random(tmp_path):
     assert report["written"] == 24 and report["skipped"] == 0
     assert (demo / "exports" / "demo.onnx").is_file() and (demo / "before-after.png").is_file()
     assert "loss" in r.stdout and "parity vs PyTorch" in r.stdout
+    with Image.open(demo / "new-pieces.png") as im:  # diffusion: 5 classes x 8 new pieces of 32 px, 2 px padding
+        assert im.size == (8 * 34 + 2, 5 * 34 + 2)
+    assert "new pieces" in r.stdout and "diffusion" in r.stdout.split("time ")[-1]
     # A rerun continues: nothing is packed, trained or generated again.
     r = run_cli("demo", "--out", demo, "--steps", "3", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -172,8 +172,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_ranks, shards, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shards, tmp_path):
-    opts = ["max_steps=10", "grad_accum=2", "hflip=true", "checkpoint_every=4"]
+@pytest.mark.parametrize("ema", [[], ["ema_decay=0.99"]], ids=["no-ema", "ema"])
+def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shards, tmp_path, ema):
+    opts = ["max_steps=10", "grad_accum=2", "hflip=true", "checkpoint_every=4", *ema]
     whole = train_cli(tiny(tmp_path / "whole", shards, *opts))
     assert whole.returncode == 0, whole.stderr[-3000:]
     cut = tmp_path / "cut"
@@ -182,9 +183,10 @@ def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shard
     again = train_cli(tiny(cut, shards, *opts))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from step {stopped}" in again.stdout and "finished at step 10" in again.stdout
-    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
-    b = load_file(cut / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ["model.safetensors"] + (["ema.safetensors"] if ema else []):
+        a, b = load_file(tmp_path / "whole" / "final" / name), load_file(cut / "final" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (cut / "final" / "ema.safetensors").is_file() == bool(ema)
 
 
 def train_cli_cmd() -> list[str]:
