@@ -188,12 +188,17 @@ def export_onnx(
     weights: str | None = None,
 ) -> dict:
     """Export SOURCE (run dir, checkpoint, article .pth) to OUT, parity-gated; returns what was measured.
-    `weights`: ema, raw, or None (the EMA where the run kept one)."""
+    `weights`: ema, raw, or None (the EMA where the run kept one). A diffusion run exports its
+    denoiser instead (export_diffusion.py)."""
+    from artscale.export_diffusion import export_denoiser, is_diffusion_source
+
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"{out}: the output file must end in .onnx")
     if out.is_dir():
         raise UserError(f"{out} is a directory; give the .onnx file to write")
+    if is_diffusion_source(source):
+        return export_denoiser(source, out, fp16=fp16, shards=shards, weights=weights or "ema")
     model, weights = load_model(source, weights=weights)
     config = weights.config
     trained = int(config["image_size"]) if config and config.get("image_size") else None

@@ -1,0 +1,204 @@
+"""A diffusion run's denoiser to ONNX: one network evaluation, the sampling loop stays outside.
+
+Inputs `sample` float [N, 3, H, W] (the noisy image, scaled by the sampler), `timestep` int64 [N],
+`class_labels` int64 [N] (C = the null class); output `prediction` float [N, 3, H, W] (epsilon or
+v, as trained). N is dynamic, H and W are the training size. I/O stays float32 with --fp16 (the
+casts are in the graph). The metadata carries all a sampler needs: the training scheduler's config,
+the classes and the null label, so `artscale sample` matches training without the run dir.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from artscale import __version__
+from artscale.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _resolve
+from artscale.denoiser_source import DENOISER_NAME, load_denoiser
+from artscale.diffusion import noise_for, to_model, train_scheduler
+from artscale.errors import UserError
+from artscale.export import OPSET, _parity_images, _session
+from artscale.shard_writer import sha256_file
+
+INPUTS, OUTPUT = ("sample", "timestep", "class_labels"), "prediction"
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 5e-2  # half precision through ~20 conv and norm layers: about 2 significant digits
+PARITY_TIMESTEPS = (999, 700, 400, 100, 0)
+PARITY_BATCHES = (1, 3, 8)
+
+
+def is_diffusion_source(source: str | Path) -> bool:
+    """True when SOURCE (run dir, checkpoint dir, final/) holds a diffusion denoiser."""
+    source = Path(source)
+    if source.is_dir() and (source / DENOISER_NAME).is_file():
+        return True
+    try:
+        weights = _resolve(source)
+    except UserError:
+        return False
+    config = weights.parent / CONFIG_NAME
+    if weights.name != WEIGHTS_NAME:
+        return False
+    if (weights.parent / DENOISER_NAME).is_file():
+        return True
+    try:
+        return json.loads(config.read_text()).get("objective") == "diffusion"
+    except (OSError, ValueError):
+        return False
+
+
+class DenoiserGraph(nn.Module):
+    """(sample, timestep, class_labels) -> prediction, float32 at the edges whatever the compute dtype."""
+
+    def __init__(self, unet: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if dtype != torch.float32:
+            from diffusers.utils import logging
+
+            quiet = logging.get_verbosity()
+            logging.set_verbosity_error()  # "modules that should be kept in float32: []": there are none
+            unet = unet.to(dtype)
+            logging.set_verbosity(quiet)
+        self.unet, self.dtype = unet, dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample.to(self.dtype), timestep, class_labels=class_labels).sample.float()
+
+
+def _export_graph(unet: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
+    import copy
+
+    graph = DenoiserGraph(copy.deepcopy(unet), torch.float16 if fp16 else torch.float32).eval()
+    example = (torch.zeros(2, 3, size, size), torch.tensor([10, 500]), torch.tensor([0, 1]))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter (dynamo needs onnxscript) and tracer warnings
+        torch.onnx.export(
+            graph,
+            example,
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(INPUTS),
+            output_names=[OUTPUT],
+            dynamic_axes={name: {0: "N"} for name in (*INPUTS, OUTPUT)},
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def parity(session, unet: nn.Module, images: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Max |ONNX - PyTorch| of the prediction on `images` noised to several timesteps, in several batch sizes."""
+    x0 = to_model(images)
+    noise = noise_for(0, range(len(x0)), x0.shape[1:])
+    forward = train_scheduler()  # only alphas: same for any prediction type
+    labels = torch.arange(len(x0)) % (num_classes + 1)  # every class and the null label
+    worst = 0.0
+    for t in PARITY_TIMESTEPS:
+        steps = torch.full((len(x0),), t, dtype=torch.long)
+        noisy = forward.add_noise(x0, noise, steps)
+        with torch.no_grad():
+            want = unet(noisy, steps, class_labels=labels).sample.numpy()
+        for batch in PARITY_BATCHES:
+            for i in range(0, len(x0), batch):
+                j = slice(i, i + batch)
+                feed = {"sample": noisy[j].numpy(), "timestep": steps[j].numpy(), "class_labels": labels[j].numpy()}
+                got = session.run([OUTPUT], feed)[0]
+                if got.shape != want[j].shape:
+                    raise UserError(
+                        f"parity gate failed: ONNX output shape {list(got.shape)}, expected {list(want[j].shape)}"
+                    )
+                diff = float(np.abs(got.astype(np.float64) - want[j]).max())
+                worst = diff if not diff <= worst else worst  # NaN sticks and fails the gate
+    return {"max_abs_diff": worst, "timesteps": list(PARITY_TIMESTEPS), "batch_sizes": list(PARITY_BATCHES)}
+
+
+def export_denoiser(
+    source: str | Path, out: str | Path, *, fp16: bool = False, shards: str | Path | None = None, weights: str = "ema"
+) -> dict[str, Any]:
+    """Export a diffusion run's denoiser to OUT, written only when it matches PyTorch."""
+    from diffusers import DDPMScheduler
+
+    out = Path(out)
+    unet, meta = load_denoiser(source, weights)
+    size = int(meta["image_size"])
+    classes = list(meta["classes"])
+    scheduler = DDPMScheduler.from_config(meta["scheduler"])
+    images, parity_source = _parity_images(Path(shards) if shards else None, meta.get("config"), size)
+    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+
+    proto = _export_graph(unet, size, fp16)
+    measured = parity(_session(proto.SerializeToString()), unet, images, len(classes))
+    if not measured["max_abs_diff"] <= tolerance:
+        raise UserError(
+            f"parity gate failed on {parity_source}: max abs diff {measured['max_abs_diff']:.3g} "
+            f"(allowed {tolerance:g}); nothing written"
+        )
+    weights_file = Path(meta["path"]) / ("ema.safetensors" if weights == "ema" else WEIGHTS_NAME)
+    props = {
+        "artscale_version": __version__,
+        "objective": "diffusion",
+        "prediction_type": str(meta["prediction_type"]),
+        "scheduler": json.dumps(json.loads(scheduler.to_json_string()), sort_keys=True),  # one line
+        "classes": json.dumps(classes),
+        "null_label": str(meta["null_label"]),
+        "weights": weights,
+        "step": "" if meta.get("step") is None else str(meta["step"]),
+        "image_size": str(size),
+        "source": str(weights_file),
+        "source_sha256": sha256_file(weights_file),
+        "precision": "fp16" if fp16 else "fp32",
+        "config": json.dumps(meta.get("config") or {}, sort_keys=True),
+        "parity": json.dumps({**measured, "images": parity_source, "tolerance": tolerance}),
+    }
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name, proto.producer_version = "artscale", __version__
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(out)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(
+        f"exported {out} (diffusion denoiser, {props['precision']}, {weights} weights, {size} px, "
+        f"step {props['step'] or '?'}): parity on {parity_source} at timesteps {list(PARITY_TIMESTEPS)}, "
+        f"batch sizes {list(PARITY_BATCHES)}: max abs diff {measured['max_abs_diff']:.2g} (allowed {tolerance:g})"
+    )
+    return {
+        "path": str(out),
+        "bytes": len(data),
+        **{k: props[k] for k in ("step", "image_size", "source", "source_sha256", "precision", "weights")},
+        "parity": {**measured, "images": parity_source, "tolerance": tolerance},
+    }
+
+
+def read_metadata(session) -> dict[str, Any]:
+    """The sampler's view of an exported denoiser: scheduler config, classes, null label, size."""
+    props = session.get_modelmeta().custom_metadata_map
+    if props.get("objective") != "diffusion":
+        raise UserError("this ONNX model is not a diffusion denoiser (export a diffusion run with `artscale export`)")
+    return {
+        "scheduler": json.loads(props["scheduler"]),
+        "classes": json.loads(props["classes"]),
+        "null_label": int(props["null_label"]),
+        "image_size": int(props["image_size"]),
+        "prediction_type": props["prediction_type"],
+        "weights": props.get("weights", ""),
+        "step": props.get("step", ""),
+    }
