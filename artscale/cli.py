@@ -1,4 +1,4 @@
-"""`artscale demo | pack | verify | train | export | generate | info`: parse, then dispatch.
+"""`artscale demo | pack | verify | train | export | generate | sample | info | submit`: parse, then dispatch.
 
 A UserError anywhere becomes one line on stderr and exit code 2. Heavy imports (torch,
 onnxruntime) happen inside the command that needs them, so `--help` is instant.
@@ -103,6 +103,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
 
 
+S = argparse.SUPPRESS  # a flag left out stays out of the namespace
+VARIATION_KEYS = ("strength", "class_name", "class_from_parent", "steps", "sampler", "guidance", "seed")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="run an exported model over a directory tree")
     p.add_argument("model", type=Path, help="an .onnx file from `artscale export`")
@@ -113,13 +117,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
     p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
-    p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
-    p.add_argument(
-        "--shard-index",
-        type=int,
-        default=None,
-        help="default: the SLURM array task, ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN), or 0",
-    )
+    _add_shard_flags(p)
     p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
     p.add_argument("--quality", type=int, default=95)
     size = p.add_mutually_exclusive_group()
@@ -147,6 +145,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="walk IN_DIR once and write OUT_DIR/listing.jsonl, which the tasks of an array and the merge read",
     )
+    d = p.add_argument_group("a diffusion model: variations of each image (img2img); see the README")
+    d.add_argument("--strength", type=float, default=S, help="0 keeps the input, 1 ignores it (default 0.6)")
+    which = d.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="class_name", default=S, help="the class to vary towards (default: none)")
+    which.add_argument(
+        "--class-from-parent", action="store_true", default=S, help="each file's parent folder names its class"
+    )
+    d.add_argument("--steps", type=int, default=S, help="sampler steps over the whole schedule (default 20)")
+    d.add_argument("--sampler", choices=["ddim", "dpm++"], default=S, help="default dpm++")
+    d.add_argument("--guidance", type=float, default=S, help="classifier-free guidance (default 3)")
+    d.add_argument("--seed", type=int, default=S, help="a file's noise comes from (seed, its relative path)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -166,6 +175,46 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="new images from noise with a diffusion model (.onnx or run dir)")
+    p.add_argument("model", type=Path, help="a diffusion .onnx from `artscale export`, or a diffusion run dir")
+    p.add_argument("out_dir", type=Path, help="where the images (named by index) and report.json go")
+    p.add_argument("--count", type=int, default=16, help="images (per class with --class all; default 16)")
+    p.add_argument("--class", dest="class_name", default="all", help="a class name, or all: --count per class")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument("--sampler", choices=["ddim", "dpm++"], default="dpm++")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off; default 3)")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from noise of (seed, i) alone")
+    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: 16 on CPU, 64 on a GPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA runs")
+    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for a run dir: EMA (default) or raw")
+    _add_shard_flags(p)
+
+
+def _add_shard_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        help="default: the SLURM array task, ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN), or 0",
+    )
+
+
+def _shard(args: argparse.Namespace) -> tuple[int, int]:
+    """--num-shards/--shard-index, defaulting to the SLURM array this task belongs to."""
+    env = os.environ
+    num_shards = args.num_shards if args.num_shards is not None else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    # --array=1-4 or 0-10:2 numbers tasks from MIN by STEP: shard index = (ID - MIN) / STEP.
+    task = (int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
+        env.get("SLURM_ARRAY_TASK_STEP", 1)
+    )
+    return num_shards, args.shard_index if args.shard_index is not None else task
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -238,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info, _add_submit):
         add(sub)
     _add_eval(sub)
+    _add_sample(sub)
     return parser
 
 
@@ -292,17 +342,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from artscale.generate import generate
 
-        env = os.environ
-        num_shards = args.num_shards if args.num_shards is not None else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-        # --array=1-4 or 0-10:2 numbers tasks from MIN by STEP: shard index = (ID - MIN) / STEP.
-        task = (int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
-            env.get("SLURM_ARRAY_TASK_STEP", 1)
-        )
-        shard_index = args.shard_index if args.shard_index is not None else task
+        num_shards, shard_index = _shard(args)
         opts = vars(args).copy()
         for k in ("command", "model", "in_dir", "out_dir", "num_shards", "shard_index"):
             opts.pop(k)
+        opts["variation"] = {k: opts.pop(k) for k in VARIATION_KEYS if k in opts}
         generate(args.model, args.in_dir, args.out_dir, num_shards=num_shards, shard_index=shard_index, **opts)
+    elif args.command == "sample":
+        from artscale.sample import sample_images
+
+        num_shards, shard_index = _shard(args)
+        opts = {
+            k: v for k, v in vars(args).items() if k not in ("command", "model", "out_dir", "num_shards", "shard_index")
+        }
+        sample_images(args.model, args.out_dir, num_shards=num_shards, shard_index=shard_index, **opts)
     elif args.command == "submit":
         import shlex
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from artscale.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, list_checkpoints, read_state_dict
+from artscale.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, list_checkpoints
 from artscale.errors import UserError
+from artscale.state_dict import read_state_dict
 
 DENOISER_NAME, EMA_NAME = "denoiser.json", "ema.safetensors"
 

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from artscale.errors import UserError
 from artscale.images import SkipImage, encode_image, load_image, resize_image
 from artscale.listing import LISTING, Entry, list_inputs, read_listing, shard_of, write_listing
 from artscale.progress import Progress
-from artscale.session import Runner, batch_limit, gpu_memory_bytes, open_session
+from artscale.session import Runner, batch_limit, gpu_memory_bytes, is_denoiser, open_session
 
 TMP_SUFFIX = ".artscale-tmp"
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -162,8 +163,12 @@ def generate(
     follow_symlinks: bool = False,
     list_only: bool = False,
     session: tuple | None = None,
+    variation: dict | None = None,
 ) -> dict:
     """Run MODEL over this shard of IN_DIR into OUT_DIR; returns the report (also written as JSON).
+
+    A diffusion denoiser makes img2img variations instead (sample.Variations: `variation` holds
+    its strength, class, steps, sampler, guidance and seed).
 
     `session`: a (session, provider) pair from open_session, opened beforehand (a benchmark
     keeps the opening out of its timing); by default it is opened here.
@@ -182,6 +187,17 @@ def generate(
         model, device, allow_cpu_fallback, provider, threads=1, cache_dir=out_dir / ".trt-cache", varied_shapes=native
     )
     trained = session.get_modelmeta().custom_metadata_map.get("image_size", "")
+    on_gpu = used != "CPUExecutionProvider"
+    runner = Runner(session, "cuda" if on_gpu else None)
+    diffusion = is_denoiser(session)
+    if diffusion:
+        from artscale.sample import Variations
+
+        if native or size not in (0, int(trained)):
+            raise UserError(f"{model} is a diffusion denoiser: it runs at its training size, {trained} px only")
+        runner = Variations(session, **(variation or {}))
+    elif variation:
+        raise UserError(f"--{'/--'.join(variation)}: for a diffusion model; {model} is not one (see `artscale info`)")
     if not native and not size:
         if not trained.isdigit():
             raise UserError(f"{model} does not say its image size; pass --size or --native")
@@ -190,6 +206,8 @@ def generate(
 
     started = time.perf_counter()
     entries = shard_entries(in_dir, out_dir, EXTENSIONS[image_format], follow_symlinks, num_shards, shard_index)
+    if diffusion:  # --class-from-parent: a folder that names no class is skipped
+        entries = [replace(e, out="", reason=r) if e.out and (r := runner.skip_reason(e.rel)) else e for e in entries]
     skipped = [{"path": e.rel, "reason": e.reason} for e in entries if e.reason]
     ignored = sum(e.ignored for e in entries)
     candidates = [e for e in entries if e.out]
@@ -197,7 +215,6 @@ def generate(
     already_done = len(candidates) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    on_gpu = used != "CPUExecutionProvider"
     # CPU: each core runs its own small batch, whose activations stay in that core's cache
     # (bench/generate.py: batch 2 gave 80-91 img/s on 2 cores, batch 8 72). A GPU wants big
     # batches, sized by its memory, two in flight.
@@ -207,7 +224,7 @@ def generate(
         return batch_limit(shape[0], shape[1], on_gpu=on_gpu, requested=batch_size, gpu_memory=memory)
 
     run = _Pipeline(
-        Runner(session, "cuda" if on_gpu else None),
+        runner,
         GPU_STREAMS if on_gpu else cores,
         limit,
         workers,
@@ -239,6 +256,7 @@ def generate(
         "batches": batches,
         "wall_s": round(wall, 3),
         "img_per_s": round(written / wall, 2) if wall > 0 else 0.0,
+        **({"variation": runner.settings} if diffusion else {}),
     }
     path = write_report(out_dir, report)
     print(
@@ -299,7 +317,7 @@ class _Pipeline:
                     window.append((entry, decoders.submit(_decode, in_dir / entry.rel, self.size, self.max_side)))
 
             def infer(group: list) -> list[Future]:
-                outputs = self.runner(np.stack([pixels for _, pixels, _ in group]))
+                outputs = self.runner(np.stack([pixels for _, pixels, _ in group]), [entry for entry, _, _ in group])
                 futures = []
                 for (entry, _, original), pixels in zip(group, outputs):
                     futures.append(

@@ -21,6 +21,7 @@ import numpy as np
 from artscale.errors import UserError
 
 INPUT, OUTPUT = "images", "generated"
+DENOISER_INPUTS = ("sample", "timestep", "class_labels")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # A run holds ~0.55 KB per pixel (measured on CPU: 283 MB for 2 x 512 x 512).
 BYTES_PER_PIXEL = 560
@@ -76,8 +77,15 @@ def _cuda_hint() -> str:
     return "CUDA 13 / cuDNN 9 libraries missing or no usable GPU"
 
 
+def is_denoiser(session) -> bool:
+    """A diffusion denoiser (`sample`, `timestep`, `class_labels` -> `prediction`; see `artscale export`)."""
+    return [i.name for i in session.get_inputs()] == list(DENOISER_INPUTS)
+
+
 def check_signature(session, model: Path) -> None:
-    """An artscale model takes uint8 [N, H, W, 3] named `images` (see `artscale export`)."""
+    """An artscale model takes uint8 [N, H, W, 3] named `images`, or is a diffusion denoiser (see `artscale export`)."""
+    if is_denoiser(session):
+        return
     inp = session.get_inputs()[0]
     if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
         raise UserError(
@@ -88,6 +96,11 @@ def check_signature(session, model: Path) -> None:
 def warm_up(session, device: str | None) -> None:
     """One 8 x 8 image through the session, the way batches will go: a library that cannot run
     (cuDNN, cuBLAS) fails here, and the first real batch does not pay for the start."""
+    if is_denoiser(session):  # H and W are fixed at the training size
+        side = session.get_inputs()[0].shape[2]
+        feed = {"sample": np.zeros((1, 3, side, side), np.float32), "timestep": np.zeros(1, np.int64)}
+        session.run(None, {**feed, "class_labels": np.zeros(1, np.int64)})
+        return
     Runner(session, device)(np.zeros((1, 8, 8, 3), np.uint8))
 
 
@@ -206,7 +219,7 @@ class Runner:
         self.session, self.device = session, device
         self.local = threading.local()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, entries: list | None = None) -> np.ndarray:
         if self.device is None:
             return self.session.run([OUTPUT], {INPUT: batch})[0]
         binding = getattr(self.local, "binding", None)

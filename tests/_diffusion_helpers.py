@@ -14,11 +14,13 @@ from artscale.diffusion import DENOISER_PRESETS, build_denoiser, train_scheduler
 CLASSES = ["cubism", "impressionism", "ukiyo-e"]
 
 
-def make_diffusion_run(run_dir: Path, size: int = 16, step: int = 11, data: str = "", seed: int = 0) -> Path:
+def make_diffusion_run(
+    run_dir: Path, size: int = 16, step: int = 11, data: str = "", seed: int = 0, preset: str = "tiny", classes=CLASSES
+) -> Path:
     """Random-init tiny denoiser weights; the EMA copy is the raw weights slightly moved, so the two differ."""
     torch.manual_seed(seed)
-    blocks, layers, groups = DENOISER_PRESETS["tiny"]
-    unet = build_denoiser(size, len(CLASSES), blocks, layers, groups)
+    blocks, layers, groups = DENOISER_PRESETS[preset]
+    unet = build_denoiser(size, len(classes), blocks, layers, groups)
     raw = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     ema = {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v).contiguous() for k, v in raw.items()}
     sched = train_scheduler()
@@ -26,7 +28,7 @@ def make_diffusion_run(run_dir: Path, size: int = 16, step: int = 11, data: str 
         "objective": "diffusion",
         "image_size": size,
         "data": data or str(run_dir / "no-shards"),
-        "denoiser": "tiny",
+        "denoiser": preset,
         "prediction_type": sched.config.prediction_type,
         "beta_schedule": sched.config.beta_schedule,
         "vgg_weights": "random",
@@ -34,8 +36,8 @@ def make_diffusion_run(run_dir: Path, size: int = 16, step: int = 11, data: str 
     denoiser = {
         "unet": dict(unet.config),
         "scheduler": dict(sched.config),
-        "classes": CLASSES,
-        "null_label": len(CLASSES),
+        "classes": list(classes),
+        "null_label": len(classes),
         "prediction_type": sched.config.prediction_type,
         "image_size": size,
     }

@@ -1,0 +1,310 @@
+"""`artscale sample`: new images from noise with a diffusion denoiser, an ONNX file or a run dir.
+
+The loop is diffusion.sample's, whoever evaluates the network: an onnxruntime session (an
+exported .onnx, the scheduler rebuilt from its metadata) or the PyTorch model of a run dir.
+Work is numbered: image i of a class starts from noise (seed, i) alone, and images go through the
+denoiser in fixed chunks of --batch-size positions, so a shard, a rerun or a resumed run computes
+exactly the batches one uninterrupted run computes and writes the same bytes. Each file is written
+under a temporary name and renamed; a chunk whose files all exist is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from artscale import usable_cores
+from artscale.atomic import write_json_atomic
+from artscale.diffusion import SAMPLERS, Predict, make_sampler, noise_for, sample, to_model, to_uint8, torch_predict
+from artscale.errors import UserError
+from artscale.generate import EXTENSIONS, TMP_SUFFIX, _write
+from artscale.progress import Progress
+from artscale.session import open_session
+
+CPU_BATCH, GPU_BATCH = 16, 64  # images per chunk (x2 network rows with guidance)
+NAME_DIGITS = 8
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to make: its class label, its index within the class (the noise key) and its file."""
+
+    label: int
+    index: int
+    out: str
+
+
+def onnx_predict(session) -> Predict:
+    """The `predict` of an exported denoiser: torch tensors in and out, one session.run per call."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        feed = {"sample": x.contiguous().numpy(), "timestep": t.numpy(), "class_labels": labels.numpy()}
+        return torch.from_numpy(session.run(["prediction"], feed)[0])
+
+    return predict
+
+
+def open_model(
+    model: Path, device: str, allow_cpu_fallback: bool, weights: str, threads: int
+) -> tuple[Predict, dict[str, Any], str, torch.device]:
+    """(predict, metadata, provider that runs it, device of the loop) for an .onnx file or a run dir."""
+    if model.is_dir():
+        from artscale.denoiser_source import load_denoiser
+
+        unet, meta = load_denoiser(model, weights)
+        cuda = device != "cpu" and torch.cuda.is_available()
+        if device == "cuda" and not cuda and not allow_cpu_fallback:
+            raise UserError("--device cuda: torch sees no CUDA here; use --device cpu, or add --allow-cpu-fallback")
+        where = torch.device("cuda" if cuda else "cpu")
+        return torch_predict(unet.to(where)), meta, f"torch-{where.type}", where
+    if not model.is_file():
+        raise UserError(f"model {model} not found (an .onnx from `artscale export`, or a diffusion run dir)")
+    from artscale.export_diffusion import read_metadata
+
+    session, used = open_session(model, device, allow_cpu_fallback, "default", threads=threads)
+    return onnx_predict(session), read_metadata(session), used, torch.device("cpu")
+
+
+def plan(classes: list[str], class_name: str, count: int, ext: str) -> list[Item]:
+    """Every image of the run in its fixed order: `all` is count images per class, in subfolders."""
+    if class_name == "all":
+        return [Item(c, i, f"{name}/{i:0{NAME_DIGITS}d}{ext}") for c, name in enumerate(classes) for i in range(count)]
+    if class_name not in classes:
+        raise UserError(f"--class {class_name}: not one of the model's classes ({', '.join(classes)}) or all")
+    label = classes.index(class_name)
+    return [Item(label, i, f"{i:0{NAME_DIGITS}d}{ext}") for i in range(count)]
+
+
+def shard_chunks(items: list[Item], batch_size: int, num_shards: int, shard_index: int) -> list[list[Item]]:
+    """This shard's chunks: chunk j (positions j*B .. j*B+B-1 of the whole run) belongs to shard j mod K."""
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    return chunks[shard_index::num_shards]
+
+
+def sample_images(
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    count: int = 16,
+    class_name: str = "all",
+    steps: int = 20,
+    sampler: str = "dpm++",
+    guidance: float = 3.0,
+    seed: int = 0,
+    image_format: str = "png",
+    quality: int = 95,
+    batch_size: int = 0,
+    device: str = "auto",
+    allow_cpu_fallback: bool = False,
+    weights: str = "ema",
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> dict[str, Any]:
+    """Sample this shard's images of the run into OUT_DIR; returns the report (also written as JSON)."""
+    model, out_dir = Path(model), Path(out_dir)
+    if count < 1 or steps < 1 or batch_size < 0:
+        raise UserError("--count and --steps must be >= 1, --batch-size >= 0 (0: chosen for the device)")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard-index {shard_index} --num-shards {num_shards}: need 0 <= shard-index < num-shards")
+    if sampler not in SAMPLERS:
+        raise UserError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
+    if image_format not in EXTENSIONS:
+        raise UserError(f"--format {image_format}: choose one of {', '.join(EXTENSIONS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"OUT_DIR {out_dir} exists and is not a folder")
+    predict, meta, used, where = open_model(model, device, allow_cpu_fallback, weights, usable_cores())
+    schedule = make_sampler(sampler, meta["scheduler"])  # the training scheduler's betas and prediction type
+    size, null_label = int(meta["image_size"]), int(meta["null_label"])
+    batch_size = batch_size or (CPU_BATCH if used in ("CPUExecutionProvider", "torch-cpu") else GPU_BATCH)
+    items = plan(list(meta["classes"]), class_name, count, EXTENSIONS[image_format])
+    chunks = shard_chunks(items, batch_size, num_shards, shard_index)
+
+    started = time.perf_counter()
+    mine = sum(map(len, chunks))
+    todo = [c for c in chunks if not all((out_dir / it.out).exists() for it in c)]
+    already = mine - sum(not (out_dir / it.out).exists() for c in todo for it in c)
+    written = 0
+    bar = Progress(mine, "sample", unit="img", initial=already)
+    torch_threads = torch.get_num_threads()
+    if not used.startswith("torch"):  # the scheduler's few small ops; torch's idle OpenMP threads would spin
+        torch.set_num_threads(1)  # on the cores onnxruntime runs on (measured: 25-40% more CPU per image)
+    try:
+        for chunk in todo:
+            noise = noise_for(seed, [it.index for it in chunk], (3, size, size)).to(where)
+            labels = torch.tensor([it.label for it in chunk])
+            images = to_uint8(sample(predict, schedule, noise, labels, null_label, steps=steps, guidance=guidance))
+            for it, pixels in zip(chunk, images):
+                path = out_dir / it.out
+                if not path.exists():  # the rest of the chunk was written before an interruption
+                    _write(path, np.ascontiguousarray(pixels), None, image_format, quality)
+                    written += 1
+                    bar.update(1)
+    finally:
+        torch.set_num_threads(torch_threads)
+        bar.close()
+    wall = time.perf_counter() - started
+    report = {
+        "model": str(model),
+        "out_dir": str(out_dir),
+        "class": class_name,
+        "classes": list(meta["classes"]),
+        "count": count,
+        "images_in_run": len(items),
+        "images_in_shard": mine,
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "written": written,
+        "already_done": already,
+        "provider": used,
+        "device": device,
+        "steps": steps,
+        "sampler": sampler,
+        "guidance": guidance,
+        "seed": seed,
+        "batch_size": batch_size,
+        "format": image_format,
+        "wall_s": round(wall, 3),
+        "img_per_s": round(written / wall, 3) if wall > 0 else 0.0,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "report.json" if num_shards == 1 else f"report-{shard_index}-of-{num_shards}.json"
+    write_json_atomic(out_dir / name, report, sort_keys=False, tmp=out_dir / f".{name}{TMP_SUFFIX}")
+    print(
+        f"sampled {written} images ({already} already there) in {wall:.1f} s, {report['img_per_s']} img/s "
+        f"on {used} ({sampler}, {steps} steps, guidance {guidance}); report: {out_dir / name}"
+    )
+    return report
+
+
+def variations(
+    predict: Predict,
+    sampler: Any,
+    pixels: np.ndarray,
+    keys: list[str],
+    labels: list[int],
+    null_label: int,
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    strength: float,
+) -> np.ndarray:
+    """img2img (SDEdit) of uint8 [N, H, W, 3] images: each noised to `strength` with noise from (seed, its key)."""
+    init = to_model(pixels)
+    noise = noise_for(seed, keys, tuple(init.shape[1:]))
+    out = sample(
+        predict,
+        sampler,
+        noise,
+        torch.tensor(labels),
+        null_label,
+        steps=steps,
+        guidance=guidance,
+        init=init,
+        strength=strength,
+    )
+    return to_uint8(out)
+
+
+class Variations:
+    """generate's runner for a diffusion denoiser: a batch of images and their listing entries -> img2img.
+
+    The noise of a file comes from (seed, its relative path), so shards and reruns agree; its class is
+    `class_name`, or with `class_from_parent` its parent folder's name (generate skips the others),
+    or none (the null class: the unconditional model)."""
+
+    def __init__(
+        self,
+        session,
+        *,
+        class_name: str = "",
+        class_from_parent: bool = False,
+        strength: float = 0.6,
+        steps: int = 20,
+        sampler: str = "dpm++",
+        guidance: float = 3.0,
+        seed: int = 0,
+    ) -> None:
+        from artscale.export_diffusion import read_metadata
+
+        if not 0.0 <= strength <= 1.0 or steps < 1:
+            raise UserError(f"--strength {strength} --steps {steps}: need 0 <= strength <= 1 and steps >= 1")
+        self.meta = read_metadata(session)
+        self.classes, self.null_label = list(self.meta["classes"]), int(self.meta["null_label"])
+        if class_name and class_name not in self.classes:
+            raise UserError(f"--class {class_name}: not one of the model's classes ({', '.join(self.classes)})")
+        make_sampler(sampler, self.meta["scheduler"])  # an unknown sampler fails now, not in a worker
+        self.predict, self.class_name, self.class_from_parent = onnx_predict(session), class_name, class_from_parent
+        self.opts = dict(seed=seed, steps=steps, guidance=guidance, strength=strength)
+        self.sampler = sampler
+        self.settings = dict(class_name=class_name, class_from_parent=class_from_parent, sampler=sampler, **self.opts)
+        torch.set_num_threads(1)  # each inference stream runs its own loop; torch's ops are the scheduler's few
+
+    def skip_reason(self, rel: str) -> str:
+        """Why a file gets no variation (its parent folder names no class), or ""."""
+        parent = Path(rel).parent.name
+        if self.class_from_parent and parent not in self.classes:
+            return f"parent folder {parent or '(top)'!r} is not one of the model's classes"
+        return ""
+
+    def label(self, rel: str) -> int:
+        name = Path(rel).parent.name if self.class_from_parent else self.class_name
+        return self.classes.index(name) if name else self.null_label
+
+    def __call__(self, batch: np.ndarray, entries: list) -> np.ndarray:
+        keys = [e.rel for e in entries]
+        sampler = make_sampler(self.sampler, self.meta["scheduler"])  # stateful: one per batch in flight
+        return variations(
+            self.predict, sampler, batch, keys, [self.label(k) for k in keys], self.null_label, **self.opts
+        )
+
+
+RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "guidance", "batch_size", "format")
+
+
+def merge_reports(out_dir: str | Path, num_shards: int) -> dict[str, Any]:
+    """OUT/report-I-of-K.json (I = 0..K-1) of one sampling run into one report, checked against the run's plan.
+
+    UserError when a shard's report is missing, when the shards ran different runs, when a shard did
+    not account for each index it owns (written or already there), or when an image file is missing."""
+    out_dir = Path(out_dir)
+    reports = []
+    for i in range(num_shards):
+        path = out_dir / ("report.json" if num_shards == 1 else f"report-{i}-of-{num_shards}.json")
+        if not path.is_file():
+            raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
+        rep = json.loads(path.read_text())
+        if (rep.get("shard_index"), rep.get("num_shards")) != (i, num_shards):
+            raise UserError(f"{path} says shard {rep.get('shard_index')} of {rep.get('num_shards')}")
+        if reports and any(rep.get(k) != reports[0].get(k) for k in RUN_KEYS):
+            raise UserError(f"{path} is a different run than shard 0 (one of {', '.join(RUN_KEYS)} differs)")
+        reports.append(rep)
+    first = reports[0]
+    items = plan(first["classes"], first["class"], first["count"], EXTENSIONS[first["format"]])
+    for i, rep in enumerate(reports):
+        mine = shard_chunks(items, first["batch_size"], num_shards, i)
+        owned = sum(map(len, mine))
+        if rep["written"] + rep["already_done"] != owned or rep["images_in_shard"] != owned:
+            raise UserError(
+                f"shard {i}: {rep['written']} written + {rep['already_done']} already there, but it owns {owned} images"
+            )
+    missing = [it.out for it in items if not (out_dir / it.out).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} images are missing from {out_dir}, e.g. {missing[0]}")
+    return {
+        **{k: first[k] for k in RUN_KEYS},
+        "out_dir": str(out_dir),
+        "images_in_run": len(items),
+        "written": sum(r["written"] for r in reports),
+        "already_done": sum(r["already_done"] for r in reports),
+        "num_shards": num_shards,
+        "providers": sorted({r["provider"] for r in reports}),
+        "wall_s_max": max(r["wall_s"] for r in reports),
+        "shards": [{k: r[k] for k in ("shard_index", "written", "wall_s", "img_per_s", "provider")} for r in reports],
+    }

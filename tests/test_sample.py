@@ -1,0 +1,113 @@
+"""`artscale sample`: real onnxruntime sessions, real files; the run dir's torch model as reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _diffusion_helpers import CLASSES, make_diffusion_run
+from conftest import VENV_BIN, run_cli
+from PIL import Image
+
+from artscale.errors import UserError
+from artscale.export import export_onnx
+from artscale.sample import merge_reports, sample_images
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    run = make_diffusion_run(root / "run")
+    export_onnx(run, root / "m.onnx")
+    return run, root / "m.onnx"
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+@pytest.mark.slow
+def test_onnx_samples_match_the_torch_sampler_and_all_classes_go_in_subfolders(model, tmp_path):
+    run, onnx = model
+    a = sample_images(onnx, tmp_path / "onnx", count=3, steps=STEPS, seed=5, batch_size=4)
+    b = sample_images(run, tmp_path / "torch", count=3, steps=STEPS, seed=5, batch_size=4)
+    assert (
+        a["written"] == b["written"] == 9 and a["provider"] == "CPUExecutionProvider" and b["provider"] == "torch-cpu"
+    )
+    images = sorted(set(files(tmp_path / "onnx")) - {"report.json"})
+    assert images == [f"{c}/{i:08d}.png" for c in CLASSES for i in range(3)]
+    diffs = [np.abs(pixels(tmp_path / "onnx" / n) - pixels(tmp_path / "torch" / n)).max() for n in images]
+    assert max(diffs) <= 2
+    # --class all is --class NAME per class: the same start noise for the same index.
+    sample_images(onnx, tmp_path / "one", count=3, class_name="impressionism", steps=STEPS, seed=5, batch_size=4)
+    assert files(tmp_path / "one")["00000002.png"] == files(tmp_path / "onnx")["impressionism/00000002.png"]
+    assert pixels(tmp_path / "one" / "00000000.png").tolist() != pixels(tmp_path / "one" / "00000001.png").tolist()
+
+
+@pytest.mark.slow
+def test_batch_size_does_not_change_an_image_and_shards_give_one_runs_files(model, tmp_path):
+    _, onnx = model
+    kw = dict(count=7, class_name="cubism", steps=STEPS, seed=1)
+    sample_images(onnx, tmp_path / "b1", batch_size=1, **kw)
+    sample_images(onnx, tmp_path / "b5", batch_size=5, **kw)
+    for i in range(7):
+        name = f"{i:08d}.png"
+        assert np.abs(pixels(tmp_path / "b1" / name) - pixels(tmp_path / "b5" / name)).max() <= 2
+    reports = [
+        sample_images(onnx, tmp_path / "shards", batch_size=2, num_shards=3, shard_index=i, **kw) for i in range(3)
+    ]
+    assert [r["written"] for r in reports] == [3, 2, 2]  # chunks of 2: {0,1},{6} | {2,3} | {4,5}
+    one = sample_images(onnx, tmp_path / "one", batch_size=2, **kw)
+    got = {k: v for k, v in files(tmp_path / "shards").items() if not k.startswith("report")}
+    assert got == {k: v for k, v in files(tmp_path / "one").items() if k != "report.json"}
+    again = sample_images(onnx, tmp_path / "one", batch_size=2, **kw)
+    assert (one["written"], again["written"], again["already_done"]) == (7, 0, 7)
+    merged = merge_reports(tmp_path / "shards", 3)
+    assert (merged["images_in_run"], merged["written"], merged["num_shards"]) == (7, 7, 3)
+    (tmp_path / "shards" / "00000005.png").unlink()
+    with pytest.raises(UserError, match="1 images are missing.*00000005.png"):
+        merge_reports(tmp_path / "shards", 3)
+    (tmp_path / "shards" / "report-1-of-3.json").unlink()
+    with pytest.raises(UserError, match="shard 1 of 3 did not finish"):
+        merge_reports(tmp_path / "shards", 3)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model, tmp_path):
+    _, onnx = model
+    args = ["sample", onnx, "--count", "40", "--class", "ukiyo-e", "--steps", "12", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(VENV_BIN / "artscale"), *map(str, args), tmp_path / "killed"], env=env)
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "killed").glob("*.png"))) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((tmp_path / "killed").glob("*.png")))
+    assert 6 <= done_before < 40
+    rerun = run_cli(*args, tmp_path / "killed")
+    assert rerun.returncode == 0, rerun.stderr
+    full = run_cli(*args, tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    got, want = files(tmp_path / "killed"), files(tmp_path / "full")
+    assert {k: v for k, v in got.items() if k != "report.json"} == {k: v for k, v in want.items() if k != "report.json"}
+    assert len(got) == 41 and not [p for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]
+
+
+def test_unknown_class_and_a_non_diffusion_model_are_one_line(model, tmp_path):
+    _, onnx = model
+    with pytest.raises(UserError, match="cubism, impressionism, ukiyo-e"):
+        sample_images(onnx, tmp_path / "x", class_name="baroque")
+    result = run_cli("sample", tmp_path / "missing.onnx", tmp_path / "y")
+    assert result.returncode == 2 and "not found" in result.stderr
