@@ -278,6 +278,18 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         "--generate-args", default="", help='more `artscale generate` flags, quoted: "--format jpg --batch-size 64"'
     )
     cluster_flags(g)
+    sm = what.add_parser("sample", help="`artscale sample` as a job array (K shards of the indices), then the merge")
+    sm.add_argument("model")
+    sm.add_argument("out_dir")
+    sm.add_argument("--count", type=int, required=True, help="images (per class unless --sample-args has --class)")
+    sm.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the images")
+    sm.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
+    sm.add_argument("--gpus-per-task", type=int, default=0)
+    sm.add_argument("--cpus-per-gpu", type=int, default=CPUS_PER_GPU, help=f"(default {CPUS_PER_GPU})")
+    sm.add_argument(
+        "--sample-args", default="", help='more `artscale sample` flags, quoted: "--class cubism --steps 30"'
+    )
+    cluster_flags(sm)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +378,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             opts.pop(k, None)
         if args.what == "train":
             opts["train_args"] = (["--config", args.config] if args.config else []) + args.overrides
+        elif args.what == "sample":
+            opts["sample_args"] = shlex.split(args.sample_args)
         else:
             opts["generate_args"] = shlex.split(args.generate_args)
         submit(args.what, opts, dry_run=args.dry_run)

@@ -383,6 +383,47 @@ def train_sbatch_command(
     return [*cmd, str(SLURM_DIR / "train.sbatch"), *train_args]
 
 
+def _array(tasks: int, max_running: int, gpus_per_task: int, cpus_per_task: int, cpus_per_gpu: int) -> list[str]:
+    """`sbatch --array=0-(K-1)[%N]` and the resources of one task (gpus x cpus_per_gpu cores on a GPU)."""
+    if tasks < 1 or max_running < 0 or cpus_per_gpu < 1:
+        raise UserError(f"--tasks {tasks}: need at least 1 task (and --max-running >= 0, --cpus-per-gpu >= 1)")
+    cmd = ["sbatch", f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")]
+    cmd += [f"--gpus-per-task={gpus_per_task}"] if gpus_per_task else []
+    cpus_per_task = cpus_per_task or gpus_per_task * cpus_per_gpu
+    return cmd + ([f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else [])
+
+
+def _device(args: Sequence[str], gpus_per_task: int) -> list[str]:
+    """--device cuda on GPU tasks (fail rather than run on CPU), auto otherwise, unless the user said."""
+    return [] if any(a.startswith("--device") for a in args) else ["--device", "cuda" if gpus_per_task else "auto"]
+
+
+def sample_sbatch_commands(
+    model: str,
+    out_dir: str,
+    *,
+    count: int,
+    tasks: int,
+    max_running: int = 0,
+    gpus_per_task: int = 0,
+    cpus_per_task: int = 0,
+    cpus_per_gpu: int = CPUS_PER_GPU,
+    time_limit: str = "",
+    partition: str = "",
+    account: str = "",
+    sbatch_args: Sequence[str] = (),
+    sample_args: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
+    """The array line for `artscale sample` (slurm/generate.sbatch sample ...) and the merge after it (`{array}`)."""
+    cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu) + ["--job-name=artscale-sample"]
+    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
+    args = [model, out_dir, "--count", str(count), *_device(sample_args, gpus_per_task), *sample_args]
+    cmd += [str(SLURM_DIR / "generate.sbatch"), "sample", *args]
+    merge = ["sbatch", "--dependency=afterok:{array}", "--job-name=artscale-sample-merge"]
+    merge += [*_common_sbatch("", partition, account, sbatch_args), str(SLURM_DIR / "generate-merge.sbatch")]
+    return cmd, [*merge, out_dir, str(tasks), "--sample"]
+
+
 def generate_sbatch_commands(
     model: str,
     in_dir: str,
@@ -404,20 +445,9 @@ def generate_sbatch_commands(
 
     A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders that keep one
     GPU fed need several cores (about 150 images/s per core at 128 px)."""
-    if tasks < 1 or max_running < 0 or cpus_per_gpu < 1:
-        raise UserError(f"--tasks {tasks}: need at least 1 task (and --max-running >= 0, --cpus-per-gpu >= 1)")
-    array = f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")
-    cmd = ["sbatch", array]
-    cmd += [f"--gpus-per-task={gpus_per_task}"] if gpus_per_task else []
-    cpus_per_task = cpus_per_task or gpus_per_task * cpus_per_gpu
-    cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu)
     cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    device = (
-        []
-        if any(a.startswith("--device") for a in generate_args)
-        else ["--device", "cuda" if gpus_per_task else "auto"]
-    )
-    args = [model, in_dir, out_dir, *device, *generate_args]
+    args = [model, in_dir, out_dir, *_device(generate_args, gpus_per_task), *generate_args]
     cmd = [*cmd[:1], "--dependency=afterok:{listing}", *cmd[1:], str(SLURM_DIR / "generate.sbatch"), *args]
     listing = [
         "sbatch",
@@ -448,7 +478,7 @@ def _sbatch(cmd: list[str]) -> str:
 
 
 def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
-    """`artscale submit train|generate`: submit (or print, with dry_run) the sbatch lines; the job ids."""
+    """`artscale submit train|generate|sample`: submit (or print, with dry_run) the sbatch lines; the job ids."""
     import shlex
 
     _need_checkout(SLURM_DIR / "train.sbatch")
@@ -457,6 +487,9 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
 
         load_config(*_split_train_args(opts["train_args"]))  # a typo fails now, not after hours in the queue
         cmds = [train_sbatch_command(**opts)]
+    elif what == "sample":
+        opts = dict(opts)
+        cmds = list(sample_sbatch_commands(opts.pop("model"), opts.pop("out_dir"), **opts))
     else:
         opts = dict(opts)
         cmds = list(generate_sbatch_commands(opts.pop("model"), opts.pop("in_dir"), opts.pop("out_dir"), **opts))
@@ -465,9 +498,11 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
             print(shlex.join(cmd))
         return []
     ids: list[str] = []
-    for cmd, after in zip(cmds, ("", "{listing}", "{array}")):
+    for cmd, after in zip(cmds, ("", "{array}") if what == "sample" else ("", "{listing}", "{array}")):
         ids.append(_sbatch([a.replace(after, ids[-1]) if after else a for a in cmd]))
-    if what == "generate":
+    if what == "sample":
+        print(f"submitted sampling array {ids[0]} ({opts['tasks']} tasks), then merge job {ids[1]} (after all succeed)")
+    elif what == "generate":
         print(
             f"submitted listing job {ids[0]}, then generation array {ids[1]} ({opts['tasks']} tasks), "
             f"then merge job {ids[2]} (each after the one before succeeds)"
@@ -488,12 +523,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge = sub.add_parser("merge", help="merge per-shard generation reports into OUT/report.json")
     merge.add_argument("out_dir", type=Path)
     merge.add_argument("--num-shards", type=int, required=True)
+    merge.add_argument("--sample", action="store_true", help="the reports of `artscale sample`, not generate")
     args = p.parse_args(argv)
     try:
         if args.cmd == "node":
             return run_node(args.train_args)
         if args.cmd == "finished":
             return 0 if run_finished(args.train_args) else 1
+        if args.sample:
+            from artscale.sample import merge_reports as merge_sample
+
+            merged = merge_sample(args.out_dir, args.num_shards)
+            write_json_atomic(Path(args.out_dir) / "report.json", merged)
+            print(f"artscale: merged {args.num_shards} reports: {merged['images_in_run']} images, all present")
+            return 0
         merged = write_merged(args.out_dir, args.num_shards)
         print(
             f"artscale: merged {args.num_shards} reports: {merged['inputs_seen']} inputs, {merged['written']} written, "
