@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from artscale.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, list_checkpoints
+from artscale.checkpoint import STATE_NAME, WEIGHTS_NAME, list_checkpoints
 from artscale.errors import UserError
 from artscale.state_dict import read_state_dict
 
@@ -41,5 +41,4 @@ def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[torch.nn.Mo
     unet = UNet2DModel.from_config(meta["unet"])
     unet.load_state_dict(read_state_dict(where / name))
     state = json.loads((where / STATE_NAME).read_text()) if (where / STATE_NAME).is_file() else {}
-    config = json.loads((where / CONFIG_NAME).read_text()) if (where / CONFIG_NAME).is_file() else {}
-    return unet.eval(), {**meta, "step": state.get("step"), "weights": weights, "path": str(where), "config": config}
+    return unet.eval(), {**meta, "step": state.get("step"), "weights": weights, "path": str(where)}

@@ -133,7 +133,9 @@ def export_denoiser(
     size = int(meta["image_size"])
     classes = list(meta["classes"])
     scheduler = DDPMScheduler.from_config(meta["scheduler"])
-    images, parity_source = _parity_images(Path(shards) if shards else None, meta.get("config"), size)
+    config_path = Path(meta["path"]) / CONFIG_NAME
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    images, parity_source = _parity_images(Path(shards) if shards else None, config, size)
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
 
     proto = _export_graph(unet, size, fp16)
@@ -157,7 +159,7 @@ def export_denoiser(
         "source": str(weights_file),
         "source_sha256": sha256_file(weights_file),
         "precision": "fp16" if fp16 else "fp32",
-        "config": json.dumps(meta.get("config") or {}, sort_keys=True),
+        "config": json.dumps(config, sort_keys=True),
         "parity": json.dumps({**measured, "images": parity_source, "tolerance": tolerance}),
     }
     for key, value in props.items():
