@@ -198,7 +198,7 @@ def export_onnx(
     if out.is_dir():
         raise UserError(f"{out} is a directory; give the .onnx file to write")
     if is_diffusion_source(source):
-        return export_denoiser(source, out, fp16=fp16, shards=shards, weights=weights or "ema")
+        return export_denoiser(source, out, fp16=fp16, shards=shards, weights=weights)
     model, weights = load_model(source, weights=weights)
     config = weights.config
     trained = int(config["image_size"]) if config and config.get("image_size") else None

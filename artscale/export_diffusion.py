@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from artscale import __version__
-from artscale.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _resolve
-from artscale.denoiser_source import DENOISER_NAME, load_denoiser
+from artscale.checkpoint import CONFIG_NAME, DENOISER_NAME, EMA_NAME, WEIGHTS_NAME, _resolve, load_denoiser
 from artscale.diffusion import noise_for, to_model, train_scheduler
 from artscale.errors import UserError
 from artscale.export import OPSET, _parity_images, _session
@@ -123,13 +122,26 @@ def parity(session, unet: nn.Module, images: np.ndarray, num_classes: int) -> di
 
 
 def export_denoiser(
-    source: str | Path, out: str | Path, *, fp16: bool = False, shards: str | Path | None = None, weights: str = "ema"
+    source: str | Path,
+    out: str | Path,
+    *,
+    fp16: bool = False,
+    shards: str | Path | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
-    """Export a diffusion run's denoiser to OUT, written only when it matches PyTorch."""
+    """Export a diffusion run's denoiser to OUT, written only when it matches PyTorch.
+
+    `weights`: ema, raw, or None (the EMA where the run kept one)."""
     from diffusers import DDPMScheduler
 
     out = Path(out)
-    unet, meta = load_denoiser(source, weights)
+    try:
+        unet, meta = load_denoiser(source, weights or "ema")
+    except UserError:
+        if weights:
+            raise
+        unet, meta = load_denoiser(source, "raw")  # trained with ema_decay=0
+    weights = meta["weights"]
     size = int(meta["image_size"])
     classes = list(meta["classes"])
     scheduler = DDPMScheduler.from_config(meta["scheduler"])
@@ -145,7 +157,7 @@ def export_denoiser(
             f"parity gate failed on {parity_source}: max abs diff {measured['max_abs_diff']:.3g} "
             f"(allowed {tolerance:g}); nothing written"
         )
-    weights_file = Path(meta["path"]) / ("ema.safetensors" if weights == "ema" else WEIGHTS_NAME)
+    weights_file = Path(meta["path"]) / (EMA_NAME if weights == "ema" else WEIGHTS_NAME)
     props = {
         "artscale_version": __version__,
         "objective": "diffusion",

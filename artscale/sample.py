@@ -55,7 +55,7 @@ def open_model(
 ) -> tuple[Predict, dict[str, Any], str, torch.device]:
     """(predict, metadata, provider that runs it, device of the loop) for an .onnx file or a run dir."""
     if model.is_dir():
-        from artscale.denoiser_source import load_denoiser
+        from artscale.checkpoint import load_denoiser
 
         unet, meta = load_denoiser(model, weights)
         cuda = device != "cpu" and torch.cuda.is_available()

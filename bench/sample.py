@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from _diffusion_helpers import make_diffusion_run  # noqa: E402
 
 from artscale import usable_cores  # noqa: E402
-from artscale.denoiser_source import load_denoiser  # noqa: E402
+from artscale.checkpoint import load_denoiser  # noqa: E402
 from artscale.diffusion import make_sampler, noise_for, to_uint8  # noqa: E402
 from artscale.export import export_onnx  # noqa: E402
 from artscale.generate import open_session  # noqa: E402

@@ -11,10 +11,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from _diffusion_helpers import CLASSES, make_diffusion_run
+from _train_helpers import tiny, train_cli
 from conftest import run_cli
+from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visibly different classes, 16 px)
 from test_export import _val_shards
 
-from artscale.denoiser_source import load_denoiser
+from artscale.checkpoint import load_denoiser
 from artscale.diffusion import make_sampler, noise_for, train_scheduler
 from artscale.errors import UserError
 from artscale.export import export_onnx
@@ -82,11 +84,10 @@ def test_raw_weights_fp16_and_a_failed_gate(tmp_path, exported):
     (run / "final" / "ema.safetensors").rename(tmp_path / "ema.safetensors")
     try:
         with pytest.raises(UserError, match="--weights raw"):
-            export_onnx(run, tmp_path / "x.onnx")
+            export_onnx(run, tmp_path / "x.onnx", weights="ema")
+        assert export_onnx(run, tmp_path / "y.onnx")["weights"] == "raw"  # no --weights: the EMA where kept
     finally:
         (tmp_path / "ema.safetensors").rename(run / "final" / "ema.safetensors")
-    with pytest.raises(UserError, match="only a diffusion run"):
-        export_onnx(tmp_path / "nothing", tmp_path / "y.onnx", weights="raw")
 
 
 @pytest.mark.slow
@@ -104,3 +105,29 @@ def test_a_failed_parity_gate_writes_nothing(tmp_path):
     assert result.returncode == 2 and "parity gate failed" in result.stderr and "nothing written" in result.stderr
     assert out.read_bytes() == b"the previous good export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "run"]
+
+
+@pytest.mark.slow
+def test_a_real_training_run_exports_and_samples_like_its_torch_model(art_shards, tmp_path):  # noqa: F811
+    """A 3-step diffusion run (accelerate, 1 CPU process): export gates on its val shards, and the ONNX
+    samples equal the run dir's torch samples (same seeds) within 2 levels."""
+    from PIL import Image
+
+    from artscale.sample import sample_images
+
+    run = tmp_path / "run"
+    trained = train_cli(tiny(run, art_shards, "objective=diffusion", "batch_size=8", "max_steps=3"))
+    assert trained.returncode == 0, trained.stderr
+    report = export_onnx(run, tmp_path / "m.onnx")
+    assert report["parity"]["images"].endswith(f"val images from {art_shards}") and report["weights"] == "ema"
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    saved = json.loads((run / "final" / "denoiser.json").read_text())
+    assert read_metadata(session)["scheduler"]["beta_schedule"] == saved["scheduler"]["beta_schedule"]
+    kw = dict(count=2, steps=4, seed=3, batch_size=5, device="cpu")
+    sample_images(tmp_path / "m.onnx", tmp_path / "onnx", **kw)
+    sample_images(run, tmp_path / "torch", **kw)
+    names = sorted(p.relative_to(tmp_path / "onnx") for p in (tmp_path / "onnx").rglob("*.png"))
+    assert len(names) == 2 * len(saved["classes"])
+    for name in names:
+        a, b = (np.asarray(Image.open(tmp_path / d / name)).astype(int) for d in ("onnx", "torch"))
+        assert np.abs(a - b).max() <= 2, name
