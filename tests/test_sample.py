@@ -111,3 +111,42 @@ def test_unknown_class_and_a_non_diffusion_model_are_one_line(model, tmp_path):
         sample_images(onnx, tmp_path / "x", class_name="baroque")
     result = run_cli("sample", tmp_path / "missing.onnx", tmp_path / "y")
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_bound_predict_matches_session_run_and_reuses_its_output(model):
+    """The IO-binding predict (the CUDA path's code, here with device "cpu") gives session.run's pixels."""
+    import onnxruntime as ort
+    import torch
+
+    from artscale.diffusion import make_sampler, noise_for, sample, to_uint8
+    from artscale.export_diffusion import read_metadata
+    from artscale.sample import bound_predict, onnx_predict
+
+    session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
+    meta = read_metadata(session)
+    bound, seen = bound_predict(session, torch.device("cpu")), set()
+
+    def watched(x, t, labels):
+        out = bound(x, t, labels)
+        seen.add(out.data_ptr())
+        return out
+
+    size, null = int(meta["image_size"]), int(meta["null_label"])
+    noise, labels = noise_for(0, [0, 1, 2], (3, size, size)), torch.tensor([0, 1, 0])
+    runs = [
+        to_uint8(sample(p, make_sampler("ddim", meta["scheduler"]), noise, labels, null, steps=STEPS))
+        for p in (watched, onnx_predict(session))
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert len(seen) == 1  # one output buffer for all steps: no per-step allocation or copy
+
+
+def test_device_cuda_without_cuda_exits_2_in_one_line(model, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and os.path.exists("/dev/nvidiactl"):
+        pytest.skip("this machine may really run CUDA")
+    for m in model:  # the .onnx (onnxruntime's check) and the run dir (torch's)
+        done = run_cli("sample", m, tmp_path / "out", "--device", "cuda", "--count", "1")
+        assert done.returncode == 2 and done.stderr.startswith("artscale: error: --device cuda:")
+        assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
