@@ -4,6 +4,7 @@ the denoiser, steps x 2 rows per image), all measured in this run on the same se
 
     .venv/bin/python bench/sample.py                        # tiny preset at 32 px, ~1-2 minutes on 2 cores
     .venv/bin/python bench/sample.py --models tiny:32,small:128
+    .venv/bin/python bench/sample.py --models small:128 --images 5 --rounds 1 --batch-size 5   # ~5 minutes
 
 Random-init weights (speed does not depend on them). 20 steps of DPM-Solver++(2M), guidance 3.
 The machine may be shared: CPU seconds per image (process time, all threads) are reported too.
