@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from artscale import __version__
+from artscale.atomic import write_atomic
 from artscale.checkpoint import CONFIG_NAME, DENOISER_NAME, EMA_NAME, WEIGHTS_NAME, _resolve, load_denoiser
 from artscale.diffusion import noise_for, to_model, train_scheduler
 from artscale.errors import UserError
@@ -180,15 +181,11 @@ def export_denoiser(
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        tmp.replace(out)
-    except OSError as e:
+        write_atomic(out, data, tmp=out.with_name(f".{out.name}.tmp-{os.getpid()}"))
+    except OSError as e:  # a full disk or a read-only place: nothing half-written stays
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     print(
         f"exported {out} (diffusion denoiser, {props['precision']}, {weights} weights, {size} px, "
         f"step {props['step'] or '?'}): parity on {parity_source} at timesteps {list(PARITY_TIMESTEPS)}, "
