@@ -8,6 +8,7 @@ ranks, then divided by the image count). Images arrive as float [0, 1] [N, 3, H,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -130,6 +131,15 @@ class Diffusion:
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / (snr + 1) if self.v else clipped / snr.clamp_min(1e-12)
 
+    def _attention(self) -> contextlib.AbstractContextManager:
+        """On CPU, attention by plain matmul + softmax: torch's CPU flash-attention backward took 28 ms of a
+        bf16 step's ~280 ms on the tiny UNet's 8x8 middle block (steps 12% faster without it; fp32 the same)."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+
     def _draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.generator.manual_seed(_seed(self.seed, self.rank, self.calls))
         self.calls += 1
@@ -146,7 +156,8 @@ class Diffusion:
         t, noise, drop = self._draw(x0)
         labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         x_t, target = self.targets(x0, noise, t)
-        pred = model(x_t, t, class_labels=labels, return_dict=False)[0].float()  # the loss in fp32, always
+        with self._attention():
+            pred = model(x_t, t, class_labels=labels, return_dict=False)[0].float()  # the loss in fp32, always
         per_image = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
         mse = (per_image * self._weights(t)).mean()
         perceptual = mse.new_zeros(())

@@ -7,7 +7,9 @@ hybrid loss + Adam, on a batch already on the device. artscale's figure is the r
 (log_every=1: each logged step ends with a host sync, so its time is the step's), with the
 step's data wait (decoding) taken out, with mixed_precision=no and =bf16 (bf16 on a CPU only
 where it has avx512_bf16 or AMX). Both sides warm up for `--warmup` steps outside the timing
-and synchronise the device before reading clocks. VGG weights are random in both (same compute;
+and synchronise the device before reading clocks. Each figure is the batch over the median step
+time; the baselines run before and after artscale's runs, their steps pooled (a shared machine's
+speed drifts by tens of percent within a minute). VGG weights are random in both (same compute;
 no download). Prints one JSON line with the device it ran on.
 The diffusion step (--diffusion-size, 0 skips it): `artscale train objective=diffusion` (the tiny
 UNet, v-prediction, cosine schedule, EMA, grad clipping) against a plain loop written as diffusers'
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,28 +57,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def article_loop(steps: int, batch: int, size: int, device: torch.device, warmup: int) -> float:
-    """img/s of the article's step on `device`, after `warmup` untimed steps."""
+def timed(step: Callable[[], None], steps: int, device: torch.device, warmup: int) -> list[float]:
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones, the device synchronised
+    around each (as artscale's log_every=1 steps are)."""
+    seconds = []
+    for i in range(warmup + steps):
+        synchronize(device)
+        t = time.perf_counter()
+        step()
+        synchronize(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - t)
+    return seconds
+
+
+def article_loop(steps: int, batch: int, size: int, device: torch.device, warmup: int) -> list[float]:
+    """Seconds per step of the article's step on `device`."""
     torch.manual_seed(0)
     model, vgg = ConvDiffusionModel().to(device), load_vgg_features("random").to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = torch.rand(batch, 3, size, size, device=device)
     x, target = normalize(images), images
-    for i in range(warmup + steps):
-        if i == warmup:
-            synchronize(device)
-            t = time.perf_counter()
+
+    def step() -> None:
         out = model(x)
         loss = F.mse_loss(out, target) + F.mse_loss(vgg(normalize(out)), vgg(normalize(target)))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - t)
+
+    return timed(step, steps, device, warmup)
 
 
-def diffusers_loop(steps: int, batch: int, size: int, device: torch.device, warmup: int) -> float:
-    """img/s of a diffusion step as diffusers' train_unconditional.py writes it, after `warmup` untimed steps."""
+def diffusers_loop(steps: int, batch: int, size: int, device: torch.device, warmup: int) -> list[float]:
+    """Seconds per step of a diffusion step as diffusers' train_unconditional.py writes it."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -90,10 +105,8 @@ def diffusers_loop(steps: int, batch: int, size: int, device: torch.device, warm
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     clean = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     labels = torch.randint(0, 2, (batch,), device=device)
-    for i in range(warmup + steps):
-        if i == warmup:
-            synchronize(device)
-            t = time.perf_counter()
+
+    def step() -> None:
         noise = torch.randn(clean.shape, device=device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
         noisy = scheduler.add_noise(clean, noise, timesteps)
@@ -104,8 +117,8 @@ def diffusers_loop(steps: int, batch: int, size: int, device: torch.device, warm
         opt.step()
         opt.zero_grad()
         ema.step(model.parameters())
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - t)
+
+    return timed(step, steps, device, warmup)
 
 
 def make_shards(root: Path, n: int, size: int) -> Path:
@@ -133,8 +146,8 @@ def artscale_loop(
     device: torch.device,
     warmup: int,
     *extra: str,
-) -> float:
-    """img/s of `artscale train` steps after `warmup`, from its metrics.jsonl, data wait taken out."""
+) -> list[float]:
+    """Seconds per `artscale train` step after `warmup`, from its metrics.jsonl, data wait taken out."""
     cmd = [
         str(Path(sys.executable).parent / "artscale"),
         "train",
@@ -160,8 +173,7 @@ def artscale_loop(
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    seconds = [batch / m["img_per_s"] - m["data_wait_s"] for m in logged if "loss" in m][warmup:]
-    return batch / statistics.median(seconds)
+    return [batch / m["img_per_s"] - m["data_wait_s"] for m in logged if "loss" in m][warmup:]
 
 
 def main() -> None:
@@ -180,30 +192,46 @@ def main() -> None:
         shards = make_shards(Path(tmp), args.images, args.size)
         device = torch.device(args.device)
         torch.backends.cudnn.benchmark = True  # as artscale sets it: one input shape
-        article = article_loop(args.steps, args.batch_size, args.size, device, args.warmup)
         timing = (args.steps, args.batch_size, args.size)
+        # The baseline runs before and after artscale's runs and its steps are pooled: on a shared
+        # machine the speed drifts by tens of percent over a minute.
+        article = article_loop(*timing, device, args.warmup)
         fp32 = artscale_loop(shards, Path(tmp) / "fp32", *timing, "no", device, args.warmup)
         bf16 = (
             artscale_loop(shards, Path(tmp) / "bf16", *timing, "bf16", device, args.warmup)
             if device.type == "cuda" or cpu_has_bf16()
             else None
         )
-        diffusion = {}
+        article += article_loop(*timing, device, args.warmup)
+        rates = {"article": article, "fp32": fp32, "bf16": bf16}
         if args.diffusion_size:
             d_timing = (args.steps, args.batch_size, args.diffusion_size)
             d_shards = make_shards(Path(tmp) / "d", args.images, args.diffusion_size)
             plain = diffusers_loop(*d_timing, device, args.warmup)
             opts = ("objective=diffusion", "denoiser=tiny", "max_grad_norm=1")
-            d32 = artscale_loop(d_shards, Path(tmp) / "d32", *d_timing, "no", device, args.warmup, *opts)
-            d16 = artscale_loop(d_shards, Path(tmp) / "d16", *d_timing, "bf16", device, args.warmup, *opts)
-            diffusion = {
-                "diffusion_image_size": args.diffusion_size,
-                "diffusers_loop_img_s": round(plain, 2),
-                "diffusion_fp32_img_s": round(d32, 2),
-                "diffusion_bf16_img_s": round(d16, 2),
-                "diffusion_fp32_speedup": round(d32 / plain, 2),
-                "diffusion_bf16_speedup": round(d16 / plain, 2),
-            }
+            rates["d32"] = artscale_loop(d_shards, Path(tmp) / "d32", *d_timing, "no", device, args.warmup, *opts)
+            rates["d16"] = artscale_loop(d_shards, Path(tmp) / "d16", *d_timing, "bf16", device, args.warmup, *opts)
+            rates["plain"] = plain + diffusers_loop(*d_timing, device, args.warmup)
+        rates = {k: args.batch_size / statistics.median(v) if v else None for k, v in rates.items()}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(rates[a] / rates[b], 2) if rates.get(a) and rates.get(b) else None
+
+    def img_s(a: str) -> float | None:
+        return round(rates[a], 2) if rates.get(a) else None
+
+    diffusion = (
+        {
+            "diffusion_image_size": args.diffusion_size,
+            "diffusers_loop_img_s": img_s("plain"),
+            "diffusion_fp32_img_s": img_s("d32"),
+            "diffusion_bf16_img_s": img_s("d16"),
+            "diffusion_fp32_speedup": ratio("d32", "plain"),
+            "diffusion_bf16_speedup": ratio("d16", "plain"),
+        }
+        if args.diffusion_size
+        else {}
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         json.dumps(
@@ -216,11 +244,11 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "cpu_bf16": cpu_has_bf16(),
                 "device": name,
-                "article_img_s": round(article, 2),
-                "artscale_fp32_img_s": round(fp32, 2),
-                "artscale_bf16_img_s": round(bf16, 2) if bf16 else None,
-                "fp32_speedup": round(fp32 / article, 2),
-                "bf16_speedup": round(bf16 / article, 2) if bf16 else None,
+                "article_img_s": img_s("article"),
+                "artscale_fp32_img_s": img_s("fp32"),
+                "artscale_bf16_img_s": img_s("bf16"),
+                "fp32_speedup": ratio("fp32", "article"),
+                "bf16_speedup": ratio("bf16", "article"),
                 **diffusion,
             }
         )
