@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,33 @@ class Item:
     out: str
 
 
-def onnx_predict(session) -> Predict:
-    """The `predict` of an exported denoiser: torch tensors in and out, one session.run per call."""
+# Rows per onnxruntime run on CPU: one run's activations stay in the core's cache. Measured with one
+# thread: the tiny preset at 32 px made 228 rows/s in runs of 8 rows, 208 in 16 and 189 in 64; the small
+# one at 128 px 2.4 rows/s in runs of 1 row and 2.0-2.1 in 2-16.
+CPU_RUN_PIXELS = 8 * 32 * 32
+
+
+def onnx_predict(session, streams: int = 0) -> Predict:
+    """The `predict` of an exported denoiser: torch tensors in and out, the whole batch in one run.
+
+    With `streams` >= 1 (a CPU session of one thread) the rows go in runs of CPU_RUN_PIXELS, `streams`
+    runs at once on the one session (Run is thread-safe and releases the GIL), each on its own core
+    with no cross-thread hand-off between onnxruntime's many small ops. The runs depend on the batch
+    alone, not on the core count, so every machine computes the same pixels. On 2 cores `artscale
+    sample` went from 7.1 to 8.1 img/s (tiny, 32 px) and from 0.083 to 0.107 (small, 128 px) against one
+    2-thread run of the whole batch."""
+    pool = ThreadPoolExecutor(streams, "denoise") if streams >= 1 else None
+
+    def run(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        feed = {"sample": x.contiguous().numpy(), "timestep": t.numpy(), "class_labels": labels.numpy()}
+        return session.run(["prediction"], feed)[0]
 
     def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        feed = {"sample": x.contiguous().numpy(), "timestep": t.numpy(), "class_labels": labels.numpy()}
-        return torch.from_numpy(session.run(["prediction"], feed)[0])
+        rows = max(1, CPU_RUN_PIXELS // (x.shape[2] * x.shape[3]))
+        if pool is None or x.shape[0] <= rows:
+            return torch.from_numpy(run(x, t, labels))
+        split = [v.split(rows) for v in (x, t, labels)]
+        return torch.from_numpy(np.concatenate(list(pool.map(run, *split))))
 
     return predict
 
@@ -98,12 +120,12 @@ def open_model(
         raise UserError(f"model {model} not found (an .onnx from `artscale export`, or a diffusion run dir)")
     from artscale.export_diffusion import read_metadata
 
-    session, used = open_session(model, device, allow_cpu_fallback, "default", threads=threads)
+    session, used = open_session(model, device, allow_cpu_fallback, "default", threads=1)
     if (
         used == "CUDAExecutionProvider" and torch.cuda.is_available()
     ):  # untested on a GPU so far: the same code is tested on CPU tensors
         return bound_predict(session, torch.device("cuda")), read_metadata(session), used, torch.device("cuda")
-    return onnx_predict(session), read_metadata(session), used, torch.device("cpu")
+    return onnx_predict(session, streams=threads), read_metadata(session), used, torch.device("cpu")
 
 
 def plan(classes: list[str], class_name: str, count: int, ext: str) -> list[Item]:

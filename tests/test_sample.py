@@ -150,3 +150,33 @@ def test_device_cuda_without_cuda_exits_2_in_one_line(model, tmp_path):
         done = run_cli("sample", m, tmp_path / "out", "--device", "cuda", "--count", "1")
         assert done.returncode == 2 and done.stderr.startswith("artscale: error: --device cuda:")
         assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cpu_streams_split_the_rows_into_small_runs_and_give_one_runs_output(model):
+    """onnx_predict with 2 streams: the rows go in runs of CPU_RUN_PIXELS, in order, with the pixels of one run."""
+    import onnxruntime as ort
+    import torch
+
+    from artscale.sample import CPU_RUN_PIXELS, onnx_predict
+
+    session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[2]
+    per_run = CPU_RUN_PIXELS // (size * size)
+    rows = 2 * per_run + 3  # three runs, the last a short one
+
+    class Counted:  # the real session; only counts the rows of each run
+        def __init__(self) -> None:
+            self.runs: list[int] = []
+
+        def run(self, names, feed):
+            self.runs.append(len(feed["sample"]))
+            return session.run(names, feed)
+
+    counted = Counted()
+    x = torch.randn(rows, 3, size, size, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.arange(rows) * 37 % 1000, torch.arange(rows) % (len(CLASSES) + 1)
+    split = onnx_predict(counted, streams=2)(x, t, labels)
+    whole = onnx_predict(session)(x, t, labels)
+    assert sorted(counted.runs) == sorted([per_run, per_run, 3])
+    np.testing.assert_allclose(split.numpy(), whole.numpy(), atol=1e-5)
+    assert not np.array_equal(split[:per_run].numpy(), split[per_run : 2 * per_run].numpy())
