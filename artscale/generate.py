@@ -195,7 +195,7 @@ def generate(
 
         if native or size not in (0, int(trained)):
             raise UserError(f"{model} is a diffusion denoiser: it runs at its training size, {trained} px only")
-        runner = Variations(session, **(variation or {}))
+        runner = Variations(session, device="cuda" if used == "CUDAExecutionProvider" else None, **(variation or {}))
     elif variation:
         raise UserError(f"--{'/--'.join(variation)}: for a diffusion model; {model} is not one (see `artscale info`)")
     if not native and not size:

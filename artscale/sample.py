@@ -11,6 +11,7 @@ under a temporary name and renamed; a chunk whose files all exist is skipped.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,12 +80,14 @@ def bound_predict(session, device: torch.device) -> Predict:
     and the output goes into one preallocated tensor per batch shape, so on a GPU the loop (network and
     scheduler) never leaves it. onnxruntime's CUDA EP runs on its own stream, so torch's work is
     synchronised before each run (the inputs are written) and onnxruntime's after it (the output is).
-    The returned tensor is reused by the next call: diffusion.sample consumes it before then."""
+    The returned tensor is reused by the next call from the same thread: diffusion.sample consumes it
+    before then. Each thread has its own buffers (generate runs two batches at once on a GPU)."""
     kind, index = device.type, device.index or 0
-    outputs: dict[tuple[int, ...], torch.Tensor] = {}
+    local = threading.local()
 
     def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         feed = {"sample": x.float().contiguous(), "timestep": t.contiguous(), "class_labels": labels.contiguous()}
+        outputs = local.__dict__.setdefault("outputs", {})
         out = outputs.get(tuple(x.shape))
         if out is None:
             out = outputs.setdefault(tuple(x.shape), torch.empty(x.shape, dtype=torch.float32, device=device))
@@ -251,10 +254,12 @@ def variations(
     steps: int,
     guidance: float,
     strength: float,
+    device: torch.device | None = None,
 ) -> np.ndarray:
-    """img2img (SDEdit) of uint8 [N, H, W, 3] images: each noised to `strength` with noise from (seed, its key)."""
-    init = to_model(pixels)
-    noise = noise_for(seed, keys, tuple(init.shape[1:]))
+    """img2img (SDEdit) of uint8 [N, H, W, 3] images: each noised to `strength` with noise from (seed, its key).
+    The loop runs on `device` (the CPU by default): one copy in, one out."""
+    init = to_model(pixels).to(device or "cpu")
+    noise = noise_for(seed, keys, tuple(init.shape[1:])).to(init.device)
     out = sample(
         predict,
         sampler,
@@ -274,12 +279,14 @@ class Variations:
 
     The noise of a file comes from (seed, its relative path), so shards and reruns agree; its class is
     `class_name`, or with `class_from_parent` its parent folder's name (generate skips the others),
-    or none (the null class: the unconditional model)."""
+    or none (the null class: the unconditional model). With `device` "cuda" (a CUDA session) the loop
+    stays on the GPU through IO binding, as in `artscale sample` (untested on a GPU so far)."""
 
     def __init__(
         self,
         session,
         *,
+        device: str | None = None,
         class_name: str = "",
         class_from_parent: bool = False,
         strength: float = 0.6,
@@ -297,7 +304,9 @@ class Variations:
         if class_name and class_name not in self.classes:
             raise UserError(f"--class {class_name}: not one of the model's classes ({', '.join(self.classes)})")
         make_sampler(sampler, self.meta["scheduler"])  # an unknown sampler fails now, not in a worker
-        self.predict, self.class_name, self.class_from_parent = onnx_predict(session), class_name, class_from_parent
+        self.device = torch.device("cuda") if device == "cuda" and torch.cuda.is_available() else None
+        self.predict = bound_predict(session, self.device) if self.device is not None else onnx_predict(session)
+        self.class_name, self.class_from_parent = class_name, class_from_parent
         self.opts = dict(seed=seed, steps=steps, guidance=guidance, strength=strength)
         self.sampler = sampler
         self.settings = dict(class_name=class_name, class_from_parent=class_from_parent, sampler=sampler, **self.opts)
@@ -317,9 +326,8 @@ class Variations:
     def __call__(self, batch: np.ndarray, entries: list) -> np.ndarray:
         keys = [e.rel for e in entries]
         sampler = make_sampler(self.sampler, self.meta["scheduler"])  # stateful: one per batch in flight
-        return variations(
-            self.predict, sampler, batch, keys, [self.label(k) for k in keys], self.null_label, **self.opts
-        )
+        labels = [self.label(k) for k in keys]
+        return variations(self.predict, sampler, batch, keys, labels, self.null_label, **self.opts, device=self.device)
 
 
 RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "guidance", "batch_size", "format")

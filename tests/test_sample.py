@@ -180,3 +180,26 @@ def test_cpu_streams_split_the_rows_into_small_runs_and_give_one_runs_output(mod
     assert sorted(counted.runs) == sorted([per_run, per_run, 3])
     np.testing.assert_allclose(split.numpy(), whole.numpy(), atol=1e-5)
     assert not np.array_equal(split[:per_run].numpy(), split[per_run : 2 * per_run].numpy())
+
+
+def test_bound_predict_gives_each_thread_its_own_output_buffer(model):
+    """generate runs two batches at once: one thread's call must not overwrite the other's result."""
+    import threading
+
+    import onnxruntime as ort
+    import torch
+
+    from artscale.sample import bound_predict, onnx_predict
+
+    session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[2]
+    predict = bound_predict(session, torch.device("cpu"))
+    xs = [torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    t, labels = torch.tensor([100, 700]), torch.tensor([0, 1])
+    first = predict(xs[0], t, labels)
+    kept = first.clone()
+    other = threading.Thread(target=lambda: predict(xs[1], t, labels))
+    other.start()
+    other.join()
+    np.testing.assert_array_equal(first.numpy(), kept.numpy())  # the other thread wrote elsewhere
+    np.testing.assert_allclose(first.numpy(), onnx_predict(session)(xs[0], t, labels).numpy(), atol=1e-6)
