@@ -208,9 +208,10 @@ def relay(cmd: Sequence[str], env: Mapping[str, str], rank: str = "0") -> int:
     pending: set[int] = set()
     delivered: set[tuple[int, int]] = set()
     stops = {signal.SIGUSR1, signal.SIGTERM}
-    # Held back (blocked, not ignored) from here until the handler below is in place: a signal
-    # that comes meanwhile waits, then reaches the handler. The launcher gets them unblocked,
-    # with USR1 ignored.
+    # Held back (blocked, not ignored) until the handler below is in place: a signal that comes
+    # meanwhile waits, then reaches the handler. train.sbatch starts this process with them blocked
+    # already (env --block-signal), which covers Python's start-up too. The launcher gets them
+    # unblocked, with USR1 ignored.
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         for sig in stops:

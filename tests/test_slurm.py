@@ -269,8 +269,10 @@ def slurm():
     return os.environ["SLURM_CONF"]
 
 
-def sbatch(*args: str, cwd: Path) -> str:
-    out = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60)
+def sbatch(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60, env=env
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
 
@@ -485,6 +487,24 @@ def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path)
     assert record["Restarts"] == "0"
 
 
+def usr1_then_resumed(job: str, log_path: Path, max_steps: int) -> tuple[str, int]:
+    """Send the batch script USR1 (what --signal=B:USR1@N does near the time limit) and check the job:
+    each machine's rank saved and stopped at one step k by itself, none was killed by the signal
+    (srun: "User defined signal", torch: "Signal 10 (SIGUSR1)"), one requeue, resumed from k.
+    Returns (the log, k)."""
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    [record] = wait_job(job, 300)
+    log = log_path.read_text()
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
+    stopped = sorted({int(s) for s in re.findall(r"stopped by a signal at step (\d+)", log)})
+    assert len(stopped) == 1 and 0 < stopped[0] < max_steps, log
+    k = stopped[0]
+    assert log.count(f"stopped by a signal at step {k}:") == 2, log
+    assert "(SIGUSR1)" not in log and "User defined signal" not in log, log
+    assert f"resumed from step {k} (" in log and f"step-{k:06d})" in log, log
+    return log, k
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, tmp_path):
@@ -496,18 +516,8 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
     while "artscale: machine 1:" not in (log_path.read_text() if log_path.exists() else ""):
         assert time.monotonic() < deadline, f"training did not start: {job_info(job)}"
         time.sleep(0.5)
-    # What --signal=B:USR1@N does near the time limit, without waiting for it. It comes while
-    # the ranks are still starting: they must get it once their handler is in place, not die of it.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    [record] = wait_job(job, 300)
-    log = log_path.read_text()
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
-    stopped = sorted({int(s) for s in re.findall(r"stopped by a signal at step (\d+)", log)})
-    assert len(stopped) == 1 and 0 < stopped[0] < max_steps, log
-    # each machine's rank saved and stopped by itself; none was killed by the signal (torch: "Signal 10 (SIGUSR1)")
-    assert log.count(f"stopped by a signal at step {stopped[0]}:") == 2 and "(SIGUSR1)" not in log
-    k = stopped[0]
-    assert f"resumed from step {k} (" in log and f"step-{k:06d})" in log
+    # It comes while the ranks are still starting: they must get it once their handler is in place.
+    log, k = usr1_then_resumed(job, log_path, max_steps)
     assert log.count("SIGUSR1 -> training ranks [") == 2  # both machines passed it to their rank
     assert log.index("requeueing job") < log.index(f"resumed from step {k}")
     assert log.count(f"artscale: job {job} start") == 2 and f"artscale: job {job} start 2" in log
@@ -520,6 +530,39 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
         [sys.executable, "-m", "artscale.slurm", "finished", *args], capture_output=True, text=True
     )
     assert finished.returncode == 0, finished.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_train_sbatch_usr1_while_python_starts_waits_for_the_handler(slurm, tiny_shards, tmp_path):
+    """A USR1 that comes before the node process has its handler (here: while its Python starts, made
+    slow by a sitecustomize) is held for it, not fatal: the ranks checkpoint and the job requeues."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.pop('ARTSCALE_TEST_SLOW_START', ''):  # this process only, not its children\n"
+        "    open(os.environ['ARTSCALE_TEST_STARTING'] + str(os.getpid()), 'w').close()\n"
+        "    time.sleep(4)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")])),
+        "ARTSCALE_TEST_SLOW_START": "1",
+        "ARTSCALE_TEST_STARTING": str(tmp_path / "starting-"),
+    }
+    max_steps = 20
+    args = train_args(tiny_shards, tmp_path / "run", max_steps)
+    log_path = tmp_path / "train.log"
+    job = sbatch(
+        *TWO_MACHINES, f"--output={log_path.name}", ROOT / "slurm" / "train.sbatch", *args, cwd=tmp_path, env=env
+    )
+    deadline = time.monotonic() + 180
+    while len(list(tmp_path.glob("starting-*"))) < 2:  # both machines' node processes are inside Python's start
+        assert time.monotonic() < deadline, f"the node processes did not start: {job_info(job)}"
+        time.sleep(0.1)
+    usr1_then_resumed(job, log_path, max_steps)
+    assert json.loads((tmp_path / "run" / "final" / "trainer_state.json").read_text())["step"] == max_steps
 
 
 @pytest.mark.slurm
