@@ -22,7 +22,7 @@ from artscale.diffusion import make_sampler, noise_for, sample, torch_predict, t
 from artscale.errors import UserError
 from artscale.loader import data_spec, val_loader
 
-QUALITY_STEPS = 300
+QUALITY_STEPS = 400
 
 
 def free_port() -> int:
@@ -106,7 +106,7 @@ def test_a_short_run_draws_new_images_of_the_class_asked_for(art_shards, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, meta = load_denoiser(run)
     assert meta["weights"] == "ema" and meta["step"] == QUALITY_STEPS and len(meta["classes"]) == 5
-    per_class, classes = 8, len(meta["classes"])
+    per_class, classes = 16, len(meta["classes"])
     t = time.monotonic()
     labels = torch.arange(classes).repeat_interleave(per_class)
     x = sample(
