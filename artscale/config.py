@@ -61,7 +61,9 @@ class TrainConfig:
     sample_steps: int = 20
     guidance: float = 3.0  # classifier-free guidance scale; 1: none
     # speed
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 on a GPU with it (fp16 on one without), bf16 on a CPU with native bf16 (avx512_bf16, AMX),
+    # fp32 elsewhere: emulated bf16 is several times slower than fp32. The default is the article's fp32.
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     channels_last: bool = True
     compile: bool = False
     num_workers: int = -1  # DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from

@@ -74,7 +74,9 @@ def accelerate_launch_command(
             "static",
             "--same_network",
         ]
-    cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", script, *script_args]
+    # The launcher's flag only silences its default warning; the training process decides `auto` itself.
+    launcher_precision = "no" if mixed_precision == "auto" else mixed_precision
+    cmd += ["--mixed_precision", launcher_precision, "--dynamo_backend", "no", script, *script_args]
     return cmd, env
 
 

@@ -44,6 +44,7 @@ from artscale.train_setup import (
     accelerator,
     keep_freed_memory,
     loader_workers,
+    precision_for,
     start_trackers,
 )
 
@@ -189,7 +190,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.to_dict(), cfg.force)
     resume_from = resume_point(run_dir, cfg.resume)
-    acc = accelerator(cfg, run_dir)
+    precision = precision_for(cfg)
+    acc = accelerator(cfg, run_dir, precision)
     if acc.device.type == "cpu":
         keep_freed_memory()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
@@ -227,8 +229,9 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     acc.print(
         f"world size {plan.world}, global batch {plan.global_batch} ({cfg.batch_size} per process x {plan.world} "
         f"processes x grad_accum {cfg.grad_accum}); steps {start} -> {plan.total_steps} ({plan.steps_per_epoch} per epoch), "
-        f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}, mixed precision {cfg.mixed_precision}"
+        f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}"
     )
+    acc.print(f"{'warning: ' if precision.warning else ''}mixed precision: {precision.mode} ({precision.reason})")
     start_trackers(acc, cfg, run_dir)
     steps = StepLog(acc, cfg, plan, start, state, objective.names)
     samples = Samples(acc, spec, cfg, objective)

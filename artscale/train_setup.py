@@ -23,16 +23,21 @@ import torch
 from artscale import usable_cores
 from artscale.config import TrainConfig
 from artscale.errors import UserError
+from artscale.hardware import Precision, choose_precision, cpu_native_bf16, cuda_bf16
 
 log = logging.getLogger(__name__)
 
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def _use_cpu(env: Mapping[str, str]) -> bool:
+    return env.get("ACCELERATE_USE_CPU", "").strip().lower() in _TRUE
+
+
 def gpus_asked_for(env: Mapping[str, str]) -> str:
     """Why this process is meant to run on a GPU, in words ("" when nothing asked for one).
     `ACCELERATE_USE_CPU=1` (2 gloo CPU ranks, the tests' launch line) asks for CPU."""
-    if env.get("ACCELERATE_USE_CPU", "").strip().lower() in _TRUE:
+    if _use_cpu(env):
         return ""
     if int(env.get("SLURM_GPUS_ON_NODE", "0") or 0) > 0:
         return f"SLURM_GPUS_ON_NODE={env['SLURM_GPUS_ON_NODE']}"
@@ -119,12 +124,19 @@ def wandb_mode(env: Mapping[str, str]) -> str | None:
     return "offline"
 
 
-def accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
+def precision_for(cfg: TrainConfig) -> Precision:
+    """The precision this process trains in: `auto` decided by this machine's CPU or GPU."""
+    cuda = torch.cuda.is_available() and not _use_cpu(os.environ)
+    gpu_bf16 = cuda and cuda_bf16()
+    return choose_precision(cfg.mixed_precision, "cuda" if cuda else "cpu", cpu_native_bf16(), gpu_bf16)
+
+
+def accelerator(cfg: TrainConfig, run_dir: Path, precision: Precision) -> Any:
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     check_gpu(os.environ, torch.cuda.is_available())
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("mixed_precision=fp16 needs a GPU; on CPU use bf16 (or no)")
+        raise UserError("mixed_precision=fp16 needs a GPU; on CPU use auto, bf16 or no")
     if cfg.tracker == "wandb" and (mode := wandb_mode(os.environ)):
         os.environ["WANDB_MODE"] = mode  # wandb 0.31 raises at init with no credentials and no mode
         if int(os.environ.get("RANK", "0") or 0) == 0:
@@ -135,7 +147,7 @@ def accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
                 flush=True,
             )
     acc = Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision.mode,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.tracker == "none" else [cfg.tracker],
         project_dir=str(run_dir),

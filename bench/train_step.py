@@ -40,16 +40,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from artscale.hardware import cpu_native_bf16  # noqa: E402
 from artscale.losses import load_vgg_features  # noqa: E402
 from artscale.model import ConvDiffusionModel, normalize  # noqa: E402
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def synchronize(device: torch.device) -> None:
@@ -199,7 +192,7 @@ def main() -> None:
         fp32 = artscale_loop(shards, Path(tmp) / "fp32", *timing, "no", device, args.warmup)
         bf16 = (
             artscale_loop(shards, Path(tmp) / "bf16", *timing, "bf16", device, args.warmup)
-            if device.type == "cuda" or cpu_has_bf16()
+            if device.type == "cuda" or cpu_native_bf16()
             else None
         )
         article += article_loop(*timing, device, args.warmup)
@@ -210,7 +203,8 @@ def main() -> None:
             plain = diffusers_loop(*d_timing, device, args.warmup)
             opts = ("objective=diffusion", "denoiser=tiny", "max_grad_norm=1")
             rates["d32"] = artscale_loop(d_shards, Path(tmp) / "d32", *d_timing, "no", device, args.warmup, *opts)
-            rates["d16"] = artscale_loop(d_shards, Path(tmp) / "d16", *d_timing, "bf16", device, args.warmup, *opts)
+            if device.type == "cuda" or cpu_native_bf16():
+                rates["d16"] = artscale_loop(d_shards, Path(tmp) / "d16", *d_timing, "bf16", device, args.warmup, *opts)
             rates["plain"] = plain + diffusers_loop(*d_timing, device, args.warmup)
         rates = {k: args.batch_size / statistics.median(v) if v else None for k, v in rates.items()}
 
@@ -242,7 +236,7 @@ def main() -> None:
                 "steps": args.steps,
                 "warmup": args.warmup,
                 "threads": torch.get_num_threads(),
-                "cpu_bf16": cpu_has_bf16(),
+                "cpu_bf16": bool(cpu_native_bf16()),
                 "device": name,
                 "article_img_s": img_s("article"),
                 "artscale_fp32_img_s": img_s("fp32"),

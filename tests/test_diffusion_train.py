@@ -95,7 +95,7 @@ def test_a_short_run_draws_new_images_of_the_class_asked_for(art_shards, tmp_pat
             "batch_size=32",
             f"max_steps={QUALITY_STEPS}",
             "lr_gamma=1",
-            "mixed_precision=bf16",
+            "mixed_precision=auto",
             "log_every=50",
             f"checkpoint_every={QUALITY_STEPS}",
             f"val_every={QUALITY_STEPS}",

@@ -36,6 +36,13 @@ ACTIVE = {
 }
 
 
+def test_auto_precision_is_decided_by_the_training_process_not_the_launcher():
+    cmd, _ = accelerate_launch_command(
+        num_machines=1, machine_rank=0, processes_per_machine=2, main_ip="x", main_port=1, mixed_precision="auto"
+    )
+    assert cmd[cmd.index("--mixed_precision") + 1] == "no"  # accelerate launch knows no `auto`
+
+
 def test_launch_line_for_2_nodes_x_8_gpus():
     lines = [
         accelerate_launch_command(
