@@ -234,7 +234,9 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument("--partition", default="")
         q.add_argument("--account", default="")
-        q.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per task (default: the script's)")
+        q.add_argument(
+            "--cpus-per-task", type=int, default=0, help="CPUs per task (default: the script's, fit to the nodes)"
+        )
         q.add_argument(
             "--sbatch-arg",
             dest="sbatch_args",
@@ -252,7 +254,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--cpus-per-gpu",
         type=int,
-        default=CPUS_PER_GPU,
+        default=None,
         help=f"cores per GPU for its loader workers (default {CPUS_PER_GPU})",
     )
     t.add_argument(
@@ -271,7 +273,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--cpus-per-gpu",
         type=int,
-        default=CPUS_PER_GPU,
+        default=None,
         help=f"cores per GPU for the decoders and encoders feeding it (default {CPUS_PER_GPU})",
     )
     g.add_argument(
@@ -285,7 +287,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the images")
     sm.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
     sm.add_argument("--gpus-per-task", type=int, default=0)
-    sm.add_argument("--cpus-per-gpu", type=int, default=CPUS_PER_GPU, help=f"(default {CPUS_PER_GPU})")
+    sm.add_argument("--cpus-per-gpu", type=int, default=None, help=f"(default {CPUS_PER_GPU})")
     sm.add_argument(
         "--sample-args", default="", help='more `artscale sample` flags, quoted: "--class cubism --steps 30"'
     )

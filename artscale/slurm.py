@@ -20,10 +20,10 @@ from pathlib import Path
 
 from artscale.atomic import write_json_atomic
 from artscale.errors import UserError
+from artscale.slurm_nodes import CPUS_PER_GPU, fit_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
-CPUS_PER_GPU = 8  # `artscale submit --cpus-per-gpu`: cores per GPU for loader workers or decoders
 
 
 def accelerate_launch_command(
@@ -489,6 +489,12 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
         from artscale.config import load_config
 
         load_config(*_split_train_args(opts["train_args"]))  # a typo fails now, not after hours in the queue
+    # A job no node of its partition can run would pend for good: fit it to the nodes, or refuse.
+    script, gpus_flag = (
+        ("train.sbatch", "--gpus-per-node") if what == "train" else ("generate.sbatch", "--gpus-per-task")
+    )
+    opts = fit_submission(opts, script=SLURM_DIR / script, gpus_flag=gpus_flag, dry_run=dry_run)
+    if what == "train":
         cmds = [train_sbatch_command(**opts)]
     elif what == "sample":
         opts = dict(opts)
