@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 from _diffusion_helpers import make_diffusion_run
 from conftest import ROOT, run_cli
-from test_slurm import sbatch, slurm, tree_files, wait_job  # noqa: F401  (slurm: the fixture)
+from test_slurm import NO_SLURM, sbatch, slurm, tree_files, wait_job  # noqa: F401  (slurm: the fixture)
 
 from artscale.export import export_onnx
 
@@ -17,14 +18,57 @@ ARGS = "--class impressionism --steps 3 --batch-size 2 --device cpu"
 
 
 def test_submit_sample_dry_run_prints_the_array_and_the_merge():
-    out = run_cli(
-        "submit", "sample", "m.onnx", "out", "--count", "9", "--tasks", "3", "--dry-run", "--sample-args", ARGS
-    )
-    assert out.returncode == 0, out.stderr
+    args = ("submit", "sample", "m.onnx", "out", "--count", "9", "--tasks", "3", "--dry-run", "--sample-args", ARGS)
+    out = run_cli(*args, env=NO_SLURM)  # no sinfo here: nothing checked, nothing said
+    assert out.returncode == 0 and out.stderr == "", out.stderr
     array, merge = out.stdout.splitlines()
     assert array.startswith("sbatch --array=0-2 --job-name=artscale-sample ")
     assert array.endswith(f"slurm/generate.sbatch sample m.onnx out --count 9 {ARGS}")
     assert merge.endswith("slurm/generate-merge.sbatch out 3 --sample")
+
+
+def node_cpus() -> int:
+    """CPUs of the local cluster's one node."""
+    out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%c"], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+@pytest.mark.slurm
+def test_submit_fits_or_refuses_on_the_local_cluster(slurm, tmp_path):  # noqa: F811
+    """Nothing is submitted: each request is fitted or refused against what sinfo says of the node."""
+    cpus = node_cpus()
+    sample = ("submit", "sample", "m.onnx", tmp_path / "out", "--count", "9", "--tasks", "3")
+    dry = run_cli(*sample, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    array = dry.stdout.splitlines()[0].split()
+    if cpus < 4:  # generate.sbatch's default, lowered to the node
+        assert f"--cpus-per-task={cpus}" in array and dry.stderr == (
+            f"artscale: no node of partition local has more than {cpus} CPUs: asking for --cpus-per-task={cpus} "
+            "instead of the default 4 (--cpus-per-task to choose)\n"
+        )
+    else:
+        assert not any(a.startswith("--cpus-per-task") for a in array) and dry.stderr == ""
+    asked = max(4, cpus + 1)
+    refused = run_cli(*sample, "--cpus-per-task", asked, cwd=tmp_path)
+    assert (
+        refused.returncode == 2
+        and refused.stdout == ""
+        and refused.stderr
+        == (
+            f"artscale: error: --cpus-per-task {asked}: no node of partition local has more than {cpus} CPUs; "
+            f"pass --cpus-per-task {cpus} or less\n"
+        )
+    )
+    gpu = run_cli(*sample, "--gpus-per-task", "1", cwd=tmp_path)
+    assert gpu.returncode == 2 and "--gpus-per-task 1: no node of partition local has a GPU" in gpu.stderr
+    # a partition this cluster lacks: refused when submitting, only said with --dry-run (lines for elsewhere)
+    other = run_cli(*sample, "--partition", "gpu", cwd=tmp_path)
+    assert other.returncode == 2 and other.stderr == (
+        "artscale: error: partition gpu is not on this cluster (sinfo lists local); pass --partition with one of them\n"
+    )
+    other = run_cli(*sample, "--partition", "gpu", "--dry-run")
+    assert other.returncode == 0 and "--partition=gpu" in other.stdout and "not checked" in other.stderr
+    assert not list(tmp_path.glob("slurm-*")) and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slurm
@@ -43,13 +87,14 @@ def test_sampling_array_and_merge_equal_one_run(slurm, tmp_path):  # noqa: F811
         "9",
         "--tasks",
         "3",
-        "--cpus-per-task",
-        "1",
         "--sample-args",
         ARGS,
         cwd=tmp_path,
     )
+    # No --cpus-per-task: generate.sbatch's 4 would pend for good on a smaller node; it is fitted instead.
     assert submitted.returncode == 0, submitted.stderr
+    fitted = node_cpus() < 4
+    assert ("instead of the default 4" in submitted.stderr) == fitted, submitted.stderr
     array, merge = re.search(r"sampling array (\d+) \(3 tasks\), then merge job (\d+)", submitted.stdout).groups()
     tasks = wait_job(array, 180)
     assert sorted(r["JobState"] for r in tasks) == ["COMPLETED"] * 3, [p.read_text() for p in tmp_path.glob("slurm-*")]

@@ -22,6 +22,7 @@ from artscale.slurm import accelerate_launch_command, gpus_on_node, main_port, m
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]
+NO_SLURM = {"PATH": str(VENV / "bin")}  # for run_cli: a machine without sinfo, where submit checks nothing
 CLUSTER_DIR = Path(os.environ.get("ARTSCALE_SLURM_DIR", "/tmp/artscale-slurm"))
 ACTIVE = {
     "PENDING",
@@ -177,8 +178,9 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "--dry-run",
         f"run_dir={tmp_path / 'run'}",
         "mixed_precision=bf16",
+        env=NO_SLURM,
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0 and out.stderr == "", out.stderr  # no sinfo: nothing checked, nothing said
     assert out.stdout.split() == [
         "sbatch",
         "--nodes=2",
@@ -208,6 +210,7 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "--generate-args",
         "--batch-size 64",
         "--dry-run",
+        env=NO_SLURM,
     )
     assert out.returncode == 0, out.stderr
     listing, array, merge = out.stdout.splitlines()
@@ -230,18 +233,18 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "out",
         "100",
     ]
-    fewer = run_cli("submit", "train", "--gpus-per-node", "4", "--cpus-per-gpu", "6", "--dry-run")
+    fewer = run_cli("submit", "train", "--gpus-per-node", "4", "--cpus-per-gpu", "6", "--dry-run", env=NO_SLURM)
     assert fewer.returncode == 0 and "--cpus-per-task=24" in fewer.stdout.split(), fewer.stderr
-    cpu = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "2", "--dry-run")
+    cpu = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "2", "--dry-run", env=NO_SLURM)
     assert "--cpus-per-task" not in cpu.stdout  # no GPU: the script's own default
     # srun gets the task's cores explicitly (newer Slurm does not pass sbatch's on), NCCL says only warnings
     train_script = (ROOT / "slurm" / "train.sbatch").read_text()
     assert 'srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK' in train_script
     for script in ("train.sbatch", "generate.sbatch"):
         assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in (ROOT / "slurm" / script).read_text()
-    bad = run_cli("submit", "train", "--dry-run", "no_such_key=1")
+    bad = run_cli("submit", "train", "--dry-run", "no_such_key=1", env=NO_SLURM)
     assert bad.returncode == 2 and "unknown config key no_such_key" in bad.stderr and bad.stdout == ""
-    bad = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "0", "--dry-run")
+    bad = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "0", "--dry-run", env=NO_SLURM)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tasks 0" in bad.stderr
 
 
