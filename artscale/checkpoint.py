@@ -217,9 +217,26 @@ RUN_DEFINING_KEYS = (
 )
 
 
+# What a UNet record must agree on with the config to be resumed under it (the weights' shapes).
+UNET_SHAPE_KEYS = ("sample_size", "block_out_channels", "layers_per_block", "norm_num_groups", "num_class_embeds")
+
+
+def unet_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """denoiser.json's UNet2DModel config. One without block types or head size is read as the structure
+    artscale built before its presets had attention: none below the middle block, 8 channels per head
+    (diffusers' own defaults for those keys differ, so leaving them to diffusers would build another net)."""
+    unet = dict(meta["unet"])
+    levels = len(unet.get("block_out_channels") or ())
+    unet.setdefault("down_block_types", ["DownBlock2D"] * levels)
+    unet.setdefault("up_block_types", ["UpBlock2D"] * levels)
+    unet.setdefault("attention_head_dim", 8)
+    return unet
+
+
 def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[torch.nn.Module, dict[str, Any]]:
     """A diffusion run's UNet2DModel (eval mode) and its denoiser.json + {step, weights, path}, from a
-    run dir (final/, else the newest checkpoint), a checkpoint dir or final/ itself."""
+    run dir (final/, else the newest checkpoint), a checkpoint dir or final/ itself. The UNet is built
+    from the record, not from the run's preset name: a run keeps the structure it was trained with."""
     from diffusers import UNet2DModel
 
     if weights not in ("ema", "raw"):
@@ -231,6 +248,7 @@ def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[torch.nn.Mo
     path = folder / (EMA_NAME if weights == "ema" else WEIGHTS_NAME)
     if not path.is_file():
         raise UserError(f"{folder} holds no EMA weights (trained with ema_decay=0): use --weights raw")
+    meta = {**meta, "unet": unet_config(meta)}
     model = UNet2DModel.from_config(meta["unet"])
     try:
         model.load_state_dict(read_state_dict(path))
@@ -238,6 +256,24 @@ def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[torch.nn.Mo
         raise UserError(f"{path} does not fit its {DENOISER_NAME}: {str(e).splitlines()[0][:200]}") from None
     step = (_read_json(folder / STATE_NAME) or {}).get("step")
     return model.eval(), {**meta, "step": step, "weights": weights, "path": str(folder)}
+
+
+def resume_denoiser(checkpoint: Path, fresh: torch.nn.Module) -> torch.nn.Module:
+    """The UNet to resume `checkpoint` with: the one its denoiser.json records, so a run started under an
+    earlier preset (no attention below the middle block) continues as it began; `fresh` (the config's)
+    where the checkpoint holds no record. A record whose weight shapes differ from the config's is refused."""
+    from diffusers import UNet2DModel
+
+    meta = _read_json(checkpoint / DENOISER_NAME)
+    if meta is None:
+        return fresh
+    recorded = unet_config(meta)
+    canonical = json.loads(json.dumps({k: fresh.config[k] for k in UNET_SHAPE_KEYS}))
+    changed = [k for k in UNET_SHAPE_KEYS if recorded.get(k) != canonical[k]]
+    if changed:
+        diffs = ", ".join(f"{k}={recorded.get(k)!r} there, {canonical[k]!r} now" for k in changed)
+        raise UserError(f"{checkpoint} holds another denoiser ({diffs}): resume with its settings, or a new run_dir")
+    return UNet2DModel.from_config(recorded)
 
 
 def check_run_dir(run_dir: str | Path, config: dict[str, Any], force: bool) -> None:

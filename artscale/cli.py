@@ -85,9 +85,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="checkpoint to ONNX (uint8 NHWC in and out), parity-checked")
+    p = sub.add_parser(
+        "export", help="checkpoint to ONNX (parity-checked), or a diffusion run to diffusers' format (--format)"
+    )
     p.add_argument("source", type=Path, help="a run dir, a checkpoint, or an article .pth")
-    p.add_argument("out", type=Path, help="the .onnx file to write")
+    p.add_argument("out", type=Path, help="the .onnx file to write (with --format diffusers: a folder)")
+    p.add_argument(
+        "--format",
+        dest="export_format",
+        choices=("onnx", "diffusers"),
+        default="onnx",
+        help="onnx (default), or diffusers: unet/, scheduler/ and a model card, for a diffusion run",
+    )
+    p.add_argument(
+        "--grid-count",
+        type=int,
+        default=4,
+        help="with --format diffusers: images per class in the model card's sample grid (default 4; 0: none)",
+    )
     p.add_argument("--fp16", action="store_true", help="half precision weights and compute (I/O stays uint8)")
     p.add_argument(
         "--size", type=_positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)"
@@ -347,6 +362,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from artscale.train import main as train_main
 
         return train_main(args.args)
+    elif args.command == "export" and args.export_format == "diffusers":
+        from artscale.export_diffusers import export_diffusers
+
+        if args.fp16 or args.size or args.shards:
+            raise UserError("--fp16, --size and --shards are for --format onnx (diffusers users pick a dtype at load)")
+        export_diffusers(args.source, args.out, weights=args.weights, grid_count=args.grid_count)
     elif args.command == "export":
         from artscale.export import export_onnx
 

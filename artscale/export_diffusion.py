@@ -4,7 +4,8 @@ Inputs `sample` float [N, 3, H, W] (the noisy image, scaled by the sampler), `ti
 `class_labels` int64 [N] (C = the null class); output `prediction` float [N, 3, H, W] (epsilon or
 v, as trained). N is dynamic, H and W are the training size. I/O stays float32 with --fp16 (the
 casts are in the graph). The metadata carries all a sampler needs: the training scheduler's config,
-the classes and the null label, so `artscale sample` matches training without the run dir.
+the classes and the null label, so `artscale sample` matches training without the run dir, and the
+UNet's config (its block types: which levels attend), as the run recorded it.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def export_denoiser(
         "objective": "diffusion",
         "prediction_type": str(meta["prediction_type"]),
         "scheduler": json.dumps(json.loads(scheduler.to_json_string()), sort_keys=True),  # one line
+        "unet": json.dumps({k: v for k, v in meta["unet"].items() if not k.startswith("_")}, sort_keys=True),
         "classes": json.dumps(classes),
         "null_label": str(meta["null_label"]),
         "weights": weights,

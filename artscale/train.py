@@ -114,18 +114,25 @@ class StopSignals:
         self.requested = "SIGINT"
 
 
-def build_net(cfg: TrainConfig, spec: DataSpec) -> torch.nn.Module:
-    """The article's ConvDiffusionModel, or (objective=diffusion) a UNet denoiser over the manifest's classes."""
+def build_net(cfg: TrainConfig, spec: DataSpec, resume_from: Path | None = None) -> torch.nn.Module:
+    """The article's ConvDiffusionModel, or (objective=diffusion) a UNet denoiser over the manifest's classes:
+    the preset's, or when resuming the one the checkpoint records (a preset's structure may have changed since)."""
     if cfg.objective == "reconstruct":
         return ConvDiffusionModel()
-    from artscale.diffusion import build_denoiser, denoiser_shape
+    from artscale.checkpoint import resume_denoiser
+    from artscale.diffusion import preset_denoiser
 
     if not spec.classes:
         raise UserError(f"data={cfg.data}: objective=diffusion needs a shards dir with a manifest (its classes)")
-    channels, layers, groups = denoiser_shape(
-        cfg.denoiser, cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups
+    net = preset_denoiser(
+        cfg.denoiser,
+        cfg.image_size,
+        len(spec.classes),
+        cfg.block_out_channels,
+        cfg.layers_per_block,
+        cfg.norm_num_groups,
     )
-    return build_denoiser(cfg.image_size, len(spec.classes), channels, layers, groups)
+    return resume_denoiser(resume_from, net) if resume_from else net
 
 
 def build_objective(
@@ -199,7 +206,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     plan = Plan.make(cfg, spec, acc.num_processes)
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest conv kernels once
-    net = build_net(cfg, spec).to(acc.device)
+    net = build_net(cfg, spec, resume_from).to(acc.device)
     with acc.local_main_process_first():  # one process per node fills the node's VGG weights cache
         loss_fn = HybridLoss(cfg.vgg_weights, cfg.perceptual_weight).to(acc.device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -9,18 +9,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from artscale.diffusion import DENOISER_PRESETS, build_denoiser, train_scheduler
+from artscale.diffusion import build_denoiser, denoiser_shape, preset_denoiser, train_scheduler
 
 CLASSES = ["cubism", "impressionism", "ukiyo-e"]
 
 
 def make_diffusion_run(
-    run_dir: Path, size: int = 16, step: int = 11, data: str = "", seed: int = 0, preset: str = "tiny", classes=CLASSES
+    run_dir: Path,
+    size: int = 16,
+    step: int = 11,
+    data: str = "",
+    seed: int = 0,
+    preset: str = "tiny",
+    classes=CLASSES,
+    old_structure: bool = False,
+    channels: tuple[int, ...] = (),
+    groups: int = 0,
 ) -> Path:
-    """Random-init tiny denoiser weights; the EMA copy is the raw weights slightly moved, so the two differ."""
+    """Random-init denoiser weights of a preset (`channels`, `groups`: narrower, as the config's overrides);
+    the EMA copy is the raw weights slightly moved, so the two differ. `old_structure`: the preset as it
+    was before it had attention below the middle block."""
     torch.manual_seed(seed)
-    blocks, layers, groups = DENOISER_PRESETS[preset]
-    unet = build_denoiser(size, len(classes), blocks, layers, groups)
+    if old_structure:
+        unet = build_denoiser(size, len(classes), *denoiser_shape(preset, channels, 0, groups))
+    else:
+        unet = preset_denoiser(preset, size, len(classes), channels, 0, groups)
     raw = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     ema = {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v).contiguous() for k, v in raw.items()}
     sched = train_scheduler()
