@@ -211,6 +211,14 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     _add_shard_flags(p)
 
 
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor", help="what this machine can run: torch, CUDA, driver, onnxruntime, CPU, cores, weights"
+    )
+    p.add_argument("--need", choices=["cuda"], default=None, help="exit 2, naming the fix, unless CUDA really runs")
+    p.add_argument("--json", action="store_true", help="the same facts as one JSON object")
+
+
 def _add_shard_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
     p.add_argument(
@@ -317,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     _add_eval(sub)
     _add_sample(sub)
+    _add_doctor(sub)
     return parser
 
 
@@ -415,6 +424,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         evaluate(args.generated, args.shards, **opts)
     elif args.command == "info":
         print(_info(args.path))
+    elif args.command == "doctor":
+        from artscale.doctor import doctor
+
+        return doctor(need=args.need, as_json=args.json)
     return 0
 
 

@@ -8,8 +8,6 @@ import dataclasses
 import logging
 import netrc
 import os
-import shutil
-import subprocess
 import sys
 import uuid
 from collections.abc import Mapping
@@ -23,7 +21,7 @@ import torch
 from artscale import usable_cores
 from artscale.config import TrainConfig
 from artscale.errors import UserError
-from artscale.hardware import Precision, choose_precision, cpu_native_bf16, cuda_bf16
+from artscale.hardware import Precision, choose_precision, cpu_native_bf16, cuda_bf16, driver_verdict, nvidia_driver
 
 log = logging.getLogger(__name__)
 
@@ -49,37 +47,17 @@ def gpus_asked_for(env: Mapping[str, str]) -> str:
     return ""
 
 
-def _driver() -> str:
-    """What the NVIDIA driver says, in a few words."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        version = Path("/proc/driver/nvidia/version")
-        return (
-            version.read_text().splitlines()[0][:120]
-            if version.is_file()
-            else "no nvidia-smi and no NVIDIA driver loaded"
-        )
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"nvidia-smi failed ({type(e).__name__})"
-    text = (out.stdout.strip() or out.stderr.strip() or f"exit {out.returncode}").splitlines()
-    return "nvidia-smi: " + "; ".join(text)[:200]
-
-
 def check_gpu(env: Mapping[str, str], cuda_available: bool) -> None:
     """Never fall back to CPU in silence: GPUs asked for and no CUDA device is one line, exit 2."""
     why = gpus_asked_for(env)
     if why and not cuda_available:
+        driver = nvidia_driver()
+        verdict = driver_verdict(driver.version, torch.version.cuda)
         raise UserError(
             f"GPUs were asked for ({why}) but torch sees no CUDA device: torch {torch.__version__} is built for "
-            f"CUDA {torch.version.cuda or 'none (a CPU-only build)'}; {_driver()}. Install a torch build for this "
-            "driver (CUDA 13 needs driver R580 or newer), or run on CPU with ACCELERATE_USE_CPU=1"
+            f"CUDA {torch.version.cuda or 'none (a CPU-only build)'}; {driver.summary}"
+            f"{'; ' + verdict.text if verdict.ok is False and driver.version else ''}. `artscale doctor --need cuda` names the fix "
+            "(CUDA 12 drivers: the README's GPU drivers paragraph), or run on CPU with ACCELERATE_USE_CPU=1"
         )
 
 

@@ -468,6 +468,7 @@ def test_gpus_asked_for_without_cuda_stop_with_one_line(shards, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
     assert "GPUs were asked for (SLURM_GPUS_ON_NODE=2)" in proc.stderr and "CUDA" in proc.stderr
     assert "nvidia-smi" in proc.stderr or "driver" in proc.stderr
+    assert "`artscale doctor --need cuda` names the fix" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
