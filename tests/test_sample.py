@@ -203,3 +203,32 @@ def test_bound_predict_gives_each_thread_its_own_output_buffer(model):
     other.join()
     np.testing.assert_array_equal(first.numpy(), kept.numpy())  # the other thread wrote elsewhere
     np.testing.assert_allclose(first.numpy(), onnx_predict(session)(xs[0], t, labels).numpy(), atol=1e-6)
+
+
+def test_the_sampler_gets_host_timesteps_and_the_model_gets_them_on_the_loops_device(model):
+    """diffusion.sample hands the sampler each timestep as a Python int (a CUDA timestep would index
+    DDIM's CPU tables and make the host wait every step) and the model a tensor on x's device."""
+    import onnxruntime as ort
+    import torch
+
+    from artscale.diffusion import make_sampler, noise_for, sample
+    from artscale.export_diffusion import read_metadata
+    from artscale.sample import onnx_predict
+
+    session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
+    meta = read_metadata(session)
+    inner, seen, given = onnx_predict(session), [], []
+
+    def predict(x, t, labels):
+        seen.append((t.device, t.dtype, t.shape[0], x.shape[0]))
+        return inner(x, t, labels)
+
+    for name in ("ddim", "dpm++"):
+        sampler = make_sampler(name, meta["scheduler"])
+        step = sampler.step
+        sampler.step = lambda out, t, x, _step=step: given.append(t) or _step(out, t, x)
+        size = int(meta["image_size"])
+        noise = noise_for(0, [0, 1], (3, size, size))
+        sample(predict, sampler, noise, torch.tensor([0, 2]), int(meta["null_label"]), steps=4, guidance=2.0)
+    assert len(given) == 8 and all(type(t) is int for t in given) and given[:4] == given[4:]
+    assert seen == [(torch.device("cpu"), torch.int64, 4, 4)] * 8
