@@ -212,4 +212,5 @@ def read_metadata(session) -> dict[str, Any]:
         "prediction_type": props["prediction_type"],
         "weights": props.get("weights", ""),
         "step": props.get("step", ""),
+        "config": json.loads(props.get("config") or "{}"),  # the training config: the UNet's shape
     }
