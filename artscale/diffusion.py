@@ -197,7 +197,9 @@ def sample(
         raise UserError(f"steps={steps}: must be >= 1")
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength={strength}: must be in [0, 1]")
-    sampler.set_timesteps(steps, device=noise.device)
+    # The timesteps stay on the CPU, and the sampler gets each as a Python int: a CUDA timestep would
+    # index the sampler's CPU tables (DDIM's alphas_cumprod) and make the host wait every step.
+    sampler.set_timesteps(steps, device="cpu")
     timesteps = sampler.timesteps
     if init is not None and strength < 1.0:
         skip = steps - int(round(steps * strength))
@@ -212,14 +214,15 @@ def sample(
     n = x.shape[0]
     labels = labels.to(device=x.device, dtype=torch.long)
     both = torch.cat([labels, torch.full_like(labels, null_label)]) if guidance != 1.0 else labels
-    for t in timesteps:
+    for t in timesteps.tolist():
         model_in = sampler.scale_model_input(x, t)
+        steps_in = torch.full((len(both),), t, dtype=torch.long, device=x.device)
         if guidance != 1.0:
-            out = predict(torch.cat([model_in, model_in]), t.to(torch.long).repeat(2 * n), both).float()
+            out = predict(torch.cat([model_in, model_in]), steps_in, both).float()
             cond, uncond = out[:n], out[n:]
             pred = uncond + guidance * (cond - uncond)
         else:
-            pred = predict(model_in, t.to(torch.long).repeat(n), both).float()
+            pred = predict(model_in, steps_in, both).float()
         x = sampler.step(pred, t, x).prev_sample
     return x
 

@@ -116,12 +116,43 @@ def _torch_reference(model: nn.Module, images: np.ndarray) -> tuple[np.ndarray, 
     return generated.numpy(), probs.numpy()
 
 
-def _session(model_bytes: bytes):
+def _session(model_bytes: bytes, providers: list | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def parity_sessions(model_bytes: bytes, quiet: bool = False) -> list[tuple[str, Any]]:
+    """(provider, session) pairs the parity gate runs on: the CPU provider, and the CUDA provider
+    (with generation's options) where CUDA really runs here. The CPU computes most fp16 ops in fp32,
+    so an fp16 graph passing there says little about the GPU it is meant for."""
+    import onnxruntime as ort
+
+    from artscale.session import cuda_devices, cuda_options
+
+    sessions = [("CPUExecutionProvider", _session(model_bytes))]
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_devices():
+        return sessions
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, as generate does
+    why = ""
+    try:
+        cuda = _session(model_bytes, [("CUDAExecutionProvider", cuda_options()), "CPUExecutionProvider"])
+        if cuda.get_providers()[0] == "CUDAExecutionProvider":
+            return [*sessions, ("CUDAExecutionProvider", cuda)]
+    except Exception as e:  # a CUDA or cuDNN library that cannot load
+        why = f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else ""
+    if not quiet:
+        print(f"artscale: a GPU is here but the CUDA provider does not open{why}; parity checked on the CPU only")
+    return sessions
+
+
+def provider_tolerance(provider: str, fp32: Any, fp16: Any, is_fp16: bool) -> Any:
+    """The gate's tolerance on `provider`. The CUDA provider runs fp32 convolutions in TF32 on Ampere and
+    newer (its default, as torch's for convolutions): fp16's 10-bit mantissa, so fp16's tolerance."""
+    return fp16 if is_fp16 or provider != "CPUExecutionProvider" else fp32
 
 
 def _compare(session, model: nn.Module, images: np.ndarray, float_output: bool) -> dict[str, float]:
@@ -215,12 +246,18 @@ def export_onnx(
     bar = Progress(4, "export", unit="step")
     proto = _export_graph(model, image_size, fp16)
     bar.update()
-    parity = _compare(_session(proto.SerializeToString()), model, images, float_output=True)
-    _gate(parity, tolerance, parity_source)
+    by_provider = {}
+    for provider, session in parity_sessions(proto.SerializeToString()):
+        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
+        measured = _compare(session, model, images, float_output=True)
+        _gate(measured, allowed, f"{parity_source} ({provider})")
+        by_provider[provider] = {**measured, "tolerance": list(allowed)}
+    parity = {k: v for k, v in by_provider["CPUExecutionProvider"].items() if k != "tolerance"}
     bar.update()
     # Dynamic shapes: another batch size and a non-square size must work and agree too.
     other = np.ascontiguousarray(np.concatenate([images[:3], images[:3, ::-1]], axis=2)[:, :, : image_size * 2 - 8])
     final = _drop_float_output(proto)
+    checked = {"images": parity_source, "tolerance": list(tolerance), "providers": by_provider}
     meta = {
         "artscale_version": __version__,
         "step": "" if weights.step is None else str(weights.step),
@@ -229,7 +266,7 @@ def export_onnx(
         "source_sha256": sha256_file(weights.path),
         "precision": "fp16" if fp16 else "fp32",
         "config": json.dumps(config or {}, sort_keys=True),
-        "parity": json.dumps({**parity, "images": parity_source, "tolerance": list(tolerance)}),
+        "parity": json.dumps({**parity, **checked}),
     }
     for key, value in meta.items():
         final.metadata_props.add(key=key, value=value)
@@ -237,8 +274,13 @@ def export_onnx(
     onnx.checker.check_model(final, full_check=True)
     bar.update()
     data = final.SerializeToString()
-    dynamic = _compare(_session(data), model, other, float_output=False)
-    _gate(dynamic, tolerance, f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]} (dynamic shape)")
+    for provider, session in parity_sessions(data, quiet=True):
+        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
+        measured = _compare(session, model, other, float_output=False)
+        shape = f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]}"
+        _gate(measured, allowed, f"{shape} (dynamic shape, {provider})")
+        if provider == "CPUExecutionProvider":
+            dynamic = measured
     bar.update()
     bar.close()
 
@@ -251,12 +293,17 @@ def export_onnx(
         "path": str(out),
         "bytes": len(data),
         **{k: meta[k] for k in ("step", "image_size", "source", "source_sha256", "precision")},
-        "parity": {**parity, "images": parity_source, "tolerance": list(tolerance)},
+        "parity": {**parity, **checked},
         "dynamic_parity": dynamic,
     }
+    also = "".join(
+        f"; on {p}: {m['max_float_diff']:.2g}, {m['max_uint8_diff']}"
+        for p, m in by_provider.items()
+        if p != "CPUExecutionProvider"
+    )
     print(
         f"exported {out} ({report['precision']}, {image_size} px, step {meta['step'] or '?'}): parity on {parity_source}: "
-        f"max float diff {parity['max_float_diff']:.2g}, max uint8 diff {parity['max_uint8_diff']}"
+        f"max float diff {parity['max_float_diff']:.2g}, max uint8 diff {parity['max_uint8_diff']}{also}"
     )
     return report
 

@@ -26,11 +26,19 @@ from artscale.errors import UserError
 from artscale.images import SkipImage, encode_image, load_image, resize_image
 from artscale.listing import LISTING, Entry, list_inputs, read_listing, shard_of, write_listing
 from artscale.progress import Progress
-from artscale.session import Runner, batch_limit, gpu_memory_bytes, is_denoiser, open_session
+from artscale.session import (
+    BYTES_PER_PIXEL,
+    GPU_STREAMS,
+    Runner,
+    batch_limit,
+    gpu_budget,
+    is_denoiser,
+    open_session,
+    placement,
+)
 
 TMP_SUFFIX = ".artscale-tmp"
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
-GPU_STREAMS = 2  # batches in flight on a GPU: one computes while the other's copies run
 
 
 def native_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -183,19 +191,28 @@ def generate(
     if provider == "tensorrt" and device == "cpu":
         raise UserError("--provider tensorrt runs on a GPU: use it with --device cuda or auto")
     # One intra-op thread per session run; on CPU, `cores` runs side by side (see _Pipeline).
+    given = session is not None
     session, used = session or open_session(
         model, device, allow_cpu_fallback, provider, threads=1, cache_dir=out_dir / ".trt-cache", varied_shapes=native
     )
     trained = session.get_modelmeta().custom_metadata_map.get("image_size", "")
     on_gpu = used != "CPUExecutionProvider"
     runner = Runner(session, "cuda" if on_gpu else None)
+    per_pixel = BYTES_PER_PIXEL
     diffusion = is_denoiser(session)
     if diffusion:
-        from artscale.sample import Variations
+        from artscale.sample import Variations, open_denoiser
 
         if native or size not in (0, int(trained)):
             raise UserError(f"{model} is a diffusion denoiser: it runs at its training size, {trained} px only")
-        runner = Variations(session, device="cuda" if used == "CUDAExecutionProvider" else None, **(variation or {}))
+        stream = None
+        if on_gpu and not given and _torch_cuda():  # open it again on a torch stream: the loop stays on the GPU
+            runner = session = None  # one copy of the weights on the GPU at a time
+            session, used, stream = open_denoiser(model, device, allow_cpu_fallback, provider, out_dir / ".trt-cache")
+            on_gpu = used != "CPUExecutionProvider"
+        cuda = "cuda" if used == "CUDAExecutionProvider" else None
+        runner = Variations(session, device=cuda, stream=stream, **(variation or {}))
+        per_pixel = runner.bytes_per_pixel
     elif variation:
         raise UserError(f"--{'/--'.join(variation)}: for a diffusion model; {model} is not one (see `artscale info`)")
     if not native and not size:
@@ -217,11 +234,13 @@ def generate(
 
     # CPU: each core runs its own small batch, whose activations stay in that core's cache
     # (bench/generate.py: batch 2 gave 80-91 img/s on 2 cores, batch 8 72). A GPU wants big
-    # batches, sized by its memory, two in flight.
-    memory = gpu_memory_bytes() if on_gpu and not batch_size else 0
+    # batches, sized by the memory free once the session is open, two in flight.
+    budget = gpu_budget() if on_gpu and not batch_size else 0
 
     def limit(shape: tuple) -> int:
-        return batch_limit(shape[0], shape[1], on_gpu=on_gpu, requested=batch_size, gpu_memory=memory)
+        return batch_limit(
+            shape[0], shape[1], on_gpu=on_gpu, requested=batch_size, budget=budget, bytes_per_pixel=per_pixel
+        )
 
     run = _Pipeline(
         runner,
@@ -250,6 +269,7 @@ def generate(
         "ignored": ignored,
         "skipped_files": sorted(skipped, key=lambda s: s["path"]),
         "provider": used,
+        "nodes_by_provider": placement(session),
         "size": "native" if native else size,
         "format": image_format,
         "follow_symlinks": follow_symlinks,
@@ -264,6 +284,12 @@ def generate(
         f"in {wall:.1f} s, {report['img_per_s']} img/s on {used}; report: {path}"
     )
     return report
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class _Pipeline:

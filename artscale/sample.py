@@ -10,13 +10,14 @@ under a temporary name and renamed; a chunk whose files all exist is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +28,14 @@ from artscale.diffusion import SAMPLERS, Predict, make_sampler, noise_for, sampl
 from artscale.errors import UserError
 from artscale.generate import EXTENSIONS, TMP_SUFFIX, _write
 from artscale.progress import Progress
-from artscale.session import open_session
+from artscale.session import (
+    DENOISER_INPUTS,
+    GPU_PROVIDERS,
+    denoiser_bytes_per_pixel,
+    gpu_budget,
+    open_session,
+    placement,
+)
 
 CPU_BATCH, GPU_BATCH = 16, 64  # images per chunk (x2 network rows with guidance)
 NAME_DIGITS = 8
@@ -73,43 +81,148 @@ def onnx_predict(session, streams: int = 0) -> Predict:
     return predict
 
 
-def bound_predict(session, device: torch.device) -> Predict:
+def bound_predict(session, device: torch.device, stream: torch.cuda.Stream | None = None, max_rows: int = 0) -> Predict:
     """The `predict` of an exported denoiser through IO binding, the tensors staying on `device`.
 
-    The same code for "cpu" and "cuda": inputs are bound by address from torch tensors on `device`,
-    and the output goes into one preallocated tensor per batch shape, so on a GPU the loop (network and
-    scheduler) never leaves it. onnxruntime's CUDA EP runs on its own stream, so torch's work is
-    synchronised before each run (the inputs are written) and onnxruntime's after it (the output is).
-    The returned tensor is reused by the next call from the same thread: diffusion.sample consumes it
-    before then. Each thread has its own buffers (generate runs two batches at once on a GPU)."""
+    The same code for "cpu" and "cuda". Per thread and batch shape, fixed input and output tensors are
+    bound once (one binding per run of at most `max_rows` rows; 0: the whole batch in one run); a call
+    copies its inputs into them, runs, and returns the output tensor, which the thread's next call of
+    that shape overwrites (diffusion.sample consumes it before then). generate runs two batches at
+    once on a GPU: each thread has its own buffers.
+
+    On CUDA, `stream` is the one onnxruntime computes on (open_denoiser): the copies, the runs and
+    whatever the caller queues next are ordered on it, and no run waits for the host. A caller on
+    another stream is ordered against it by events, not by waiting. Without `stream` (a session opened
+    elsewhere) the host waits for the caller's stream before each run and for onnxruntime's after it."""
     kind, index = device.type, device.index or 0
+    cuda = kind == "cuda"
     local = threading.local()
+    run_options = None
+    if cuda and stream is not None:
+        import onnxruntime as ort
+
+        run_options = ort.RunOptions()  # the host does not wait for the stream at the end of a run
+        run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+
+    def buffers(shape: tuple) -> tuple:
+        cache = local.__dict__.setdefault("buffers", {})
+        if shape not in cache:
+            n = shape[0]
+            tensors = (
+                torch.empty(shape, dtype=torch.float32, device=device),
+                torch.empty(n, dtype=torch.int64, device=device),
+                torch.empty(n, dtype=torch.int64, device=device),
+            )
+            out = torch.empty(shape, dtype=torch.float32, device=device)
+            step = max_rows if 0 < max_rows < n else n
+            bindings = []
+            for i in range(0, n, step):
+                binding = session.io_binding()
+                for name, tensor in zip(DENOISER_INPUTS, tensors):
+                    part = tensor[i : i + step]
+                    dtype = np.float32 if part.dtype == torch.float32 else np.int64
+                    binding.bind_input(name, kind, index, dtype, list(part.shape), part.data_ptr())
+                part = out[i : i + step]
+                binding.bind_output("prediction", kind, index, np.float32, list(part.shape), part.data_ptr())
+                bindings.append(binding)
+            cache[shape] = (tensors, out, bindings)
+        return cache[shape]
 
     def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        feed = {"sample": x.float().contiguous(), "timestep": t.contiguous(), "class_labels": labels.contiguous()}
-        outputs = local.__dict__.setdefault("outputs", {})
-        out = outputs.get(tuple(x.shape))
-        if out is None:
-            out = outputs.setdefault(tuple(x.shape), torch.empty(x.shape, dtype=torch.float32, device=device))
-        binding = session.io_binding()
-        for name, tensor in feed.items():
-            dtype = np.float32 if tensor.dtype == torch.float32 else np.int64
-            binding.bind_input(name, kind, index, dtype, list(tensor.shape), tensor.data_ptr())
-        binding.bind_output("prediction", kind, index, np.float32, list(out.shape), out.data_ptr())
-        if kind == "cuda":
-            torch.cuda.synchronize(device)
-        binding.synchronize_inputs()
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        (bx, bt, bl), out, bindings = buffers(tuple(x.shape))
+        caller = torch.cuda.current_stream(device) if cuda else None
+        switch = stream is not None and caller != stream
+        if switch:
+            stream.wait_stream(caller)  # x, t and labels are written on the caller's stream
+        with torch.cuda.stream(stream) if switch else contextlib.nullcontext():
+            bx.copy_(x)
+            bt.copy_(t)
+            bl.copy_(labels)
+            if run_options is not None:
+                for binding in bindings:
+                    session.run_with_iobinding(binding, run_options)
+            else:
+                if cuda:
+                    caller.synchronize()  # onnxruntime's own stream knows nothing of torch's
+                for binding in bindings:
+                    session.run_with_iobinding(binding)
+                    binding.synchronize_outputs()
+        if switch:
+            caller.wait_stream(stream)
+            for tensor in (x, t, labels):  # the caching allocator must not reuse them before the copies ran
+                tensor.record_stream(stream)
         return out
 
     return predict
 
 
-def open_model(
-    model: Path, device: str, allow_cpu_fallback: bool, weights: str, threads: int
-) -> tuple[Predict, dict[str, Any], str, torch.device]:
-    """(predict, metadata, provider that runs it, device of the loop) for an .onnx file or a run dir."""
+def split_predict(predict: Predict, max_rows: int) -> Predict:
+    """`predict` (one that returns a new tensor per call) on at most `max_rows` rows at a time."""
+    if max_rows <= 0:
+        return predict
+
+    def split(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= max_rows:
+            return predict(x, t, labels)
+        return torch.cat([predict(*part) for part in zip(x.split(max_rows), t.split(max_rows), labels.split(max_rows))])
+
+    return split
+
+
+def max_rows(first_channels: int, size: int, streams: int = 1) -> int:
+    """Rows of `size` px one denoiser run may take when `streams` runs share the GPU's budget."""
+    return max(1, gpu_budget() // (streams * denoiser_bytes_per_pixel(first_channels) * size * size))
+
+
+def open_denoiser(
+    model: Path,
+    device: str,
+    allow_cpu_fallback: bool,
+    provider: str = "default",
+    cache_dir: Path | None = None,
+) -> tuple[Any, str, torch.cuda.Stream | None]:
+    """(session, provider used, stream) for an exported denoiser: on a GPU, onnxruntime computes on a
+    torch stream (`user_compute_stream`; torch's default stream cannot be given, onnxruntime reads its
+    0 as none), so the torch loop around it never waits for the host. No stream where torch has no CUDA."""
+    stream = torch.cuda.Stream() if device != "cpu" and torch.cuda.is_available() else None
+    session, used = open_session(
+        model,
+        device,
+        allow_cpu_fallback,
+        provider,
+        threads=1,
+        cache_dir=cache_dir,
+        stream=stream.cuda_stream if stream is not None else 0,
+    )
+    return session, used, stream if used in GPU_PROVIDERS else None
+
+
+class Opened(NamedTuple):
+    """What sample_images runs: the predict, the denoiser's metadata, where it runs, and how."""
+
+    predict: Predict
+    meta: dict[str, Any]
+    provider: str
+    device: torch.device
+    stream: torch.cuda.Stream | None = None
+    nodes: dict[str, int] = {}
+
+
+def first_channels(meta: dict[str, Any]) -> int:
+    """Channels of the UNet's first level (what its memory grows with), from a run dir's or an ONNX file's metadata."""
+    from artscale.diffusion import DENOISER_PRESETS, denoiser_shape
+
+    if "unet" in meta:
+        return int(meta["unet"]["block_out_channels"][0])
+    config = meta.get("config") or {}
+    try:
+        return int(denoiser_shape(config.get("denoiser", "base"), config.get("block_out_channels") or ())[0][0])
+    except UserError:  # a preset this version does not know: assume the largest
+        return DENOISER_PRESETS["base"][0][0]
+
+
+def open_model(model: Path, device: str, allow_cpu_fallback: bool, weights: str, threads: int) -> Opened:
+    """The denoiser of an .onnx file or a run dir, ready to sample: see Opened."""
     if model.is_dir():
         from artscale.checkpoint import load_denoiser
 
@@ -118,17 +231,32 @@ def open_model(
         if device == "cuda" and not cuda and not allow_cpu_fallback:
             raise UserError("--device cuda: torch sees no CUDA here; use --device cpu, or add --allow-cpu-fallback")
         where = torch.device("cuda" if cuda else "cpu")
-        return torch_predict(unet.to(where)), meta, f"torch-{where.type}", where
+        predict = torch_predict(unet.to(where))
+        if cuda:
+            predict = split_predict(predict, max_rows(first_channels(meta), int(meta["image_size"])))
+        return Opened(predict, meta, f"torch-{where.type}", where)
     if not model.is_file():
         raise UserError(f"model {model} not found (an .onnx from `artscale export`, or a diffusion run dir)")
     from artscale.export_diffusion import read_metadata
 
-    session, used = open_session(model, device, allow_cpu_fallback, "default", threads=1)
-    if (
-        used == "CUDAExecutionProvider" and torch.cuda.is_available()
-    ):  # untested on a GPU so far: the same code is tested on CPU tensors
-        return bound_predict(session, torch.device("cuda")), read_metadata(session), used, torch.device("cuda")
-    return onnx_predict(session, streams=threads), read_metadata(session), used, torch.device("cpu")
+    session, used, stream = open_denoiser(model, device, allow_cpu_fallback)
+    meta = read_metadata(session)
+    rows = max_rows(first_channels(meta), int(meta["image_size"])) if stream is not None else 0
+    where = stream.device if stream is not None else torch.device("cpu")
+    predict = session_predict(session, used, threads, stream, rows)
+    return Opened(predict, meta, used, where, stream, placement(session))
+
+
+def session_predict(
+    session, used: str, threads: int, stream: torch.cuda.Stream | None = None, rows: int = 0
+) -> Predict:
+    """The predict for an onnxruntime session on provider `used`. With a stream (torch has CUDA) the
+    loop stays on the GPU through IO binding, at most `rows` rows a run. Without one: on the CPU the
+    rows go in single-threaded runs, `threads` at once; on a GPU (a CPU-only torch beside
+    onnxruntime-gpu) the whole batch goes in one run, onnxruntime copying it across."""
+    if stream is not None:
+        return bound_predict(session, stream.device, stream, rows)
+    return onnx_predict(session, streams=threads if used == "CPUExecutionProvider" else 0)
 
 
 def plan(classes: list[str], class_name: str, count: int, ext: str) -> list[Item]:
@@ -178,7 +306,8 @@ def sample_images(
         raise UserError(f"--format {image_format}: choose one of {', '.join(EXTENSIONS)}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"OUT_DIR {out_dir} exists and is not a folder")
-    predict, meta, used, where = open_model(model, device, allow_cpu_fallback, weights, usable_cores())
+    opened = open_model(model, device, allow_cpu_fallback, weights, usable_cores())
+    predict, meta, used, where = opened.predict, opened.meta, opened.provider, opened.device
     schedule = make_sampler(sampler, meta["scheduler"])  # the training scheduler's betas and prediction type
     size, null_label = int(meta["image_size"]), int(meta["null_label"])
     batch_size = batch_size or (CPU_BATCH if used in ("CPUExecutionProvider", "torch-cpu") else GPU_BATCH)
@@ -190,22 +319,42 @@ def sample_images(
     todo = [c for c in chunks if not all((out_dir / it.out).exists() for it in c)]
     already = mine - sum(not (out_dir / it.out).exists() for c in todo for it in c)
     written = 0
-    bar = Progress(mine, "sample", unit="img", initial=already)
+    bar, lock = Progress(mine, "sample", unit="img", initial=already), threading.Lock()
+
+    def tick(future: Future) -> None:
+        if future.exception() is None:
+            with lock:
+                bar.update(1)
+
     torch_threads = torch.get_num_threads()
     if not used.startswith("torch"):  # the scheduler's few small ops; torch's idle OpenMP threads would spin
         torch.set_num_threads(1)  # on the cores onnxruntime runs on (measured: 25-40% more CPU per image)
+    # Files are encoded and written by a pool while the next chunk samples: the device does not wait
+    # for PNG encoders. A chunk's writes are collected after the next chunk, so at most two chunks of
+    # images wait in memory, and a failed write (a full disk) stops the run within a chunk.
+    writers = ThreadPoolExecutor(max(1, min(4, usable_cores())), "write")
+    pending: list[Future] = []
     try:
-        for chunk in todo:
-            noise = noise_for(seed, [it.index for it in chunk], (3, size, size)).to(where)
-            labels = torch.tensor([it.label for it in chunk])
-            images = to_uint8(sample(predict, schedule, noise, labels, null_label, steps=steps, guidance=guidance))
-            for it, pixels in zip(chunk, images):
-                path = out_dir / it.out
-                if not path.exists():  # the rest of the chunk was written before an interruption
-                    _write(path, np.ascontiguousarray(pixels), None, image_format, quality)
+        with torch.cuda.stream(opened.stream) if opened.stream is not None else contextlib.nullcontext():
+            for chunk in todo:
+                noise = noise_for(seed, [it.index for it in chunk], (3, size, size)).to(where)
+                labels = torch.tensor([it.label for it in chunk])
+                images = to_uint8(sample(predict, schedule, noise, labels, null_label, steps=steps, guidance=guidance))
+                previous, pending = pending, []
+                for it, pixels in zip(chunk, images):
+                    path = out_dir / it.out
+                    if not path.exists():  # the rest of the chunk was written before an interruption
+                        job = writers.submit(_write, path, np.ascontiguousarray(pixels), None, image_format, quality)
+                        job.add_done_callback(tick)
+                        pending.append(job)
+                for job in previous:
+                    job.result()
                     written += 1
-                    bar.update(1)
+        for job in pending:
+            job.result()
+            written += 1
     finally:
+        writers.shutdown(wait=True)
         torch.set_num_threads(torch_threads)
         bar.close()
     wall = time.perf_counter() - started
@@ -222,6 +371,7 @@ def sample_images(
         "written": written,
         "already_done": already,
         "provider": used,
+        "nodes_by_provider": opened.nodes,
         "device": device,
         "steps": steps,
         "sampler": sampler,
@@ -280,13 +430,15 @@ class Variations:
     The noise of a file comes from (seed, its relative path), so shards and reruns agree; its class is
     `class_name`, or with `class_from_parent` its parent folder's name (generate skips the others),
     or none (the null class: the unconditional model). With `device` "cuda" (a CUDA session) the loop
-    stays on the GPU through IO binding, as in `artscale sample` (untested on a GPU so far)."""
+    stays on the GPU through IO binding, as in `artscale sample`, on `stream` (open_denoiser's) when
+    given. generate calls it from two threads at once on a GPU."""
 
     def __init__(
         self,
         session,
         *,
         device: str | None = None,
+        stream: torch.cuda.Stream | None = None,
         class_name: str = "",
         class_from_parent: bool = False,
         strength: float = 0.6,
@@ -305,7 +457,13 @@ class Variations:
             raise UserError(f"--class {class_name}: not one of the model's classes ({', '.join(self.classes)})")
         make_sampler(sampler, self.meta["scheduler"])  # an unknown sampler fails now, not in a worker
         self.device = torch.device("cuda") if device == "cuda" and torch.cuda.is_available() else None
-        self.predict = bound_predict(session, self.device) if self.device is not None else onnx_predict(session)
+        self.stream = stream if self.device is not None else None
+        if self.device is not None:
+            self.predict = bound_predict(session, self.device, self.stream)
+        else:
+            self.predict = onnx_predict(session)
+        rows = 2 if guidance != 1.0 else 1  # cond and uncond: what generate sizes a batch by
+        self.bytes_per_pixel = denoiser_bytes_per_pixel(first_channels(self.meta), rows)
         self.class_name, self.class_from_parent = class_name, class_from_parent
         self.opts = dict(seed=seed, steps=steps, guidance=guidance, strength=strength)
         self.sampler = sampler
@@ -327,7 +485,10 @@ class Variations:
         keys = [e.rel for e in entries]
         sampler = make_sampler(self.sampler, self.meta["scheduler"])  # stateful: one per batch in flight
         labels = [self.label(k) for k in keys]
-        return variations(self.predict, sampler, batch, keys, labels, self.null_label, **self.opts, device=self.device)
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            return variations(
+                self.predict, sampler, batch, keys, labels, self.null_label, **self.opts, device=self.device
+            )
 
 
 RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "guidance", "batch_size", "format")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
-import os
-import shutil
-import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,45 +22,101 @@ from artscale.errors import UserError
 INPUT, OUTPUT = "images", "generated"
 DENOISER_INPUTS = ("sample", "timestep", "class_labels")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-# A run holds ~0.55 KB per pixel (measured on CPU: 283 MB for 2 x 512 x 512).
+# A run of the article's model holds ~0.55 KB per pixel (measured on the CPU provider: 283 MB for
+# 2 x 512 x 512); tests/test_infer_gpu.py checks it against what a CUDA run holds.
 BYTES_PER_PIXEL = 560
+# A denoiser run holds this much per pixel of a row, per channel of the UNet's first level (about
+# 1.5-2x what the CPU provider holds for the tiny and small presets: convolutions on a GPU add their
+# workspace; tests/test_infer_gpu.py checks it on CUDA).
+DENOISER_BYTES_PER_PIXEL_CHANNEL = 96
 # CPU: large --native images go in smaller batches, so memory stays near 0.3 GB per inference
 # stream and a batch's activations stay in the core's cache.
 MAX_BATCH_PIXELS = 8 * 256 * 256
 CPU_BATCH = 2  # default images per run on CPU (--batch-size 0)
 # GPU: batches sized by memory, up to this many images (beyond it a GPU gains little).
 GPU_MAX_BATCH = 64
-GPU_MEMORY_SHARE = 0.25  # of the GPU's memory, per batch in flight (two are)
-ASSUMED_GPU_MEMORY = 16 << 30  # when nvidia-smi cannot say
+GPU_STREAMS = 2  # batches in flight on a GPU: one computes while the other's copies run
+# Of the memory free once the session is open (weights loaded), what the batches in flight may hold
+# together; the rest is slack for the arena's fragmentation and other processes' growth.
+GPU_MEMORY_USE = 0.8
+ASSUMED_GPU_FREE = 8 << 30  # when the driver cannot say
 
 
-def batch_limit(height: int, width: int, *, on_gpu: bool, requested: int = 0, gpu_memory: int = 0) -> int:
+class GpuMemory(NamedTuple):
+    free: int
+    total: int
+
+
+def gpu_memory() -> GpuMemory | None:
+    """Free and total bytes of the first visible GPU, asked of the CUDA driver itself (no torch, no
+    nvidia-smi), so CUDA_VISIBLE_DEVICES is honoured, a MIG instance's UUID included. It uses the
+    device's primary context, the one onnxruntime and torch share: once a session is open it creates
+    nothing. None where there is no driver or no device."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0):
+        return None
+    if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), device):
+        return None
+    try:
+        if cuda.cuCtxPushCurrent_v2(context):
+            return None
+        status = cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+        cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+    finally:
+        cuda.cuDevicePrimaryCtxRelease_v2(device)
+    return GpuMemory(free.value, total.value) if status == 0 else None
+
+
+def cuda_devices() -> int:
+    """CUDA devices the driver shows this process (CUDA_VISIBLE_DEVICES applies); 0 without a driver."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int()
+    if cuda.cuInit(0) or cuda.cuDeviceGetCount(ctypes.byref(count)):
+        return 0
+    return count.value
+
+
+def gpu_budget() -> int:
+    """Bytes the batches in flight may hold together on the GPU: a share of what is free now."""
+    memory = gpu_memory()
+    return int((memory.free if memory else ASSUMED_GPU_FREE) * GPU_MEMORY_USE)
+
+
+def batch_limit(
+    height: int,
+    width: int,
+    *,
+    on_gpu: bool,
+    requested: int = 0,
+    budget: int = 0,
+    bytes_per_pixel: int = BYTES_PER_PIXEL,
+    streams: int = GPU_STREAMS,
+) -> int:
     """Images per session run for images of height x width.
 
-    CPU: --batch-size (default 2), capped at MAX_BATCH_PIXELS. GPU: --batch-size as given;
-    by default as many as fit in a quarter of the GPU's memory, at most GPU_MAX_BATCH.
-    """
+    CPU: --batch-size (default 2), capped at MAX_BATCH_PIXELS. GPU: --batch-size as given; by
+    default as many as fit when `streams` batches share `budget` bytes (gpu_budget), at most
+    GPU_MAX_BATCH. `bytes_per_pixel` is what a run holds per pixel of an image."""
     pixels = height * width
     if not on_gpu:
         return max(1, min(requested or CPU_BATCH, -(-MAX_BATCH_PIXELS // pixels)))
     if requested:
         return requested
-    fit = int((gpu_memory or ASSUMED_GPU_MEMORY) * GPU_MEMORY_SHARE) // (BYTES_PER_PIXEL * pixels)
+    fit = (budget or int(ASSUMED_GPU_FREE * GPU_MEMORY_USE)) // (streams * bytes_per_pixel * pixels)
     return max(1, min(GPU_MAX_BATCH, fit))
 
 
-def gpu_memory_bytes() -> int:
-    """Total memory of the first visible GPU, from nvidia-smi; 0 when it cannot say."""
-    if not shutil.which("nvidia-smi"):
-        return 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    cmd = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
-    cmd += ["-i", visible] if visible else []
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        return int(out.stdout.split()[0]) << 20 if out.returncode == 0 else 0
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return 0
+def denoiser_bytes_per_pixel(first_channels: int, rows_per_image: int = 1) -> int:
+    """What a denoiser run holds per pixel of an image (`rows_per_image` 2 with guidance: cond and uncond)."""
+    return DENOISER_BYTES_PER_PIXEL_CHANNEL * first_channels * rows_per_image
 
 
 def _first_line(e: BaseException) -> str:
@@ -112,8 +167,12 @@ def open_session(
     threads: int,
     cache_dir: Path | None = None,
     varied_shapes: bool = False,
+    stream: int = 0,
 ):
     """An onnxruntime session on the device asked for, warmed up; returns (session, provider used).
+
+    `stream`: a CUDA stream (torch's `Stream.cuda_stream`) for onnxruntime to compute on, so that
+    torch's work and onnxruntime's are ordered on one stream, with no host synchronisation.
 
     onnxruntime quietly runs on CPU when CUDA cannot start, so `cuda` is checked: the CPU fallback
     is disabled in the session, and `get_providers()` is read back after creation. A broken cuDNN
@@ -133,6 +192,7 @@ def open_session(
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if strict:
             opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # see placement()
         return opts
 
     def cpu_session():
@@ -150,17 +210,11 @@ def open_session(
     if device == "cpu":
         return cpu_session(), "CPUExecutionProvider"
     available = ort.get_available_providers()
-    # cuDNN's exhaustive algorithm search runs once per input shape: worth it for one size only.
-    wanted: list = [
-        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC" if varied_shapes else "EXHAUSTIVE"})
-    ]
+    wanted: list = [("CUDAExecutionProvider", cuda_options(varied_shapes, stream))]
     if provider == "tensorrt":  # engines are built per input shape: cache them beside the outputs
+        trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")}
         wanted.insert(
-            0,
-            (
-                "TensorrtExecutionProvider",
-                {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir or ".")},
-            ),
+            0, ("TensorrtExecutionProvider", {**trt, **({"user_compute_stream": str(stream)} if stream else {})})
         )
     names = [name for name, _ in wanted]
     problem = ""
@@ -197,6 +251,9 @@ def open_session(
                         f"artscale: TensorRT did not start (TensorRT libraries missing?); running on {used}",
                         file=sys.stderr,
                     )
+                line = cpu_nodes_line(cpu_nodes(session), sum(placement(session).values()), used)
+                if line:
+                    print(f"artscale: {line}", file=sys.stderr)
                 return session, used
             problem = f"onnxruntime chose {used}"
     session = cpu_session()
@@ -207,6 +264,53 @@ def open_session(
         raise UserError(f"--device cuda: CUDA does not run here ({why}); use --device cpu, or add --allow-cpu-fallback")
     print(f"artscale: --device {device}: CUDA does not run here ({why}); running on CPU", file=sys.stderr)
     return session, "CPUExecutionProvider"
+
+
+def cuda_options(varied_shapes: bool = False, stream: int = 0) -> dict[str, str]:
+    """The CUDA provider's options for generation, sampling and export's parity check alike.
+
+    cuDNN's exhaustive algorithm search runs once per input shape: worth it for one size only. The
+    arena grows by what a run asks for, not to the next power of two, so the batches sized by
+    gpu_budget fit. `stream` (0: onnxruntime's own) is the CUDA stream to compute on."""
+    options = {
+        "cudnn_conv_algo_search": "HEURISTIC" if varied_shapes else "EXHAUSTIVE",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    if stream:
+        options["user_compute_stream"] = str(stream)
+    return options
+
+
+def _assigned(session) -> list[tuple[str, str, str]]:
+    """(provider, node name, op type) of every node, as onnxruntime placed them; [] when not recorded."""
+    try:
+        subgraphs = session.get_provider_graph_assignment_info()
+    except Exception:  # an older onnxruntime, or a session opened without the recording entry
+        return []
+    return [(sub.ep_name, node.name, node.op_type) for sub in subgraphs for node in sub.get_nodes()]
+
+
+def placement(session) -> dict[str, int]:
+    """Nodes per execution provider ({} when onnxruntime did not record it): report.json's count."""
+    return dict(Counter(provider for provider, _, _ in _assigned(session)))
+
+
+def cpu_nodes(session) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes placed on the CPU provider."""
+    return [(name, op) for provider, name, op in _assigned(session) if provider == "CPUExecutionProvider"]
+
+
+def cpu_nodes_line(nodes: list[tuple[str, str]], total: int, used: str) -> str:
+    """One line naming the nodes a GPU session runs on the CPU ("" for none, or for a CPU session).
+
+    Each moves its tensors across to the host and back on every run: onnxruntime puts shape
+    arithmetic there on purpose (cheap), a convolution there would be a problem."""
+    if used == "CPUExecutionProvider" or not nodes:
+        return ""
+    ops = Counter(op for _, op in nodes)
+    listed = ", ".join(f"{op} x{n}" for op, n in ops.most_common(8)) + (", ..." if len(ops) > 8 else "")
+    names = ", ".join(name for name, _ in nodes[:3])
+    return f"{len(nodes)} of {total} nodes run on the CPU beside {used}: {listed} (e.g. {names})"
 
 
 class Runner:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from artscale import usable_cores  # noqa: E402
 from artscale.generate import GPU_STREAMS, generate  # noqa: E402
 from artscale.images import encode_image, load_image  # noqa: E402
-from artscale.session import CPU_BATCH, Runner, batch_limit, gpu_memory_bytes, open_session  # noqa: E402
+from artscale.session import CPU_BATCH, Runner, batch_limit, gpu_budget, open_session  # noqa: E402
 
 
 def make_collection(root: Path, count: int, min_side: int, max_side: int) -> list[Path]:
@@ -136,8 +136,8 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, opened: 
     on_gpu = used != "CPUExecutionProvider"
     streams = GPU_STREAMS if on_gpu else usable_cores()
     runner = Runner(session, "cuda" if on_gpu else None)
-    memory = gpu_memory_bytes() if on_gpu else 0
-    batches = split(min(len(decoded), batch_limit(size, size, on_gpu=on_gpu, requested=batch, gpu_memory=memory)))
+    budget = gpu_budget() if on_gpu else 0
+    batches = split(min(len(decoded), batch_limit(size, size, on_gpu=on_gpu, requested=batch, budget=budget)))
     runner(batches[0])  # this batch size's first run (cuDNN picks its algorithms) stays out of the timing
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:

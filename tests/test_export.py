@@ -19,8 +19,9 @@ from PIL import Image
 
 from artscale import __version__
 from artscale.errors import UserError
-from artscale.export import FP16_TOLERANCE, describe_onnx, export_onnx
+from artscale.export import FP16_TOLERANCE, FP32_TOLERANCE, describe_onnx, export_onnx, provider_tolerance
 from artscale.model import normalize
+from artscale.session import cuda_devices
 
 
 def torch_uint8(model, images: np.ndarray) -> np.ndarray:
@@ -68,7 +69,16 @@ def test_graph_signature_metadata_and_info(exported):
     assert meta["artscale_version"] == __version__ and meta["step"] == "7" and meta["image_size"] == "16"
     assert meta["source_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert json.loads(meta["config"])["image_size"] == 16
-    assert json.loads(meta["parity"])["images"] == "8 generated images"
+    checked = json.loads(meta["parity"])
+    assert checked["images"] == "8 generated images"
+    # which providers the gate ran on: the CPU's always (its figures are the top-level ones), CUDA's where it runs
+    cpu = checked["providers"]["CPUExecutionProvider"]
+    assert cpu == {"max_float_diff": checked["max_float_diff"], "max_uint8_diff": checked["max_uint8_diff"]} | {
+        "tolerance": list(FP32_TOLERANCE)
+    }
+    assert set(checked["providers"]) <= {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    if not cuda_devices():
+        assert list(checked["providers"]) == ["CPUExecutionProvider"]
     text = describe_onnx(path)
     assert "images: uint8 [N, H, W, 3]" in text and "generated: uint8 [N, H, W, 3]" in text
     assert "step: 7" in text and f"source_sha256: {meta['source_sha256']}" in text
@@ -104,6 +114,13 @@ def test_wrong_architecture_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a ConvDiffusionModel state dict"):
         export_onnx(tmp_path / "other.pth", tmp_path / "m.onnx", size=16)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_cuda_provider_is_held_to_fp16s_tolerance_in_fp32_too():
+    """TF32 (the CUDA provider's default for fp32 convolutions on Ampere and newer) has fp16's mantissa."""
+    assert provider_tolerance("CPUExecutionProvider", FP32_TOLERANCE, FP16_TOLERANCE, False) == FP32_TOLERANCE
+    assert provider_tolerance("CPUExecutionProvider", FP32_TOLERANCE, FP16_TOLERANCE, True) == FP16_TOLERANCE
+    assert provider_tolerance("CUDAExecutionProvider", FP32_TOLERANCE, FP16_TOLERANCE, False) == FP16_TOLERANCE
 
 
 def test_fp16_export_is_within_its_reported_tolerance(tmp_path):

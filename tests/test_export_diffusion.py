@@ -81,6 +81,8 @@ def test_raw_weights_fp16_and_a_failed_gate(tmp_path, exported):
     assert raw["weights"] == "raw" and raw["source_sha256"] != report["source_sha256"]
     half = export_onnx(run, tmp_path / "half.onnx", fp16=True)
     assert half["precision"] == "fp16" and 1e-4 < half["parity"]["tolerance"] and half["parity"]["max_abs_diff"] > 0
+    cpu = half["parity"]["providers"]["CPUExecutionProvider"]  # the metadata says where the gate ran
+    assert cpu == {"max_abs_diff": half["parity"]["max_abs_diff"], "tolerance": half["parity"]["tolerance"]}
     (run / "final" / "ema.safetensors").rename(tmp_path / "ema.safetensors")
     try:
         with pytest.raises(UserError, match="--weights raw"):

@@ -22,7 +22,20 @@ from artscale.errors import UserError
 from artscale.export import describe_onnx, export_onnx
 from artscale.generate import TMP_SUFFIX, generate, native_size
 from artscale.listing import list_inputs, output_names
-from artscale.session import CPU_BATCH, GPU_MAX_BATCH, MAX_BATCH_PIXELS, Runner, batch_limit
+from artscale.session import (
+    BYTES_PER_PIXEL,
+    CPU_BATCH,
+    GPU_MAX_BATCH,
+    GPU_MEMORY_USE,
+    GPU_STREAMS,
+    MAX_BATCH_PIXELS,
+    Runner,
+    batch_limit,
+    cpu_nodes,
+    cpu_nodes_line,
+    denoiser_bytes_per_pixel,
+    placement,
+)
 
 
 def _cuda_usable() -> bool:
@@ -115,10 +128,35 @@ def test_tree_is_mirrored_and_every_input_is_accounted_for(tree, model16, tmp_pa
         and reasons["a/empty.png"] == "not an image: empty file"
     )
     assert report["provider"] == "CPUExecutionProvider" and report["size"] == 16
+    assert (
+        list(report["nodes_by_provider"]) == ["CPUExecutionProvider"]
+        and report["nodes_by_provider"]["CPUExecutionProvider"] >= 10
+    )  # the model's convolutions, norms, activations and the graph's casts, all placed
     for rel in GOOD.values():
         with Image.open(out / rel) as im:
             assert im.format == "PNG" and im.mode == "RGB" and im.size == (16, 16)
     assert not list(out.rglob(f"*{TMP_SUFFIX}"))
+
+
+def test_nodes_on_the_cpu_are_named_in_one_line_for_a_gpu_session(model16):
+    """A GPU session logs the nodes onnxruntime put on the CPU (once, at open): here a CPU session
+    stands in, whose nodes are all on the CPU, as if the GPU provider had taken none."""
+    from artscale.session import open_session
+
+    session, used = open_session(model16, "cpu", False, "default", threads=1)
+    nodes, counts = cpu_nodes(session), placement(session)
+    assert used == "CPUExecutionProvider" and counts == {"CPUExecutionProvider": len(nodes)} and len(nodes) >= 10
+    assert {op for _, op in nodes} >= {"Conv", "ConvTranspose", "MaxPool"}
+    assert cpu_nodes_line(nodes, len(nodes), used) == ""  # a CPU session has nothing to warn about
+    line = cpu_nodes_line(nodes, len(nodes) + 5, "CUDAExecutionProvider")
+    assert line.startswith(f"{len(nodes)} of {len(nodes) + 5} nodes run on the CPU beside CUDAExecutionProvider: ")
+    assert "Conv x" in line and f"(e.g. {nodes[0][0]}, " in line
+    few = [("/unet/Shape", "Shape"), ("/unet/Gather", "Gather"), ("/unet/Shape_1", "Shape")]
+    assert cpu_nodes_line(few, 400, "CUDAExecutionProvider") == (
+        "3 of 400 nodes run on the CPU beside CUDAExecutionProvider: Shape x2, Gather x1 "
+        "(e.g. /unet/Shape, /unet/Gather, /unet/Shape_1)"
+    )
+    assert cpu_nodes_line([], 400, "CUDAExecutionProvider") == ""
 
 
 def test_rerun_skips_finished_outputs(tree, model16, tmp_path):
@@ -190,18 +228,31 @@ def test_io_binding_runner_gives_the_same_pixels(model16):
 
 
 def test_batch_sizes_cap_cpu_only():
-    """The batch policy, on CPU and on a pretend 80 GB GPU: --batch-size is honoured on a GPU
-    (the CPU cache cap once cut 64 to 8 at 256 px); the default follows the GPU's memory."""
+    """The batch policy, on CPU and on a pretend GPU with 80 or 8 GB free: --batch-size is honoured on a
+    GPU (the CPU cache cap once cut 64 to 8 at 256 px); by default the two batches in flight together
+    hold at most GPU_MEMORY_USE of the free memory (each a quarter of the total could exceed it, with
+    onnxruntime's arena on top)."""
     gb = 1 << 30
     assert batch_limit(128, 128, on_gpu=False) == CPU_BATCH
     assert batch_limit(256, 256, on_gpu=False, requested=64) == MAX_BATCH_PIXELS // (256 * 256) == 8
     assert batch_limit(1024, 1024, on_gpu=False, requested=64) == 1
     assert batch_limit(256, 256, on_gpu=True, requested=64) == 64
     assert batch_limit(1024, 1024, on_gpu=True, requested=64) == 64
-    assert batch_limit(128, 128, on_gpu=True, gpu_memory=80 * gb) == GPU_MAX_BATCH
-    assert batch_limit(1024, 1024, on_gpu=True, gpu_memory=80 * gb) == 36  # 20 GB / (560 B x 1 Mpx)
-    assert batch_limit(1024, 1024, on_gpu=True, gpu_memory=8 * gb) == 3
-    assert batch_limit(4096, 4096, on_gpu=True, gpu_memory=8 * gb) == 1
+    free80, free8 = int(80 * gb * GPU_MEMORY_USE), int(8 * gb * GPU_MEMORY_USE)
+    assert batch_limit(128, 128, on_gpu=True, budget=free80) == GPU_MAX_BATCH
+    assert batch_limit(1024, 1024, on_gpu=True, budget=free80) == 58  # 64 GB / (2 x 560 B x 1 Mpx)
+    assert batch_limit(1024, 1024, on_gpu=True, budget=free8) == 5
+    assert batch_limit(4096, 4096, on_gpu=True, budget=free8) == 1
+    for side in (128, 512, 1024):  # what batch_limit allows fits its budget, with both batches in flight
+        n = batch_limit(side, side, on_gpu=True, budget=free8)
+        assert n == 1 or GPU_STREAMS * n * BYTES_PER_PIXEL * side * side <= free8
+    # A denoiser holds far more per pixel (two rows per image with guidance): the small preset (64
+    # channels) at 128 px, and the base one (128) at 256 px, on a GPU with 16 GB free.
+    free16 = int(16 * gb * GPU_MEMORY_USE)
+    small, base = denoiser_bytes_per_pixel(64, rows_per_image=2), denoiser_bytes_per_pixel(128, rows_per_image=2)
+    assert batch_limit(128, 128, on_gpu=True, budget=free16, bytes_per_pixel=small) == 34
+    assert batch_limit(256, 256, on_gpu=True, budget=free16, bytes_per_pixel=base) == 4
+    assert batch_limit(128, 128, on_gpu=True, budget=free80, bytes_per_pixel=small) == GPU_MAX_BATCH
 
 
 def test_a_model_that_fails_to_run_is_one_line_with_onnxruntimes_words(tmp_path):

@@ -203,3 +203,111 @@ def test_bound_predict_gives_each_thread_its_own_output_buffer(model):
     other.join()
     np.testing.assert_array_equal(first.numpy(), kept.numpy())  # the other thread wrote elsewhere
     np.testing.assert_allclose(first.numpy(), onnx_predict(session)(xs[0], t, labels).numpy(), atol=1e-6)
+
+
+def test_a_gpu_session_without_torch_cuda_runs_the_whole_batch_at_once(model):
+    """A CPU-only torch beside onnxruntime-gpu: the CUDA session gets the whole batch in one run, not
+    split into the CPU's single-row runs (one per core). The real session, under the CUDA provider's name."""
+    import onnxruntime as ort
+    import torch
+
+    from artscale.sample import session_predict
+
+    session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[2]
+
+    class Counted:
+        def __init__(self) -> None:
+            self.runs: list[int] = []
+
+        def run(self, names, feed):
+            self.runs.append(len(feed["sample"]))
+            return session.run(names, feed)
+
+    x = torch.randn(40, 3, size, size, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.arange(40) * 25, torch.arange(40) % (len(CLASSES) + 1)
+    on_gpu, on_cpu = Counted(), Counted()
+    whole = session_predict(on_gpu, "CUDAExecutionProvider", threads=4)(x, t, labels)
+    split = session_predict(on_cpu, "CPUExecutionProvider", threads=4)(x, t, labels)
+    assert on_gpu.runs == [40] and len(on_cpu.runs) > 1 and sum(on_cpu.runs) == 40
+    np.testing.assert_allclose(whole.numpy(), split.numpy(), atol=1e-5)
+
+
+def test_the_sampler_gets_host_timesteps_and_the_model_gets_them_on_the_loops_device(model):
+    """diffusion.sample hands the sampler each timestep as a Python int (a CUDA timestep would index
+    DDIM's CPU tables and make the host wait every step) and the model a tensor on x's device."""
+    import onnxruntime as ort
+    import torch
+
+    from artscale.diffusion import make_sampler, noise_for, sample
+    from artscale.export_diffusion import read_metadata
+    from artscale.sample import onnx_predict
+
+    session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
+    meta = read_metadata(session)
+    inner, seen, given = onnx_predict(session), [], []
+
+    def predict(x, t, labels):
+        seen.append((t.device, t.dtype, t.shape[0], x.shape[0]))
+        return inner(x, t, labels)
+
+    for name in ("ddim", "dpm++"):
+        sampler = make_sampler(name, meta["scheduler"])
+        step = sampler.step
+        sampler.step = lambda out, t, x, _step=step: given.append(t) or _step(out, t, x)
+        size = int(meta["image_size"])
+        noise = noise_for(0, [0, 1], (3, size, size))
+        sample(predict, sampler, noise, torch.tensor([0, 2]), int(meta["null_label"]), steps=4, guidance=2.0)
+    assert len(given) == 8 and all(type(t) is int for t in given) and given[:4] == given[4:]
+    assert seen == [(torch.device("cpu"), torch.int64, 4, 4)] * 8
+
+
+def test_bound_predict_in_runs_of_max_rows_gives_the_whole_runs_output(model):
+    """bound_predict splits a batch too big for the GPU's memory into runs of max_rows (one binding
+    each, into slices of one output); split_predict does the same for a predict of fresh tensors."""
+    import onnxruntime as ort
+    import torch
+
+    from artscale.sample import bound_predict, onnx_predict, split_predict
+
+    session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[2]
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
+    t, labels = torch.arange(8) * 120, torch.arange(8) % (len(CLASSES) + 1)
+    want = onnx_predict(session)(x, t, labels).numpy()
+    runs = bound_predict(session, torch.device("cpu"), max_rows=3)
+    first = runs(x, t, labels)
+    np.testing.assert_allclose(first.numpy(), want, atol=1e-5)
+    again = runs(x.flip(0), t.flip(0), labels.flip(0))  # new inputs through the same bound buffers
+    assert again.data_ptr() == first.data_ptr()
+    np.testing.assert_allclose(again.numpy(), want[::-1], atol=1e-5)
+    counted = []
+
+    def fresh(x, t, labels):
+        counted.append(len(x))
+        return onnx_predict(session)(x, t, labels)
+
+    np.testing.assert_allclose(split_predict(fresh, 3)(x, t, labels).numpy(), want, atol=1e-5)
+    assert counted == [3, 3, 2]
+
+
+def test_a_failed_write_stops_sampling_in_one_line_and_the_report_counts_nodes(model, tmp_path):
+    """Files are written by a pool while the next chunk samples: a write that fails still stops the
+    run with generate's one-line error. The report counts the nodes per provider; the memory sizing
+    reads the UNet's width from either kind of model."""
+    import onnxruntime as ort
+
+    from artscale.checkpoint import load_denoiser
+    from artscale.export_diffusion import read_metadata
+    from artscale.sample import first_channels
+
+    run, onnx = model
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "impressionism").write_text("a file where the class folder would go")
+    with pytest.raises(UserError, match="cannot write .*impressionism/00000000.png"):
+        sample_images(onnx, out, count=2, steps=1, batch_size=2, device="cpu")
+    report = sample_images(onnx, tmp_path / "ok", count=2, class_name="cubism", steps=1, batch_size=2, device="cpu")
+    assert report["written"] == 2 and report["nodes_by_provider"]["CPUExecutionProvider"] > 50
+    meta = read_metadata(ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]))
+    assert first_channels(meta) == first_channels(load_denoiser(run)[1]) == 32  # the tiny preset's
