@@ -60,6 +60,13 @@ class TrainConfig:
     sampler: Literal["ddim", "dpm++"] = "dpm++"
     sample_steps: int = 20
     guidance: float = 3.0  # classifier-free guidance scale; 1: none
+    # quality while training (artscale/train_eval.py): every eval_every steps (0: off) KID, and FID from 2048
+    # images a side, against the val split with artscale eval's Inception features. Diffusion: the EMA model
+    # draws eval_samples images per class with the sampler above; reconstruct: its outputs of the val images.
+    eval_every: int = 0
+    eval_samples: int = 100  # per class (diffusion); split across ranks
+    eval_inception: str = ""  # "": torch-fidelity's file in torch's hub cache, as artscale eval finds it | a file
+    # | random: an UNTRAINED network, for tests only (the figures mean nothing; logged as a warning)
     # speed
     # auto: bf16 on a GPU with it (fp16 on one without), bf16 on a CPU with native bf16 (avx512_bf16, AMX),
     # fp32 elsewhere: emulated bf16 is several times slower than fp32. The default is the article's fp32.
@@ -159,6 +166,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"config lr={cfg.lr}: must be > 0")
     if cfg.max_steps < 0 or cfg.epochs < 0 or (cfg.max_steps == 0 and cfg.epochs == 0):
         raise UserError("config: set epochs > 0 or max_steps > 0")
+    if cfg.eval_every < 0 or cfg.eval_samples < 2:
+        raise UserError(
+            f"config eval_every={cfg.eval_every}, eval_samples={cfg.eval_samples}: eval_every must be >= 0 "
+            "(0: off) and eval_samples >= 2 (KID compares at least 2 images a side)"
+        )
     if cfg.num_workers < -1:
         raise UserError(f"config num_workers={cfg.num_workers}: must be >= 0, or -1 (chosen for the device)")
     _validate_diffusion(cfg)

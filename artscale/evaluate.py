@@ -69,12 +69,18 @@ class _Inception(FeatureExtractorInceptionV3):
         return super().load_state_dict(state_dict, *args, **kwargs)
 
 
-def load_inception(weights: str | None = None) -> nn.Module:
+def inception_path(weights: str | None = None) -> Path:
+    """Where the weights are looked for: the file given, else torch-fidelity's file in torch's hub cache.
+    (`artscale eval` and training's eval_every find them alike; this does not check the file exists.)"""
+    return inception_cache() if weights is None else Path(weights).expanduser()
+
+
+def load_inception(weights: str | None = None, random_warning: str = RANDOM_INCEPTION_WARNING) -> nn.Module:
     """The FID feature extractor. `weights`: None (torch-fidelity's file in torch's hub cache),
-    a path to that file, or `random` (tests only; logs a warning)."""
+    a path to that file, or `random` (tests only; logs `random_warning`)."""
     net = _Inception()
     if weights == "random":
-        log.warning(RANDOM_INCEPTION_WARNING)
+        log.warning(random_warning)
         # PyTorch's default init shrinks activations to ~1e-8 by the pool layer (every FID would
         # read 0); He init keeps them near unit scale, so a test's shift shows in the features.
         gen = torch.Generator().manual_seed(0)
@@ -82,15 +88,14 @@ def load_inception(weights: str | None = None) -> nn.Module:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
         return net
+    path = inception_path(weights)
     if weights is None:
-        path = inception_cache()
         if not path.is_file():
             raise UserError(
                 f"FID needs torch-fidelity's Inception-v3 weights: download {URL_INCEPTION_V3} to {path}, "
                 "or pass --inception-weights FILE"
             )
     else:
-        path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"--inception-weights {weights}: no such file (torch-fidelity's {INCEPTION_FILE})")
     state = read_state_dict(path, "Inception-v3 weights")
@@ -141,11 +146,16 @@ def kernel_distance(
 
 @torch.inference_mode()
 def extract_features(
-    net: nn.Module, images: Iterable[tuple[np.ndarray, int]], batch_size: int = 32, progress: Progress | None = None
+    net: nn.Module,
+    images: Iterable[tuple[np.ndarray, int]],
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Features of (uint8 HWC image, label) pairs, and their labels in the same order as the rows.
-    Images of one size are batched together (the network resizes each batch to 299 px)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    Images of one size are batched together (the network resizes each batch to 299 px). `device`:
+    the current CUDA device if there is one, else the CPU, unless given (a training rank's own)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device, memory_format=torch.channels_last).eval()  # channels_last: ~2x on CPU
     feats, labels = [], []
     groups: dict[tuple, list] = {}
@@ -198,9 +208,13 @@ def generated_images(root: Path, classes: list[str], scan: FolderScan) -> Iterat
         yield np.asarray(im, dtype=np.uint8), index.get(top, -1)
 
 
-def shard_images(urls: list[str], counter: SkipCounter) -> Iterator[tuple[np.ndarray, int]]:
-    """Every sample of these shards as (uint8 image, class index); bad samples go to `counter`."""
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter)):
+def shard_images(
+    urls: list[str], counter: SkipCounter, rank: int = 0, world: int = 1
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Every sample of these shards as (uint8 image, class index); bad samples go to `counter`.
+    With `world` > 1, only samples rank, rank + world, ... (decoded: the others are passed over)."""
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter))
+    for sample in itertools.islice(samples, rank, None, world):
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None or "cls" not in sample:
             counter(ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image or class"))
@@ -213,10 +227,40 @@ def shard_images(urls: list[str], counter: SkipCounter) -> Iterator[tuple[np.nda
         yield np.asarray(im, dtype=np.uint8), int(sample["cls"])
 
 
-def _metrics(a: torch.Tensor, b: torch.Tensor, kid_subsets: int, kid_subset_size: int) -> dict:
-    if min(len(a), len(b)) < 2:
+def distances(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    fid_min: int = 2,
+) -> dict:
+    """FID and KID of two feature sets. Both None (with a note) below 2 images on a side; FID None
+    below `fid_min` images on a side (training's eval asks FEW_SAMPLES: it is biased upward below)."""
+    if min(len(real), len(fake)) < 2:
         return {"fid": None, "kid_mean": None, "kid_std": None, "note": "fewer than 2 images on a side"}
-    return {"fid": frechet_distance(a, b), **kernel_distance(a, b, kid_subsets, kid_subset_size)}
+    fid = frechet_distance(real, fake) if min(len(real), len(fake)) >= fid_min else None
+    return {"fid": fid, **kernel_distance(real, fake, kid_subsets, kid_subset_size)}
+
+
+def class_distances(
+    real: torch.Tensor,
+    real_labels: list[int],
+    fake: torch.Tensor,
+    fake_labels: list[int],
+    classes: list[str],
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    fid_min: int = 2,
+) -> dict[str, dict]:
+    """`distances` per class, for the classes that have generated images, from the same features."""
+    real_lab, fake_lab = torch.tensor(real_labels, dtype=torch.long), torch.tensor(fake_labels, dtype=torch.long)
+    out = {}
+    for i, name in enumerate(classes):
+        n_fake = int((fake_lab == i).sum())
+        if n_fake:
+            r, f = real[real_lab == i], fake[fake_lab == i]
+            out[name] = {"generated": n_fake, "real": len(r), **distances(r, f, kid_subsets, kid_subset_size, fid_min)}
+    return out
 
 
 def evaluate(
@@ -280,7 +324,7 @@ def evaluate(
         raise UserError(f"FID needs at least 2 images on each side: {len(fake)} generated, {len(real)} {split}")
 
     result = {
-        **_metrics(real, fake, kid_subsets, kid_subset_size),
+        **distances(real, fake, kid_subsets, kid_subset_size),
         "kid_subsets": kid_subsets,
         "generated": {
             "dir": str(generated),
@@ -293,19 +337,10 @@ def evaluate(
         "real": {"shards": str(shards), "split": split, "images": len(real), "skipped": counter.count},
         "features": "Inception-v3 (torch-fidelity inception-v3-compat), 2048-d pool3, 299 px",
         "inception_weights": "random" if inception_weights == "random" else str(inception_weights or inception_cache()),
-        "per_class": {},
+        # only the classes that GENERATED_DIR has a folder for
+        "per_class": class_distances(real, real_labels, fake, fake_labels, classes, kid_subsets, kid_subset_size),
         "artscale_version": __version__,
     }
-    real_lab, fake_lab = torch.tensor(real_labels), torch.tensor(fake_labels)
-    for i, name in enumerate(classes):
-        n_fake = int((fake_lab == i).sum())
-        if n_fake:  # only classes that GENERATED_DIR has a folder for
-            r, f = real[real_lab == i], fake[fake_lab == i]
-            result["per_class"][name] = {
-                "generated": n_fake,
-                "real": len(r),
-                **_metrics(r, f, kid_subsets, kid_subset_size),
-            }
     result["seconds"] = round(time.perf_counter() - started, 1)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from artscale.losses import HybridLoss
 from artscale.model import ConvDiffusionModel
 from artscale.objectives import Diffusion, Reconstruct
 from artscale.state_dict import read_state_dict
+from artscale.train_eval import Evals
 from artscale.train_log import Samples, StepLog, evaluate, rewind_metrics, to_device
 from artscale.train_setup import (
     absolute_paths,
@@ -242,6 +243,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     start_trackers(acc, cfg, run_dir)
     steps = StepLog(acc, cfg, plan, start, state, objective.names)
     samples = Samples(acc, spec, cfg, objective)
+    evals = Evals(acc, spec, cfg, objective, plan.total_steps, steps.log, lambda: stop.requested)
 
     def trainer_state() -> dict[str, Any]:
         return {**steps.state(), **({"ema_step": ema.step} if ema is not None else {})}
@@ -296,6 +298,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
                 steps.log(done, metrics)
         if done % cfg.sample_every == 0 or done == plan.total_steps:
             samples.write(done, averaged())
+        evals.maybe(done, averaged)  # KID/FID every eval_every steps (off by default)
         if done % cfg.checkpoint_every == 0:
             ckpt.save(done, trainer_state())
     steps.close()

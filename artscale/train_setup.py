@@ -155,11 +155,11 @@ def keep_freed_memory() -> bool:
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local data and VGG paths made absolute: the saved config then means the same from any directory."""
+    """Local data, VGG and Inception paths made absolute: the saved config then means the same from any directory."""
     fixed = {
         k: str(Path(v).expanduser().resolve())
-        for k in ("data", "vgg_weights")
-        if (v := getattr(cfg, k)) not in ("imagenet", "random") and Path(v).expanduser().exists()
+        for k in ("data", "vgg_weights", "eval_inception")
+        if (v := getattr(cfg, k)) not in ("", "imagenet", "random") and Path(v).expanduser().exists()
     }
     return dataclasses.replace(cfg, **fixed)
 

@@ -20,6 +20,8 @@ from artscale.errors import UserError
 from artscale.evaluate import (
     RANDOM_INCEPTION_WARNING,
     FolderScan,
+    class_distances,
+    distances,
     evaluate,
     extract_features,
     frechet_distance,
@@ -103,6 +105,19 @@ def test_kid_matches_its_definition():
     assert kid["kid_subset_size"] == 20
     assert abs(kid["kid_mean"] - full) < 4 * kid["kid_std"] / np.sqrt(400)
     assert full > 0.05 and kid["kid_std"] > 0
+
+
+def test_fid_waits_for_its_count_and_per_class_figures_come_for_generated_classes_only():
+    """Training's eval asks FID from 2048 images a side (fid_min); `artscale eval` always gives it."""
+    real, fake = gaussian_features(40, 8, 0), gaussian_features(30, 8, 1, shift=0.3)
+    assert distances(real, fake, fid_min=31)["fid"] is None
+    assert distances(real, fake, fid_min=30)["fid"] == pytest.approx(frechet_distance(real, fake), rel=1e-12)
+    assert distances(real, fake)["kid_mean"] == kernel_distance(real, fake)["kid_mean"]
+    per = class_distances(real, [0] * 20 + [1] * 20, fake, [0] * 29 + [2], ["ink", "oil", "wax"], fid_min=25)
+    assert set(per) == {"ink", "wax"}  # no oil was generated
+    assert per["ink"]["generated"] == 29 and per["ink"]["real"] == 20 and per["ink"]["fid"] is None
+    assert per["ink"]["kid_mean"] == kernel_distance(real[:20], fake[:29])["kid_mean"]
+    assert per["wax"]["real"] == 0 and per["wax"]["kid_mean"] is None and "fewer than 2" in per["wax"]["note"]
 
 
 @pytest.fixture(scope="module")
