@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ EMA_NAME = "ema.safetensors"
 DENOISER_NAME = "denoiser.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_SUFFIX = ".tmp"
+# How long a rank waits to see the checkpoint rank 0 resumes from (a shared filesystem's caches lag by seconds).
+RESUME_WAIT_S = 60.0
 
 
 @dataclass
@@ -303,6 +306,46 @@ def resume_point(run_dir: str | Path, resume: str) -> Path | None:
     path = Path(resume).expanduser()
     if not (path / STATE_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise UserError(f"resume={resume}: not a complete checkpoint (expected {STATE_NAME} and {WEIGHTS_NAME} in it)")
+    return path
+
+
+def shared_resume_point(acc: Any, run_dir: str | Path, resume: str, wait_s: float = RESUME_WAIT_S) -> Path | None:
+    """Rank 0's `resume_point`, the same on every rank (its refusal too). On a shared filesystem that
+    lags (NFS attribute caching), a rank on another node can see another newest checkpoint than rank
+    0 does, and ranks that load different steps would train on in silence, diverged. A rank waits up
+    to `wait_s` for rank 0's checkpoint to appear complete, then stops with one line."""
+    from accelerate.utils import broadcast_object_list
+
+    try:
+        mine: Path | None | UserError = resume_point(run_dir, resume)
+    except UserError as e:
+        mine = e
+    if acc.num_processes == 1:
+        if isinstance(mine, UserError):
+            raise mine
+        return mine
+    refusal = str(mine) if isinstance(mine, UserError) else ""
+    local = "" if refusal or mine is None else str(mine)
+    chosen, refusal = broadcast_object_list([local, refusal] if acc.is_main_process else [None, None], from_process=0)
+    if refusal:
+        raise UserError(refusal)
+    if chosen != local:
+        print(
+            f"rank {acc.process_index}: resume={resume} finds {local or 'no checkpoint'} here, rank 0 "
+            f"{chosen or 'no checkpoint'}: every rank takes rank 0's",
+            flush=True,
+        )
+    if not chosen:
+        return None
+    path = Path(chosen)
+    deadline = time.monotonic() + wait_s
+    while not ((path / STATE_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"rank {acc.process_index} does not see {path} complete after {wait_s:g} s, where rank 0 resumes "
+                "from: put run_dir on a filesystem all ranks share"
+            )
+        time.sleep(1.0)
     return path
 
 

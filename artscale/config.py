@@ -71,8 +71,10 @@ class TrainConfig:
     # auto: bf16 on a GPU with it (fp16 on one without), bf16 on a CPU with native bf16 (avx512_bf16, AMX),
     # fp32 elsewhere: emulated bf16 is several times slower than fp32. The default is the article's fp32.
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
-    channels_last: bool = True
-    compile: bool = False
+    # auto: on for the article's model (its BatchNorm convs run faster in it), off for the diffusion UNet, whose
+    # GroupNorms run in the contiguous layout on CUDA, so each would convert its input and output
+    channels_last: Literal["auto", True, False] = "auto"
+    compile: bool = False  # torch.compile, applied by accelerate to the DDP-wrapped model (see train_setup.py)
     num_workers: int = -1  # DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from
     # the step (about 20% on 2 cores, bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
     hflip: bool = False  # random horizontal flip of training images
@@ -104,6 +106,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def use_channels_last(self) -> bool:
+        """channels_last as given, or for `auto` by the objective: the article's model only."""
+        return self.channels_last if isinstance(self.channels_last, bool) else self.objective == "reconstruct"
+
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -116,8 +122,12 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         choices = get_args(hint)
         if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` as false
             value = "no"
+        if True in choices and not isinstance(value, bool):  # a choice of auto, true or false
+            text = str(value).strip().lower()
+            value = True if text in _TRUE else False if text in _FALSE else value
         if value not in choices:
-            raise UserError(f"config {name}={value!r}: choose one of {', '.join(map(str, choices))}")
+            names = (str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+            raise UserError(f"config {name}={value!r}: choose one of {', '.join(names)}")
         return value
     if origin in (Union, types.UnionType):
         hint = next(a for a in get_args(hint) if a is not type(None))

@@ -90,3 +90,10 @@ class HybridLoss(nn.Module):
             target_features = self.vgg(normalize(target))
         perceptual = F.mse_loss(self.vgg(normalize(output)).float(), target_features.float())
         return mse + self.perceptual_weight * perceptual, mse, perceptual
+
+    def perceptual_per_image(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The VGG feature MSE of each image, [N] in fp32 (their mean is `forward`'s perceptual term)."""
+        with torch.no_grad():
+            target_features = self.vgg(normalize(target))
+        diff = self.vgg(normalize(output)).float() - target_features.float()
+        return diff.square().mean(dim=(1, 2, 3))

@@ -160,15 +160,24 @@ class Diffusion:
             pred = model(x_t, t, class_labels=labels, return_dict=False)[0].float()  # the loss in fp32, always
         per_image = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
         mse = (per_image * self._weights(t)).mean()
-        perceptual = mse.new_zeros(())
+        if self.perceptual is None:
+            return mse, {"mse": mse, "perceptual": mse.new_zeros(())}
+        perceptual = self._perceptual(x_t, pred, t, images)
+        return mse + self.perceptual.perceptual_weight * perceptual, {"mse": mse, "perceptual": perceptual}
+
+    def _perceptual(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The VGG term of the images noised below PERCEPTUAL_MAX_T, summed, over the whole batch's count.
+
+        The VGG sees the whole batch and a mask keeps the low-noise images' terms: picking them out
+        (`x[t < 200]`) would read their count on the host, twice a step, and give the VGG a new batch
+        shape each step (cudnn.benchmark tunes again for each). Masked-out images are replaced by their
+        target, so their term is exactly 0 and no gradient flows through their (high-noise) x0 estimate."""
         low = t < PERCEPTUAL_MAX_T
-        if self.perceptual is not None and bool(low.any()):
-            x0_hat = self.predicted_x0(x_t[low].float(), pred[low], t[low]).clamp(-1, 1).add(1).div(2)
-            with self.autocast():
-                _, _, perceptual = self.perceptual(x0_hat, images[low])
-            perceptual = perceptual.float() * low.float().mean()  # per image of the batch, like the mse
-        loss = mse + (self.perceptual.perceptual_weight * perceptual if self.perceptual is not None else 0.0)
-        return loss, {"mse": mse, "perceptual": perceptual}
+        x0_hat = self.predicted_x0(x_t.float(), pred, t).clamp(-1, 1).add(1).div(2)
+        x0_hat = torch.where(low.view(-1, 1, 1, 1), x0_hat, images.float())
+        with self.autocast():
+            per_image = self.perceptual.perceptual_per_image(x0_hat, images)
+        return (per_image.float() * low).sum() / t.shape[0]
 
     def val_sums(
         self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[str]
@@ -184,20 +193,28 @@ class Diffusion:
         sums["loss"] = sum(sums.values()) / len(VAL_TIMESTEPS)
         return sums
 
-    def grid(self, model: torch.nn.Module, columns: int = GRID_COLUMNS) -> tuple[torch.Tensor, int]:
-        """New images from fixed noise, one row per class: ([classes x columns, 3, H, W] in [0, 1], columns)."""
+    def grid(self, model: torch.nn.Module, columns: int = GRID_COLUMNS, chunk: int = 0) -> tuple[torch.Tensor, int]:
+        """New images from fixed noise, one row per class: ([classes x columns, 3, H, W] in [0, 1], columns).
+
+        `chunk` > 0 samples at most that many images at once (twice as many rows with guidance): with
+        many classes one batch of them all would not fit beside training on the device. The noise is
+        drawn per image (its key), so the grid is the same in any chunks."""
         size = model.config.sample_size
-        keys = list(range(self.num_classes * columns))
-        noise = noise_for(self.seed, keys, (3, size, size)).to(self.device)
-        labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(columns)
-        sampler = make_sampler(self.sampler, self.scheduler.config)
-        x = sample(
-            torch_predict(model),
-            sampler,
-            noise,
-            labels,
-            self.null_label,
-            steps=self.sample_steps,
-            guidance=self.guidance,
-        )
-        return x.float().clamp(-1, 1).add(1).div(2).cpu(), columns
+        count = self.num_classes * columns
+        step = chunk if chunk > 0 else count
+        parts = []
+        for first in range(0, count, step):
+            keys = list(range(first, min(first + step, count)))
+            noise = noise_for(self.seed, keys, (3, size, size)).to(self.device)
+            labels = torch.tensor(keys, device=self.device) // columns
+            x = sample(
+                torch_predict(model),
+                make_sampler(self.sampler, self.scheduler.config),
+                noise,
+                labels,
+                self.null_label,
+                steps=self.sample_steps,
+                guidance=self.guidance,
+            )
+            parts.append(x.float().clamp(-1, 1).add(1).div(2).cpu())
+        return torch.cat(parts), columns

@@ -27,8 +27,8 @@ from artscale.checkpoint import (
     EMA_NAME,
     CheckpointManager,
     check_run_dir,
-    resume_point,
     save_final,
+    shared_resume_point,
 )
 from artscale.config import TrainConfig, load_config
 from artscale.ema import Ema
@@ -43,6 +43,7 @@ from artscale.train_log import Samples, StepLog, evaluate, rewind_metrics, to_de
 from artscale.train_setup import (
     absolute_paths,
     accelerator,
+    adam,
     keep_freed_memory,
     loader_workers,
     precision_for,
@@ -197,9 +198,9 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     spec = data_spec(cfg.data, cfg.image_size)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.to_dict(), cfg.force)
-    resume_from = resume_point(run_dir, cfg.resume)
     precision = precision_for(cfg)
     acc = accelerator(cfg, run_dir, precision)
+    resume_from = shared_resume_point(acc, run_dir, cfg.resume)
     if acc.device.type == "cpu":
         keep_freed_memory()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
@@ -210,10 +211,10 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     net = build_net(cfg, spec, resume_from).to(acc.device)
     with acc.local_main_process_first():  # one process per node fills the node's VGG weights cache
         loss_fn = HybridLoss(cfg.vgg_weights, cfg.perceptual_weight).to(acc.device)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if cfg.use_channels_last() else torch.contiguous_format
     net, loss_fn = net.to(memory_format=fmt), loss_fn.to(memory_format=fmt)
-    optimizer = torch.optim.Adam(net.parameters(), lr=plan.lr_at(0))
-    model, optimizer = acc.prepare(torch.compile(net) if cfg.compile else net, optimizer)
+    optimizer = adam(net.parameters(), plan.lr_at(0), acc.device)
+    model, optimizer = acc.prepare(net, optimizer)  # DDP, then torch.compile when compile=true (train_setup.py)
     ema = Ema(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = CheckpointManager(acc, run_dir, cfg.to_dict(), net, cfg.checkpoint_every, cfg.keep_checkpoints)
     state = ckpt.load(resume_from) if resume_from else {}
@@ -240,6 +241,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
         f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}"
     )
     acc.print(f"{'warning: ' if precision.warning else ''}mixed precision: {precision.mode} ({precision.reason})")
+    acc.print(f"channels_last: {'on' if fmt == torch.channels_last else 'off'} ({cfg.channels_last})".lower())
     start_trackers(acc, cfg, run_dir)
     steps = StepLog(acc, cfg, plan, start, state, objective.names)
     samples = Samples(acc, spec, cfg, objective)

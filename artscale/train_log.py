@@ -198,6 +198,7 @@ class Samples:
 
     def __init__(self, acc: Any, spec: DataSpec, cfg: TrainConfig, objective: Any = None) -> None:
         self.acc, self.dir = acc, Path(cfg.run_dir) / "samples"
+        self.chunk = cfg.batch_size  # images sampled at once: memory a training batch's activations already needed
         self.images = None
         self.grid = getattr(objective, "grid", None)  # diffusion: new images, one row per class
         if acc.is_main_process and self.grid is None:
@@ -215,7 +216,7 @@ class Samples:
         was_training = net.training
         net.eval()
         if self.grid is not None:
-            images, columns = self.grid(net)
+            images, columns = self.grid(net, chunk=self.chunk)
             caption = "one row per class"
         else:
             with torch.no_grad(), self.acc.autocast():

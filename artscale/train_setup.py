@@ -129,11 +129,23 @@ def accelerator(cfg: TrainConfig, run_dir: Path, precision: Precision) -> Any:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.tracker == "none" else [cfg.tracker],
         project_dir=str(run_dir),
+        # compile=true: accelerate compiles after wrapping in DDP, so dynamo's DDPOptimizer splits the graph at
+        # DDP's buckets and gradients are all-reduced while the backward runs; a compiled module wrapped in DDP
+        # makes its gradients at the end of one compiled backward, then waits for all of them to be reduced.
+        # False leaves accelerate's own setting (`accelerate launch --dynamo_backend`, default no).
+        dynamo_backend="inductor" if cfg.compile else None,
         # A rank waiting on a dead or finished peer fails after this instead of hanging for 30 min.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.pg_timeout_s))],
     )
     check_world(os.environ, acc.num_processes)
     return acc
+
+
+def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused on CUDA: one kernel for all parameters, and under fp16 the GradScaler hands it the
+    overflow check as a device tensor (`_step_supports_amp_scaling`) instead of reading it with
+    `.item()` on the host every step (torch.amp.GradScaler.step)."""
+    return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type == "cuda")
 
 
 def keep_freed_memory() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
 
 import pytest
 import torch
@@ -209,3 +210,85 @@ def test_the_articles_weights_are_the_ema_where_the_run_kept_one_unless_raw_is_a
         from artscale.checkpoint import load_denoiser
 
         load_denoiser(tmp_path / "with")
+
+
+TWO_RANKS = """
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from artscale.checkpoint import shared_resume_point
+from artscale.config import load_config
+from artscale.errors import UserError
+from artscale.train_setup import accelerator, precision_for
+
+root = Path(sys.argv[1])
+cfg = load_config(None, ["compile=true", "tracker=none"])
+acc = accelerator(cfg, root, precision_for(cfg))
+rank = acc.process_index
+for case, resume in (("a", "latest"), ("a", ""), ("b", "")):
+    try:
+        found = shared_resume_point(acc, root / case / f"rank{rank}", resume, wait_s=5)
+    except UserError as e:
+        found = f"refused: {e}"
+    print(f"rank {rank} {case} {resume!r}: {found}", flush=True)
+model, _ = acc.prepare(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+print(f"rank {rank} model: {type(model).__name__} of {type(model._orig_mod).__name__}", flush=True)
+"""
+
+
+def fake_checkpoint(run, step: int) -> None:
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (folder / "model.safetensors").write_bytes(b"")
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_rank_0s_checkpoint_and_compile_the_ddp_wrapped_model(tmp_path):
+    """Two real gloo ranks, each pointed at its own run dir, as ranks on two nodes of a lagging shared
+    filesystem see one run dir: rank 1 sees a newer checkpoint (a), or checkpoints rank 0 does not (b).
+    Both take rank 0's choice, its refusal too; compile=true compiles the DDP-wrapped model."""
+    import socket
+
+    from _train_helpers import ROOT, accelerate_cmd, env
+
+    for rank, steps in ((0, (2, 4)), (1, (2, 4, 6))):
+        for step in steps:
+            fake_checkpoint(tmp_path / "a" / f"rank{rank}", step)
+    fake_checkpoint(tmp_path / "b" / "rank1", 2)
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [*accelerate_cmd(2, port)[:-1], str(script), str(tmp_path)]
+    proc = subprocess.run(
+        cmd, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=240, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for rank in (0, 1):
+        assert f"rank {rank} a 'latest': {tmp_path / 'a' / 'rank0' / 'checkpoints' / 'step-000004'}\n" in out
+        assert f"rank {rank} a '': refused: run_dir {tmp_path / 'a' / 'rank0'} holds checkpoints up to step 4" in out
+        assert f"rank {rank} b '': None\n" in out
+        assert f"rank {rank} model: OptimizedModule of DistributedDataParallel\n" in out
+    assert f"rank 1: resume=latest finds {tmp_path / 'a' / 'rank1' / 'checkpoints' / 'step-000006'} here" in out
+
+
+@pytest.mark.slow
+def test_a_run_saved_with_channels_last_true_resumes_under_the_auto_default(shards, tmp_path):
+    """config.json says channels_last=true (the old default; now auto, off for the diffusion UNet): the same
+    command resumes it, since the memory layout does not define a run."""
+    run = tmp_path / "run"
+    args = tiny(run, shards, "objective=diffusion", "batch_size=8", "checkpoint_every=2", "sample_steps=1")
+    first = train_cli([*args, "max_steps=2", "channels_last=true"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "channels_last: on (true)" in first.stdout
+    assert json.loads((run / "config.json").read_text())["channels_last"] is True
+    again = train_cli([*args, "max_steps=3"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 2" in again.stdout and "channels_last: off (auto)" in again.stdout
+    assert json.loads((run / "final" / "trainer_state.json").read_text())["step"] == 3

@@ -112,3 +112,19 @@ def test_zero_terminal_snr_needs_v_prediction():
 def test_the_shipped_diffusion_configs_load(name):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert cfg.objective == "diffusion" and cfg.ema_decay > 0 and cfg.lr_gamma == 1.0
+
+
+def test_channels_last_auto_is_on_for_the_articles_model_only_and_old_saved_values_load(tmp_path):
+    """auto (the default) resolves by objective; true/false as given, from a file, the command line, or
+    a config.json written before auto existed (a JSON boolean)."""
+    assert load_config().channels_last == "auto" and load_config().use_channels_last() is True
+    assert load_config(None, ["objective=diffusion"]).use_channels_last() is False
+    assert load_config(None, ["objective=diffusion", "channels_last=on"]).use_channels_last() is True
+    assert load_config(None, ["channels_last=false"]).use_channels_last() is False
+    (tmp_path / "c.yaml").write_text("objective: diffusion\nchannels_last: true\n")
+    assert load_config(tmp_path / "c.yaml").channels_last is True
+    for saved in (True, False):
+        cfg = config_from_dict({**load_config(None, ["objective=diffusion"]).to_dict(), "channels_last": saved})
+        assert cfg.channels_last is saved and cfg.use_channels_last() is saved
+    with pytest.raises(UserError, match="channels_last='maybe': choose one of auto, true, false"):
+        load_config(None, ["channels_last=maybe"])

@@ -5,10 +5,13 @@ VGG is built (pretrained ones cannot be downloaded in tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +244,111 @@ def test_a_resumed_diffusion_run_ends_bit_identical_raw_and_ema(art_shards, tmp_
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(tmp_path / "whole" / "final" / name), load_file(cut / "final" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def selected_perceptual(
+    objective, model, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, perceptual) as Diffusion.loss computed them before the mask: the low-noise images picked out."""
+    import torch.nn.functional as F
+
+    from artscale.objectives import PERCEPTUAL_MAX_T
+
+    x0 = images * 2 - 1
+    t, noise, drop = objective._draw(x0)
+    labels = torch.where(drop, torch.full_like(labels, objective.null_label), labels)
+    x_t, target = objective.targets(x0, noise, t)
+    pred = model(x_t, t, class_labels=labels, return_dict=False)[0].float()
+    mse = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
+    low = t < PERCEPTUAL_MAX_T
+    perceptual = mse.new_zeros(())
+    if bool(low.any()):
+        x0_hat = objective.predicted_x0(x_t[low].float(), pred[low], t[low]).clamp(-1, 1).add(1).div(2)
+        _, _, perceptual = objective.perceptual(x0_hat, images[low])
+        perceptual = perceptual.float() * low.float().mean()
+    return mse + objective.perceptual.perceptual_weight * perceptual, perceptual
+
+
+@contextlib.contextmanager
+def host_syncs(counts: dict[str, int], source: str) -> Iterator[None]:
+    """Count .item(), .tolist() and bool() of tensors called from the file named `source`."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "tolist")}
+
+    def counting(name: str):
+        def wrapper(self, *args):
+            if sys._getframe(1).f_code.co_filename.endswith(source):
+                counts[name] = counts.get(name, 0) + 1
+            return originals[name](self, *args)
+
+        return wrapper
+
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, counting(name))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.slow
+def test_the_perceptual_mask_gives_the_loss_and_gradients_of_picking_the_low_noise_images():
+    """One VGG batch shape per step, no host sync in the loss, and the same loss and gradients as the per-step
+    selection it replaced, on fixed batches with the same draws: 4 of 16 images below t=200, then none of 2."""
+    from artscale.diffusion import build_denoiser
+    from artscale.losses import HybridLoss
+    from artscale.objectives import PERCEPTUAL_MAX_T, Diffusion, _seed
+
+    torch.manual_seed(0)
+    model = build_denoiser(16, 3, (32, 64, 64), 1, 8)
+    loss_fn = HybridLoss("random", perceptual_weight=0.5)
+    shapes = []
+    loss_fn.vgg.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+
+    def grads() -> list[torch.Tensor]:
+        found = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return found
+
+    for seed, n, lows in ((3, 16, 4), (0, 2, 0)):
+        drawn = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(_seed(seed, 0, 0)))  # as _draw
+        assert int((drawn < PERCEPTUAL_MAX_T).sum()) == lows
+        images, labels = torch.rand(n, 3, 16, 16), torch.arange(n) % 3
+
+        def objective(seed=seed) -> Diffusion:
+            return Diffusion(
+                train_scheduler(), num_classes=3, perceptual=loss_fn, autocast=contextlib.nullcontext, seed=seed
+            )
+
+        old_syncs: dict[str, int] = {}
+        with host_syncs(old_syncs, "test_diffusion_train.py"):
+            old_loss, old_perceptual = selected_perceptual(objective(), model, images, labels)
+        old_loss.backward()
+        old_grads = grads()
+        syncs: dict[str, int] = {}
+        shapes.clear()
+        with host_syncs(syncs, "objectives.py"):
+            loss, parts = objective().loss(model, images, labels)
+        loss.backward()
+        assert old_syncs == {"__bool__": 1} and syncs == {}
+        assert shapes == [(n, 3, 16, 16)] * 2  # the target's features and the estimate's, the whole batch
+        assert (float(parts["perceptual"]) > 0) == (lows > 0)
+        torch.testing.assert_close(parts["perceptual"], old_perceptual, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(loss, old_loss, rtol=1e-5, atol=1e-7)
+        for new, old in zip(grads(), old_grads, strict=True):
+            torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-6)
+
+
+def test_a_grid_sampled_in_chunks_equals_one_sampled_at_once():
+    """9 images (3 classes x 3 columns) in chunks of 4, 4 and 1 against one batch: the same noise per image."""
+    from artscale.diffusion import build_denoiser
+    from artscale.objectives import Diffusion
+
+    torch.manual_seed(0)
+    model = build_denoiser(16, 3, (32, 64, 64), 1, 8).eval()
+    objective = Diffusion(train_scheduler(), num_classes=3, sample_steps=3, guidance=2.0, seed=5)
+    whole, columns = objective.grid(model, columns=3)
+    chunked, _ = objective.grid(model, columns=3, chunk=4)
+    assert whole.shape == (9, 3, 16, 16) and columns == 3
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    assert (whole[0] - whole[3]).abs().max() > 0.01  # rows differ: the labels (and noise) reach the model

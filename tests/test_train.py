@@ -5,6 +5,7 @@ train` in 1, signals, resume, trackers read back. Tiny shards (16 px), random VG
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import signal
@@ -518,3 +519,47 @@ def test_the_articles_config_is_fp32():
 
     cfg = load_config(ROOT / "configs" / "article.yaml")
     assert cfg.mixed_precision == "no" and cfg.image_size == 128 and cfg.batch_size == 32
+
+
+def test_fp16_loss_scaling_reads_nothing_back_to_the_host_per_step(monkeypatch):
+    """torch's GradScaler.step reads the overflow flag with .item() before an ordinary optimizer steps (a host
+    sync per step on a GPU); the fused Adam training builds for CUDA takes the flag as a tensor. Run here on
+    CPU (fused Adam and GradScaler both run there) through accelerate's optimizer wrapper as training steps
+    it: 3 steps, then an overflow, which must still be skipped, and the scale halved."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    from artscale.train_setup import adam
+
+    Accelerator(cpu=True)
+    item = torch.Tensor.item
+
+    def run(device: str) -> tuple[int, torch.Tensor, float, bool]:
+        calls = [0]
+
+        def counting(self):  # Adam's own .item() on its CPU step counts are no device sync
+            calls[0] += sys._getframe(1).f_code.co_filename.endswith("grad_scaler.py")
+            return item(self)
+
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 4)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        opt = AcceleratedOptimizer(adam(net.parameters(), 1e-2, torch.device(device)), False, scaler)
+        for overflow in (1.0, 1.0, 1.0, math.inf):
+            scaler.scale(net(torch.ones(2, 4)).pow(2).mean() * overflow).backward()
+            before = net.weight.detach().clone()
+            monkeypatch.setattr(torch.Tensor, "item", counting)
+            opt.step()
+            monkeypatch.setattr(torch.Tensor, "item", item)
+            opt.zero_grad()
+        return calls[0], net.weight.detach(), scaler.get_scale(), torch.equal(before, net.weight)
+
+    try:
+        fused_calls, fused, fused_scale, fused_skipped = run("cuda")
+        plain_calls, plain, plain_scale, plain_skipped = run("cpu")
+    finally:
+        AcceleratorState._reset_state(True)
+    assert (fused_calls, plain_calls) == (0, 4)
+    assert fused_skipped and plain_skipped and fused_scale == plain_scale == 128.0
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
