@@ -121,8 +121,9 @@ def prepare(out: Path, toy: bool) -> dict:
 
     spec = TOY if toy else FULL
     started = time.perf_counter()
-    if out.exists():
-        shutil.rmtree(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "prepared.json").is_file():
+        raise SystemExit(f"{out} holds other files: give a new folder, or one an earlier --prepare made")
+    shutil.rmtree(out, ignore_errors=True)  # an earlier --prepare's data: made again
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         lo = max(spec["size"] + spec["size"] // 4, 40)
