@@ -11,6 +11,10 @@ onnxruntime alone does on that GPU, measured with the same session. The session 
 warmed up) before any clock starts, and generate gets it: cuDNN's algorithm search is not timed.
 The machine may be shared: CPU ms per image (process time, all threads) is reported too, as it
 barely depends on what else runs. Prints one JSON line, with the device it ran on.
+
+--input DIR takes the JPEGs of DIR instead of making a collection (bench/gpu_check.sh's prepared
+tree), --repeat K generates over K hard-linked copies of them (a GPU needs more images than a small
+tree holds to reach its pace), and the per-core ceilings are measured on the first --ceiling-images.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -52,6 +57,23 @@ def make_collection(root: Path, count: int, min_side: int, max_side: int) -> lis
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(path)
+    return paths
+
+
+def linked_tree(src: Path, root: Path, repeat: int) -> list[Path]:
+    """The JPEGs under src, `repeat` times under root (r0/..., r1/...): hard links where the filesystem
+    allows, else copies. Sorted as generate lists them."""
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    paths = []
+    for k in range(repeat):
+        for f in files:
+            dst = root / f"r{k}" / f.relative_to(src)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, dst)
+            except OSError:
+                shutil.copyfile(f, dst)
+            paths.append(dst)
     return paths
 
 
@@ -115,7 +137,7 @@ def device_name(provider: str) -> str:
     return "CPUExecutionProvider"
 
 
-def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, opened: tuple) -> dict:
+def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, opened: tuple, gpu_images: int = 0) -> dict:
     """Per-core rates of each CPU stage alone (CPU time of this thread: load on the machine does
     not count), and onnxruntime alone, wall clock, with generate's own session, streams and batches."""
     start = time.thread_time()
@@ -138,6 +160,8 @@ def ceiling(model_path: Path, paths: list[Path], size: int, batch: int, opened: 
     runner = Runner(session, "cuda" if on_gpu else None)
     budget = gpu_budget() if on_gpu else 0
     batches = split(min(len(decoded), batch_limit(size, size, on_gpu=on_gpu, requested=batch, budget=budget)))
+    if on_gpu:  # the decoded images, again and again, until the GPU has at least gpu_images to do
+        batches *= max(1, -(-gpu_images // (len(batches) * len(batches[0]))))
     runner(batches[0])  # this batch size's first run (cuDNN picks its algorithms) stays out of the timing
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
@@ -172,15 +196,23 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--article-images", type=int, default=60, help="files for the (slow) article loop")
+    p.add_argument("--input", default="", help="the JPEGs of this folder instead of a made collection")
+    p.add_argument("--repeat", type=int, default=1, help="with --input: generate over this many copies of it")
+    p.add_argument("--ceiling-images", type=int, default=0, help="images for the per-core ceilings (0: all)")
+    p.add_argument("--jsonl", default="", help="also append the JSON line to this file")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line only
         root = Path(tmp)
-        paths = make_collection(root / "in", args.images, args.min_side, args.max_side)
+        if args.input:
+            paths = linked_tree(Path(args.input), root / "in", args.repeat)
+        else:
+            paths = make_collection(root / "in", args.images, args.min_side, args.max_side)
         model, onnx_path = export_random_model(root, args.size)
         # Opened and warmed up once, before any clock: the timed run starts with a ready session.
         opened = open_session(onnx_path, args.device, False, "default", threads=1, varied_shapes=False)
-        parts = ceiling(onnx_path, paths, args.size, args.batch_size, opened)
+        few = paths[: args.ceiling_images or len(paths)]
+        parts = ceiling(onnx_path, few, args.size, args.batch_size, opened, gpu_images=len(paths))
         cpu = time.process_time()
         report = generate(
             onnx_path,
@@ -209,7 +241,7 @@ def main() -> None:
     ours = report["img_per_s"]
     result = {
         "bench": "generate",
-        "images": args.images,
+        "images": len(paths),
         "size": args.size,
         "cores": usable_cores(),
         "provider": report["provider"],
@@ -228,7 +260,11 @@ def main() -> None:
         "cpu_efficiency_vs_ceiling": parts["ceiling_cpu_ms_per_img"] / ours_cpu_ms,
         "load_avg_1min": os.getloadavg()[0],
     }
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+    line = json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
+    print(line)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

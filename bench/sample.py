@@ -10,6 +10,13 @@ the rows into single-threaded runs), all measured in this run on the same seeds.
 Random-init weights (speed does not depend on them). 20 steps of DPM-Solver++(2M), guidance 3.
 The machine may be shared: CPU seconds per image (process time, all threads) are reported too.
 Prints one JSON line.
+
+--onnx A.onnx,B.onnx --run RUN_DIR (bench/gpu_check.sh's sampling section, on --device cuda): for each
+ONNX file `artscale sample` against onnxruntime alone on the same session, its inputs and output bound
+once (the same 2 x batch rows, steps x chunks runs, nothing else), then `artscale sample RUN_DIR` on
+torch; one JSON line each, and one comparing them. Each session is opened, and a first chunk run
+(cuDNN's algorithm search), before the clock starts.
+    .venv/bin/python bench/sample.py --onnx fp32.onnx,fp16.onnx --run RUN --device cuda --images 128
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -127,6 +135,101 @@ def bench(root: Path, preset: str, size: int, count: int, batch: int, steps: int
     }
 
 
+def bound_loop(session, device: str, rows: int, size: int, calls: int) -> float:
+    """Seconds of `calls` runs of onnxruntime alone on `rows` rows, inputs and output bound once on `device`."""
+    where = torch.device(device)
+    x = torch.randn(rows, 3, size, size, device=where)
+    t = torch.full((rows,), 500, dtype=torch.int64, device=where)
+    labels = torch.arange(rows, device=where) % len(CLASSES)
+    out = torch.empty_like(x)
+    if where.type == "cuda":  # the inputs are written on torch's stream; onnxruntime runs on its own
+        torch.cuda.synchronize(where)
+    binding = session.io_binding()
+    for name, tensor in (("sample", x), ("timestep", t), ("class_labels", labels)):
+        dtype = np.float32 if tensor.dtype == torch.float32 else np.int64
+        binding.bind_input(name, where.type, where.index or 0, dtype, list(tensor.shape), tensor.data_ptr())
+    binding.bind_output("prediction", where.type, where.index or 0, np.float32, list(out.shape), out.data_ptr())
+    session.run_with_iobinding(binding)  # this shape's first run stays out of the timing
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)
+    start = time.perf_counter()
+    for _ in range(calls):
+        session.run_with_iobinding(binding)
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)
+    return time.perf_counter() - start
+
+
+def first_class(models: list[Path]) -> str:
+    """The first class name of the denoiser: from a run dir's final/denoiser.json, else the ONNX metadata."""
+    for model in models:
+        if model.is_dir():
+            return json.loads((model / "final" / "denoiser.json").read_text())["classes"][0]
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(models[0])).metadata_props}
+    return json.loads(props["classes"])[0]
+
+
+def device_bench(args: argparse.Namespace) -> int:
+    """--onnx/--run: one JSON line per model and a comparison; exit 1 when a model could not be measured."""
+    import artscale.sample as sampling
+    from artscale.errors import UserError
+
+    opened: dict = {}
+    real_open = sampling.open_session
+
+    def open_once(model, device, *a, **kw):  # the warm-up call opens it, the timed call reuses it
+        if (model, device) not in opened:
+            opened[(model, device)] = real_open(model, device, *a, **kw)
+        return opened[(model, device)]
+
+    lines, failed = [], False
+    models = [Path(m) for m in args.onnx.split(",") if m] + ([Path(args.run)] if args.run else [])
+    kw = dict(class_name=first_class(models), steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
+    sampling.open_session = open_once
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, model in enumerate(models):
+                record = {"bench": "sample", "model": model.name, "device": args.device, "steps": args.steps}
+                try:
+                    sample_images(model, Path(tmp) / f"warm{i}", count=args.batch_size, device=args.device, **kw)
+                    report = sample_images(model, Path(tmp) / f"timed{i}", count=args.images, device=args.device, **kw)
+                except UserError as e:
+                    lines.append({**record, "error": str(e)})
+                    failed = True
+                    continue
+                shutil.rmtree(Path(tmp) / f"timed{i}")
+                record.update(provider=report["provider"], batch_size=report["batch_size"], img_s=report["img_per_s"])
+                if model.suffix == ".onnx":
+                    session, used = opened[(model, args.device)]
+                    batch, size = report["batch_size"], int(session.get_inputs()[0].shape[2])
+                    calls = args.steps * math.ceil(args.images / batch)
+                    where = "cuda" if used != "CPUExecutionProvider" else "cpu"
+                    seconds = bound_loop(session, where, 2 * batch, size, calls)
+                    record["ort_bound_img_s"] = round(args.images / seconds, 3)
+                    record["fraction_of_ort_bound"] = round(record["img_s"] / record["ort_bound_img_s"], 3)
+                lines.append(record)
+    finally:
+        sampling.open_session = real_open
+    rates = {r["model"]: r["img_s"] for r in lines if "img_s" in r}
+    base = rates.get(Path(args.run).name) if args.run else None
+    lines.append(
+        {
+            "bench": "sample",
+            "summary": True,
+            "img_s": rates,
+            "speedup_vs_run_dir": {m: round(v / base, 3) for m, v in rates.items()} if base else None,
+        }
+    )
+    for line in lines:
+        print(json.dumps(line))
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(line) + "\n")
+    return 1 if failed else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny:32", help="preset:size,... (default tiny:32)")
@@ -135,7 +238,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--onnx", default="", help="exported denoisers, comma-separated (see above)")
+    parser.add_argument("--run", default="", help="with --onnx: the run dir they came from, sampled on torch")
+    parser.add_argument("--device", default="cuda", help="with --onnx/--run: auto, cpu or cuda")
+    parser.add_argument("--jsonl", default="", help="with --onnx/--run: also append the lines to this file")
     args = parser.parse_args()
+    if args.onnx or args.run:
+        sys.exit(device_bench(args))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models.split(","):

@@ -16,6 +16,18 @@ UNet, v-prediction, cosine schedule, EMA, grad clipping) against a plain loop wr
 examples/unconditional_image_generation/train_unconditional.py does it: same UNet, scheduler,
 batch, clipping and EMA, fp32, `add_noise` + `get_velocity`, the batch already on the device.
 Run: .venv/bin/python bench/train_step.py [--steps 3] [--batch-size 32] [--size 128] [--device cuda]
+
+--variants (bench/gpu_check.sh's training section) measures `artscale train` itself, in this process,
+one JSON line per variant and batch source: NAME:BATCH[:cl|:nocl], NAME `article` (the article's
+model and VGG loss) or a denoiser preset (objective=diffusion), cl/nocl: channels_last on/off.
+Each line has img/s (batch over the median step time after --warmup steps, from metrics.jsonl with
+log_every=1), the mean data wait per step, the peak CUDA memory, the FLOPs of one training step per
+image (torch.utils.flop_counter.FlopCounterMode over a warm-up step: the matmuls and convolutions of
+forward and backward, the loss network included) and the TFLOP/s that makes, as a share of the
+device's dense bf16 peak where PEAK_BF16_TFLOPS knows the device. `--sources loader,device`: batches
+from the shards through the real loader, and the same loop fed batches made once on the device (no
+decoding, no copy), which separates the loader from the step.
+    .venv/bin/python bench/train_step.py --variants article:32,small:64:nocl --shards SHARDS --work DIR
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -169,6 +183,175 @@ def artscale_loop(
     return [batch / m["img_per_s"] - m["data_wait_s"] for m in logged if "loss" in m][warmup:]
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets (they print twice these
+# figures "with sparsity"): H100 SXM and H200 SXM 989, H100 NVL and H200 NVL 835, H100 PCIe 756,
+# A100 312, L40S 362, L40 181, L4 121, A10 125. Matched against torch.cuda.get_device_name, first match wins.
+PEAK_BF16_TFLOPS = (
+    (r"H[12]00 NVL", 835.0),
+    (r"H100 PCIe", 756.0),
+    (r"H100|H200", 989.0),
+    (r"A100", 312.0),
+    (r"L40S", 362.0),
+    (r"L40\b", 181.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The device's dense bf16 peak from PEAK_BF16_TFLOPS, or None for a device the table does not know."""
+    return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, device_name)), None)
+
+
+class Batches:
+    """What `artscale train` reads in place of its loader: the real loader's batches, or one batch made
+    on the device and given again each step; the step after batch `count_at` runs under FlopCounterMode."""
+
+    def __init__(self, batches, count_at: int) -> None:
+        self.batches, self.count_at, self.seen = iter(batches), count_at, 0
+        self.mode, self.flops = None, 0
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self):
+        self.close()
+        batch = next(self.batches)
+        if self.seen == self.count_at:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.mode = FlopCounterMode(display=False)
+            self.mode.__enter__()
+        self.seen += 1
+        return batch
+
+    def close(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.flops, self.mode = self.mode.get_total_flops(), None
+
+
+def variant_overrides(spec: str) -> tuple[str, int, list[str]]:
+    """NAME:BATCH[:cl|:nocl] -> (label, batch, config keys)."""
+    name, batch, *layout = spec.split(":")
+    keys = ["objective=reconstruct"] if name == "article" else ["objective=diffusion", f"denoiser={name}"]
+    if layout:
+        keys.append(f"channels_last={'true' if layout[0] == 'cl' else 'false'}")
+    return f"{name}-b{batch}{'-' + layout[0] if layout else ''}", int(batch), keys
+
+
+def measure_variant(
+    spec: str, source: str, shards: Path, work: Path, size: int, steps: int, warmup: int, precision: str
+) -> dict:
+    """One in-process `artscale train` run of `spec` fed by `source` (loader | device): its JSON record."""
+    from accelerate.state import AcceleratorState
+
+    import artscale.train as trainer
+    from artscale.config import load_config
+    from artscale.loader import data_spec
+    from artscale.train_setup import precision_for
+
+    label, batch, keys = variant_overrides(spec)
+    run_dir = work / f"{label}-{source}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a finished run there would resume with nothing left to do
+    cfg = load_config(
+        None,
+        [
+            f"data={shards}",
+            f"run_dir={run_dir}",
+            f"image_size={size}",
+            f"batch_size={batch}",
+            f"max_steps={warmup + steps}",
+            f"mixed_precision={precision}",
+            "vgg_weights=random",
+            "tracker=none",
+            "log_every=1",
+            "val_every=1000000",
+            "sample_every=1000000",
+            "checkpoint_every=1000000",
+            "val_batches=1",  # the last step validates and draws a sample grid: keep both short
+            "sample_steps=2",
+            *keys,
+        ],
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classes = len(data_spec(str(shards), size).classes)
+    made: list[Batches] = []
+    real_loader = trainer.train_loader
+
+    def loader(*args, **kwargs) -> Batches:
+        if source == "loader":
+            batches = real_loader(*args, **kwargs)
+        else:
+            g = torch.Generator(device).manual_seed(0)
+            images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device, generator=g)
+            labels = torch.randint(0, classes, (batch,), device=device, generator=g)
+            batches = iter(lambda: (images, labels, [""] * batch, 0), None)
+        made.append(Batches(batches, count_at=max(0, warmup - 1)))
+        return made[-1]
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train_loader = loader
+    try:
+        code = trainer.train(cfg)
+    finally:
+        trainer.train_loader = real_loader
+        for b in made:
+            b.close()
+        AcceleratorState._reset_state(True)
+    if code != 0:
+        raise SystemExit(f"{label} ({source}): artscale train exited {code}")
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [m for m in logged if "loss" in m][warmup:]
+    step_s = [batch / m["img_per_s"] for m in timed]
+    wait_s = [m["data_wait_s"] for m in timed]
+    img_s = batch / statistics.median(step_s)
+    flops = made[0].flops / batch if made and made[0].flops else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_bf16_tflops(name) if device.type == "cuda" else None
+    tflops = flops * img_s / 1e12 if flops else None
+    return {
+        "variant": label,
+        "source": source,
+        "batch_size": batch,
+        "image_size": size,
+        "steps": len(timed),
+        "warmup": warmup,
+        "precision": precision_for(cfg).mode,
+        "channels_last": cfg.channels_last,
+        "device": name,
+        "img_s": round(img_s, 2),
+        "img_s_without_data_wait": round(batch / statistics.median(s - w for s, w in zip(step_s, wait_s)), 2),
+        "data_wait_s": round(statistics.fmean(wait_s), 5),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        "gflop_per_img": round(flops / 1e9, 3) if flops else None,
+        "tflop_s": float(f"{tflops:.4g}") if tflops else None,
+        "peak_bf16_tflop_s": peak,
+        "share_of_bf16_peak": round(tflops / peak, 4) if tflops and peak else None,
+    }
+
+
+def device_check(args: argparse.Namespace) -> None:
+    """--variants: one JSON line per variant and source, on stdout and appended to --jsonl."""
+    if not args.shards:
+        raise SystemExit("--variants needs --shards (a shards dir at --size)")
+    work = Path(args.work or tempfile.mkdtemp(prefix="train-step-"))
+    precision = args.precision or ("bf16" if torch.cuda.is_available() else "auto")
+    for spec in args.variants.split(","):
+        for source in args.sources.split(","):
+            record = {
+                "bench": "train_step",
+                **measure_variant(spec, source, Path(args.shards), work, args.size, args.steps, args.warmup, precision),
+            }
+            line = json.dumps(record)
+            print(line, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(line + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
@@ -180,7 +363,15 @@ def main() -> None:
         "--images", type=int, default=160, help="images packed into the shards (an epoch is images / batch steps)"
     )
     p.add_argument("--diffusion-size", type=int, default=32, help="image size of the diffusion step; 0 skips it")
+    p.add_argument("--variants", default="", help="NAME:BATCH[:cl|:nocl],...: artscale train alone (see above)")
+    p.add_argument("--shards", default="", help="with --variants: the shards dir to train on (at --size)")
+    p.add_argument("--work", default="", help="with --variants: where the run dirs go (default: a temporary dir)")
+    p.add_argument("--sources", default="loader,device", help="with --variants: loader, device or both")
+    p.add_argument("--precision", default="", help="with --variants: mixed_precision (default bf16 on CUDA, else auto)")
+    p.add_argument("--jsonl", default="", help="with --variants: also append each line to this file")
     args = p.parse_args()
+    if args.variants:
+        return device_check(args)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line only
         shards = make_shards(Path(tmp), args.images, args.size)
         device = torch.device(args.device)

@@ -1,5 +1,10 @@
 """Shared fixtures: a tiny config, a tiny image folder. Every test uses random VGG weights
-(pretrained ones cannot be downloaded here) and says so through vgg_weights=random."""
+(pretrained ones cannot be downloaded here) and says so through vgg_weights=random.
+
+The GPU is hidden from every run that does not select the `gpu` tests alone (`pytest -m gpu`):
+on a GPU host the other tests would otherwise meet CUDA providers, cuDNN's non-bit-exact kernels
+and CUDA generators, and pass or fail differently than on CPU.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,51 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
+
+# Mark sets a test can carry, with and without `gpu`: what an -m expression is tried on.
+_OTHER_MARKS = ({"slow"}, {"slurm"}, {"slow", "slurm"})
+
+
+def gpu_selected(markexpr: str) -> bool:
+    """Whether the -m expression runs the gpu tests alone: it selects a test marked gpu and no test
+    without that mark. An empty or unreadable expression selects everything: not alone."""
+    if not markexpr.strip():
+        return False
+    from _pytest.mark.expression import Expression
+
+    try:
+        expr = Expression.compile(markexpr)
+    except Exception:  # pytest reports the bad expression itself
+        return False
+
+    def selects(marks: set[str]) -> bool:
+        return expr.evaluate(lambda name, **kwargs: name in marks)
+
+    plain = [set(), *_OTHER_MARKS]
+    return any(selects({"gpu"} | m) for m in plain) and not any(selects(m) for m in plain)
+
+
+def pytest_configure(config) -> None:
+    """Hide the GPU, before torch or onnxruntime look for one, unless this run is `-m gpu`. An empty
+    CUDA_VISIBLE_DEVICES hides it from this process and its subprocesses (and asks for no GPU)."""
+    if gpu_selected(config.getoption("markexpr") or ""):
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise pytest.UsageError("CUDA was initialised before tests/conftest.py could hide the GPU")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_runtest_setup(item) -> None:
+    """A gpu test runs only in a `-m gpu` run that sees a CUDA device; anywhere else it is skipped."""
+    if item.get_closest_marker("gpu") is None:
+        return
+    if not gpu_selected(item.config.getoption("markexpr") or ""):
+        pytest.skip("the GPU is hidden from runs that mix gpu tests with others: run them alone, `pytest -m gpu`")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: torch sees no CUDA device")
 
 
 def run_cli(
