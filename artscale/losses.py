@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import VGG16_Weights, vgg16
+from torchvision.models import VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
 
 from artscale.errors import UserError
 from artscale.model import normalize
@@ -24,43 +25,56 @@ VGG_FILE = Path(VGG16_Weights.IMAGENET1K_V1.url).name  # vgg16-397923af.pth
 RANDOM_VGG_WARNING = "vgg_weights=random: the perceptual loss uses an UNTRAINED VGG16 (fine for tests, useless for art)"
 
 
+def _vgg16_features() -> nn.Sequential:
+    """VGG16 `features[:16]` initialised as torchvision initialises them (the same values for the same
+    seed), without building the 120 M-parameter classifier, which cost seconds at every start."""
+    features = make_layers(cfgs["D"][:9])  # conv64 x2, pool, conv128 x2, pool, conv256 x3: features[:16]
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(m.bias, 0)
+    return features
+
+
+def _load_features(features: nn.Sequential, state: dict[str, torch.Tensor], source: str) -> None:
+    """A whole VGG16 state dict, or one holding only its feature extractor, into `features[:16]`."""
+    if any(k.startswith("features.") for k in state):
+        state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    wanted = features.state_dict()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise UserError(f"{source} is not a VGG16 state dict: missing {', '.join(missing[:4])}")
+    try:
+        features.load_state_dict({k: state[k] for k in wanted})
+    except RuntimeError as e:
+        raise UserError(f"{source} is not a VGG16 state dict: {str(e).splitlines()[-1].strip()}") from None
+
+
 def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
     """VGG16 `features[:16]`, frozen, in eval mode.
 
     `weights`: `imagenet` (torchvision's weights API and its cache under $TORCH_HOME), a path to
     a local torchvision VGG16 weights file, or `random` (tests and demos only; logs a warning).
     """
+    features = _vgg16_features()
     if weights == "imagenet":
         try:
-            net = vgg16(weights=VGG16_Weights.IMAGENET1K_V1)
+            state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as e:  # URLError offline, a hash mismatch, a half-written cache file
             cache = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
             raise UserError(
                 f"cannot get VGG16 ImageNet weights ({type(e).__name__}: {e}); either copy {VGG_FILE} "
                 f"to {cache} or pass vgg_weights=/path/to/{VGG_FILE} (vgg_weights=random only for tests)"
             ) from None
+        _load_features(features, state, str(VGG_FILE))
     elif weights == "random":
         log.warning(RANDOM_VGG_WARNING)
-        net = vgg16(weights=None)
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"vgg_weights={weights}: no such file (use imagenet, random, or a VGG16 weights file)")
-        net = vgg16(weights=None)
-        state = read_state_dict(path, "VGG16 weights")
-        try:
-            net.load_state_dict(state)
-        except RuntimeError:
-            # A file holding only the feature extractor is fine too.
-            feats = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")} or state
-            try:
-                net.features.load_state_dict(feats, strict=False)
-                missing = [k for k in net.features[:16].state_dict() if k not in feats]
-            except RuntimeError as e:
-                raise UserError(f"{path} is not a VGG16 state dict: {str(e).splitlines()[0]}") from None
-            if missing:
-                raise UserError(f"{path} is not a VGG16 state dict: missing {', '.join(missing[:4])}") from None
-    features = net.features[:16].eval()
+        _load_features(features, read_state_dict(path, "VGG16 weights"), str(path))
+    features = features.eval()
     for p in features.parameters():
         p.requires_grad_(False)
     return features

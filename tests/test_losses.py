@@ -81,3 +81,22 @@ def test_loss_falls_over_20_steps_on_a_tiny_batch():
         opt.step()
         losses.append(total.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_random_features_are_seeded_and_initialised_as_torchvision_does():
+    torch.manual_seed(3)
+    a = load_vgg_features("random")
+    torch.manual_seed(3)
+    b = load_vgg_features("random")
+    assert [type(m).__name__ for m in a] == [type(m).__name__ for m in vgg16(weights=None).features[:16]]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    conv = a[14]  # kaiming normal, fan_out, as torchvision's VGG: std sqrt(2 / (256 * 3 * 3))
+    assert abs(conv.weight.std().item() / (2 / (256 * 9)) ** 0.5 - 1) < 0.05 and not conv.bias.any()
+
+
+def test_a_features_only_file_loads(tmp_path):
+    torch.manual_seed(4)
+    net = vgg16(weights=None)
+    torch.save(net.features.state_dict(), tmp_path / "features.pth")
+    features = load_vgg_features(str(tmp_path / "features.pth"))
+    assert torch.equal(features[7].weight, net.features[7].weight)
