@@ -1,4 +1,4 @@
-"""`artscale demo | pack | verify | train | export | generate | sample | info | submit`: parse, then dispatch.
+"""`artscale demo | pack | verify | train | export | generate | sample | info | submit | configs`: parse, dispatch.
 
 A UserError anywhere becomes one line on stderr and exit code 2. Heavy imports (torch,
 onnxruntime) happen inside the command that needs them, so `--help` is instant.
@@ -81,7 +81,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (same code as: accelerate launch launch/train.py ...)", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="[--config FILE] [key=value ...]")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="[--config FILE|PRESET] [key=value ...]")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -247,7 +247,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 def _add_submit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "submit", help="submit training or generation to SLURM (slurm/*.sbatch), or print the sbatch lines"
+        "submit", help="submit training or generation to SLURM (the packaged sbatch scripts), or print the sbatch lines"
     )
     what = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
 
@@ -270,7 +270,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument("--dry-run", action="store_true", help="print the sbatch line(s), submit nothing")
 
-    t = what.add_parser("train", help="slurm/train.sbatch on N nodes x G GPUs (or CPU ranks); requeues on preemption")
+    t = what.add_parser("train", help="train.sbatch on N nodes x G GPUs (or CPU ranks); requeues on preemption")
     t.add_argument("--nodes", type=int, default=1)
     t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
     t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
@@ -283,10 +283,10 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--signal-seconds", type=int, default=300, help="USR1 this long before the time limit: checkpoint, requeue"
     )
-    t.add_argument("--config", default=None, help="a YAML file of training config keys")
+    t.add_argument("--config", default=None, help="a YAML file of training config keys, or a preset's name")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys")
     cluster_flags(t)
-    g = what.add_parser("generate", help="slurm/generate.sbatch as a job array, then one merged report.json")
+    g = what.add_parser("generate", help="generate.sbatch as a job array, then one merged report.json")
     g.add_argument("model")
     g.add_argument("in_dir")
     g.add_argument("out_dir")
@@ -317,6 +317,12 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     cluster_flags(sm)
 
 
+def _add_configs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("configs", help="the packaged training presets (--config NAME takes one)")
+    what = p.add_subparsers(dest="what", parser_class=_Parser)
+    what.add_parser("show", help="print a preset, to copy and edit").add_argument("name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="artscale", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"artscale {__version__}")
@@ -326,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_sample(sub)
     _add_doctor(sub)
+    _add_configs(sub)
     return parser
 
 
@@ -424,6 +431,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         evaluate(args.generated, args.shards, **opts)
     elif args.command == "info":
         print(_info(args.path))
+    elif args.command == "configs":
+        from artscale.presets import describe_presets, show_preset
+
+        if args.what == "show":
+            print(show_preset(args.name), end="")
+        else:
+            print(describe_presets())
+            print("use one: --config NAME; edit a copy: artscale configs show NAME > my.yaml, then --config my.yaml")
     elif args.command == "doctor":
         from artscale.doctor import doctor
 

@@ -1,6 +1,7 @@
 """Training configuration: the article's values as defaults, a YAML file, then key=value overrides.
 
-`load_config` is a pure function shared by `artscale train` and `launch/train.py`.
+`load_config` is a pure function shared by `artscale train`, `python -m artscale.train`, `launch/train.py`,
+the sbatch scripts and `artscale submit`; `--config` takes a YAML file or a packaged preset's name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from artscale import multiple_of_8
 from artscale.errors import UserError
+from artscale.presets import resolve_config
 
 
 @dataclass
@@ -211,13 +213,12 @@ def _validate_diffusion(cfg: TrainConfig) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML (or JSON) file at `path`, then `key=value` overrides, validated."""
+    """Defaults, then the YAML (or JSON) file at `path` (or the preset of that name), then `key=value`
+    overrides, validated."""
     hints = get_type_hints(TrainConfig)
     values: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} not found")
+        p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

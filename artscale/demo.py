@@ -154,7 +154,7 @@ def _before_after(held: Path, generated: Path, report: dict, size: int, path: Pa
 
 
 def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
-    """Train the CPU diffusion setup (configs/diffusion-cpu.yaml) at 32 px; returns its last grid of new pieces."""
+    """Train the CPU diffusion setup (the diffusion-cpu preset) at 32 px; returns its last grid of new pieces."""
     import shutil
 
     from artscale.config import load_config

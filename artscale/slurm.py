@@ -1,8 +1,8 @@
 """SLURM glue: the per-node `accelerate launch` line, signal forwarding, and merging generation reports.
 
-The sbatch scripts in slurm/ stay thin and call `python -m artscale.slurm ...` for anything a
-test should check: the launch line is a pure function (`accelerate_launch_command`), so what
-2 nodes x 8 GPUs start is asserted without a cluster. `artscale submit` builds the sbatch
+The sbatch scripts (artscale/sbatch/, shipped with the package) stay thin and call
+`python -m artscale.slurm ...` for anything a test should check: the launch line is a pure
+function (`accelerate_launch_command`), so what 2 nodes x 8 GPUs start is asserted without a cluster. `artscale submit` builds the sbatch
 lines (also pure functions) and submits them.
 """
 
@@ -22,8 +22,11 @@ from artscale.atomic import write_json_atomic
 from artscale.errors import UserError
 from artscale.slurm_nodes import CPUS_PER_GPU, fit_submission
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = ROOT / "launch" / "train.py"
+# Package data, so an installed artscale submits them as a checkout does. sbatch copies a script
+# when it submits it: the job never reads this folder.
+SBATCH_DIR = Path(__file__).resolve().parent / "sbatch"
+# What every rank runs: the module, not a file, so it is found wherever artscale is installed.
+TRAIN_MODULE = "artscale.train"
 
 
 def accelerate_launch_command(
@@ -35,7 +38,7 @@ def accelerate_launch_command(
     main_port: int,
     mixed_precision: str = "no",
     use_gpu: bool = True,
-    script: str = "launch/train.py",
+    module: str = TRAIN_MODULE,
     script_args: Sequence[str] = (),
     accelerate: str = "accelerate",
 ) -> tuple[list[str], dict[str, str]]:
@@ -76,7 +79,7 @@ def accelerate_launch_command(
         ]
     # The launcher's flag only silences its default warning; the training process decides `auto` itself.
     launcher_precision = "no" if mixed_precision == "auto" else mixed_precision
-    cmd += ["--mixed_precision", launcher_precision, "--dynamo_backend", "no", script, *script_args]
+    cmd += ["--mixed_precision", launcher_precision, "--dynamo_backend", "no", "-m", module, *script_args]
     return cmd, env
 
 
@@ -122,7 +125,6 @@ def node_launch_command(
     """
     from artscale.config import load_config
 
-    _need_checkout(TRAIN_SCRIPT)
     config, overrides = _split_train_args(train_args)
     cfg = load_config(config, overrides)
     gpus = gpus_on_node(env)
@@ -136,19 +138,13 @@ def node_launch_command(
         main_port=main_port(env),
         mixed_precision=cfg.mixed_precision,
         use_gpu=gpus > 0,
-        script=str(TRAIN_SCRIPT),
         script_args=train_args,
         accelerate=accelerate,
     )
 
 
-def _need_checkout(path: Path) -> None:
-    if not path.is_file():
-        raise UserError(f"{path} not found: the SLURM scripts run from an artscale checkout (pip install -e .)")
-
-
 def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`--config FILE` (or `--config=FILE`) and the key=value overrides, as launch/train.py reads them."""
+    """`--config FILE` (or `--config=FILE`) and the key=value overrides, as `python -m artscale.train` reads them."""
     config, rest, it = None, [], iter(args)
     for a in it:
         if a == "--config":
@@ -341,9 +337,6 @@ def write_merged(out_dir: Path, num_shards: int) -> dict:
     return merged
 
 
-SLURM_DIR = ROOT / "slurm"
-
-
 def _common_sbatch(time_limit: str, partition: str, account: str, sbatch_args: Sequence[str]) -> list[str]:
     opts = [f"--time={time_limit}"] if time_limit else []
     opts += [f"--partition={partition}"] if partition else []
@@ -365,7 +358,7 @@ def train_sbatch_command(
     signal_seconds: int = 300,
     sbatch_args: Sequence[str] = (),
 ) -> list[str]:
-    """The `sbatch` line for slurm/train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0).
+    """The `sbatch` line for train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0).
 
     One srun task per node runs all its ranks, so with GPUs the task asks for G x cpus_per_gpu
     cores: each rank's loader workers get cores of their own (unless --cpus-per-task says otherwise).
@@ -383,7 +376,7 @@ def train_sbatch_command(
     cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
     cmd += [f"--signal=B:USR1@{signal_seconds}"] if signal_seconds else []
     cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    return [*cmd, str(SLURM_DIR / "train.sbatch"), *train_args]
+    return [*cmd, str(SBATCH_DIR / "train.sbatch"), *train_args]
 
 
 def _array(tasks: int, max_running: int, gpus_per_task: int, cpus_per_task: int, cpus_per_gpu: int) -> list[str]:
@@ -417,13 +410,13 @@ def sample_sbatch_commands(
     sbatch_args: Sequence[str] = (),
     sample_args: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
-    """The array line for `artscale sample` (slurm/generate.sbatch sample ...) and the merge after it (`{array}`)."""
+    """The array line for `artscale sample` (generate.sbatch sample ...) and the merge after it (`{array}`)."""
     cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu) + ["--job-name=artscale-sample"]
     cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
     args = [model, out_dir, "--count", str(count), *_device(sample_args, gpus_per_task), *sample_args]
-    cmd += [str(SLURM_DIR / "generate.sbatch"), "sample", *args]
+    cmd += [str(SBATCH_DIR / "generate.sbatch"), "sample", *args]
     merge = ["sbatch", "--dependency=afterok:{array}", "--job-name=artscale-sample-merge"]
-    merge += [*_common_sbatch("", partition, account, sbatch_args), str(SLURM_DIR / "generate-merge.sbatch")]
+    merge += [*_common_sbatch("", partition, account, sbatch_args), str(SBATCH_DIR / "generate-merge.sbatch")]
     return cmd, [*merge, out_dir, str(tasks), "--sample"]
 
 
@@ -444,25 +437,25 @@ def generate_sbatch_commands(
     generate_args: Sequence[str] = (),
 ) -> tuple[list[str], list[str], list[str]]:
     """The sbatch lines of a generation: the listing job (one walk of IN_DIR), the array for
-    slurm/generate.sbatch after it (`{listing}`: its job id), the merge after the array (`{array}`).
+    generate.sbatch after it (`{listing}`: its job id), the merge after the array (`{array}`).
 
     A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders that keep one
     GPU fed need several cores (about 150 images/s per core at 128 px)."""
     cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu)
     cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
     args = [model, in_dir, out_dir, *_device(generate_args, gpus_per_task), *generate_args]
-    cmd = [*cmd[:1], "--dependency=afterok:{listing}", *cmd[1:], str(SLURM_DIR / "generate.sbatch"), *args]
+    cmd = [*cmd[:1], "--dependency=afterok:{listing}", *cmd[1:], str(SBATCH_DIR / "generate.sbatch"), *args]
     listing = [
         "sbatch",
         *_common_sbatch("", partition, account, sbatch_args),
-        str(SLURM_DIR / "generate-list.sbatch"),
+        str(SBATCH_DIR / "generate-list.sbatch"),
         *args,
     ]
     merge = [
         "sbatch",
         "--dependency=afterok:{array}",
         *_common_sbatch("", partition, account, sbatch_args),
-        str(SLURM_DIR / "generate-merge.sbatch"),
+        str(SBATCH_DIR / "generate-merge.sbatch"),
         out_dir,
         str(tasks),
     ]
@@ -484,7 +477,6 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
     """`artscale submit train|generate|sample`: submit (or print, with dry_run) the sbatch lines; the job ids."""
     import shlex
 
-    _need_checkout(SLURM_DIR / "train.sbatch")
     if what == "train":
         from artscale.config import load_config
 
@@ -493,7 +485,7 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
     script, gpus_flag = (
         ("train.sbatch", "--gpus-per-node") if what == "train" else ("generate.sbatch", "--gpus-per-task")
     )
-    opts = fit_submission(opts, script=SLURM_DIR / script, gpus_flag=gpus_flag, dry_run=dry_run)
+    opts = fit_submission(opts, script=SBATCH_DIR / script, gpus_flag=gpus_flag, dry_run=dry_run)
     if what == "train":
         cmds = [train_sbatch_command(**opts)]
     elif what == "sample":

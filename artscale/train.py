@@ -1,5 +1,6 @@
-"""Training on accelerate: one code path for `artscale train` and `accelerate launch launch/train.py`,
-on one CPU, one GPU, many GPUs or many nodes.
+"""Training on accelerate: one code path for `artscale train`, `python -m artscale.train`,
+`accelerate launch -m artscale.train` and `accelerate launch launch/train.py`, on one CPU, one GPU,
+many GPUs or many nodes.
 
 A step is an optimizer step everywhere: logs, lr schedule, checkpoints, resume. Rank checks live
 in the helpers (StepLog, Samples, CheckpointManager: train_log.py, checkpoint.py), not in the loop;
@@ -14,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,12 +321,22 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
 def main(argv: list[str]) -> int:
     """`[--config FILE] [key=value ...]` -> train; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="artscale train", description="train (same code as accelerate launch launch/train.py)"
+        prog="artscale train",
+        description="train (same code as python -m artscale.train, accelerate launch -m artscale.train, "
+        "accelerate launch launch/train.py)",
     )
-    parser.add_argument("--config", default=None, help="a YAML file of config keys")
+    parser.add_argument(
+        "--config", default=None, help="a YAML file of config keys, or a packaged preset's name (artscale configs)"
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config keys (see the README); override the file"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":  # through the CLI's entry: a UserError is one line and exit 2, SIGTERM unwinds
+    from artscale.cli import main as cli_main
+
+    cli_main(["train", *sys.argv[1:]])

@@ -1,8 +1,9 @@
-"""Thin entry for `accelerate launch launch/train.py [--config FILE] [key=value ...]`.
+"""Thin entry for `accelerate launch launch/train.py [--config FILE|NAME] [key=value ...]`.
 
-The same code as `artscale train`, through the same CLI entry: a user's mistake prints one line
-and exits 2; after a stop signal (SIGTERM, SIGUSR1, first SIGINT) the run checkpoints and exits
-75 (run it again to resume).
+The same code as `artscale train` and `python -m artscale.train` (what the sbatch scripts launch,
+so that an installed artscale needs no checkout), through the same CLI entry: a user's mistake
+prints one line and exits 2; after a stop signal (SIGTERM, SIGUSR1, first SIGINT) the run
+checkpoints and exits 75 (run it again to resume).
 """
 
 import sys

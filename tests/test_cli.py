@@ -10,7 +10,7 @@ from conftest import run_cli
         (["pack", "{tmp}/missing", "{tmp}/out"], "missing"),
         (["pack", "{tmp}", "{tmp}/out", "--size", "100"], "multiple of 8"),
         (["train", "batchsize=4"], "unknown config key batchsize"),
-        (["train", "--config", "{tmp}/nope.yaml"], "not found"),
+        (["train", "--config", "{tmp}/nope.yaml"], "nope.yaml is neither a file nor a preset"),
         (["train", "mixed_precision=fp8"], "choose one of no, bf16, fp16"),
         (["export", "{tmp}/junk.pth", "{tmp}/out.onnx"], "cannot read checkpoint"),
         (["export", "{tmp}/missing.pth", "{tmp}/out.onnx"], "not found"),

@@ -55,3 +55,27 @@ def test_a_node_without_the_address_stops_in_seconds(rank, shards, tmp_path):
         proc.kill()
     assert proc.returncode != 0 and time.monotonic() - start < 30
     assert "MISSING --main_process_ip" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_module_trains_from_anywhere_as_launch_train_py_does(shards, tmp_path):
+    """`accelerate launch -m artscale.train` (what the sbatch scripts start) and `python -m artscale.train`,
+    run outside the checkout: the same entry as launch/train.py, its exit codes included."""
+    run = tmp_path / "run"
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "-m", "artscale.train", *tiny(run, shards, "max_steps=2")]
+    out = subprocess.run(
+        cmd, env={**env(), "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [m["step"] for m in metrics(run) if "loss" in m][-1] == 2 and (run / "final").is_dir()
+    bad = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "artscale.train", "--config", "difusion"],
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "config difusion is neither a file nor a preset" in bad.stderr

@@ -9,10 +9,11 @@ import subprocess
 
 import pytest
 from _diffusion_helpers import make_diffusion_run
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from test_slurm import NO_SLURM, sbatch, slurm, tree_files, wait_job  # noqa: F401  (slurm: the fixture)
 
 from artscale.export import export_onnx
+from artscale.slurm import SBATCH_DIR
 
 ARGS = "--class impressionism --steps 3 --batch-size 2 --device cpu"
 
@@ -23,8 +24,8 @@ def test_submit_sample_dry_run_prints_the_array_and_the_merge():
     assert out.returncode == 0 and out.stderr == "", out.stderr
     array, merge = out.stdout.splitlines()
     assert array.startswith("sbatch --array=0-2 --job-name=artscale-sample ")
-    assert array.endswith(f"slurm/generate.sbatch sample m.onnx out --count 9 {ARGS}")
-    assert merge.endswith("slurm/generate-merge.sbatch out 3 --sample")
+    assert array.endswith(f"{SBATCH_DIR / 'generate.sbatch'} sample m.onnx out --count 9 {ARGS}")
+    assert merge.endswith(f"{SBATCH_DIR / 'generate-merge.sbatch'} out 3 --sample")
 
 
 def node_cpus() -> int:
@@ -108,7 +109,7 @@ def test_sampling_array_and_merge_equal_one_run(slurm, tmp_path):  # noqa: F811
     (tmp_path / "out" / "00000004.png").unlink()  # a merge that cannot find every index fails its job
     failed = sbatch(
         "--output=merge-fail.log",
-        ROOT / "slurm" / "generate-merge.sbatch",
+        SBATCH_DIR / "generate-merge.sbatch",
         tmp_path / "out",
         "3",
         "--sample",

@@ -18,7 +18,14 @@ import pytest
 from conftest import make_image, run_cli, tiny
 
 from artscale.errors import UserError
-from artscale.slurm import accelerate_launch_command, gpus_on_node, main_port, merge_reports, node_launch_command
+from artscale.slurm import (
+    SBATCH_DIR,
+    accelerate_launch_command,
+    gpus_on_node,
+    main_port,
+    merge_reports,
+    node_launch_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]
@@ -53,7 +60,6 @@ def test_launch_line_for_2_nodes_x_8_gpus():
             main_ip="gpu-node-017",
             main_port=29517,
             mixed_precision="bf16",
-            script="launch/train.py",
             script_args=["--config", "big.yaml", "max_steps=10"],
         )
         for rank in (0, 1)
@@ -81,7 +87,8 @@ def test_launch_line_for_2_nodes_x_8_gpus():
             "bf16",
             "--dynamo_backend",
             "no",
-            "launch/train.py",
+            "-m",
+            "artscale.train",  # the module, so an installed artscale launches without a checkout
             "--config",
             "big.yaml",
             "max_steps=10",
@@ -126,7 +133,7 @@ def test_node_line_from_slurm_environment(tmp_path):
     assert cmd[cmd.index("--main_process_ip") + 1] == "gpu-node-017"
     assert cmd[cmd.index("--main_process_port") + 1] == str(20000 + 4242)
     assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
-    assert cmd[-3].endswith("launch/train.py") and cmd[-2:] == args
+    assert cmd[-4:] == ["-m", "artscale.train", *args]
     cpu_env = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "ARTSCALE_CPU_PROCESSES": "2", "ARTSCALE_MAIN_PORT": "31000"}
     cmd, extra = node_launch_command(cpu_env, "h", [f"run_dir={tmp_path / 'run'}"])
     assert extra == {"ACCELERATE_USE_CPU": "1"} and cmd[cmd.index("--num_processes") + 1] == "2"
@@ -191,7 +198,7 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
         "--time=24:00:00",
         "--partition=gpu",
         "--qos=high",
-        str(ROOT / "slurm" / "train.sbatch"),
+        str(SBATCH_DIR / "train.sbatch"),
         f"run_dir={tmp_path / 'run'}",
         "mixed_precision=bf16",
     ]
@@ -216,20 +223,20 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
     listing, array, merge = out.stdout.splitlines()
     generate_args = ["m.onnx", "in", "out", "--device", "cuda", "--batch-size", "64"]
     # first one walk of the tree (the listing job), then the array after it, then the merge
-    assert listing.split() == ["sbatch", str(ROOT / "slurm" / "generate-list.sbatch"), *generate_args]
+    assert listing.split() == ["sbatch", str(SBATCH_DIR / "generate-list.sbatch"), *generate_args]
     assert array.split() == [
         "sbatch",
         "'--dependency=afterok:{listing}'",
         "--array=0-99%20",
         "--gpus-per-task=1",
         "--cpus-per-task=8",
-        str(ROOT / "slurm" / "generate.sbatch"),
+        str(SBATCH_DIR / "generate.sbatch"),
         *generate_args,
     ]
     assert merge.split() == [
         "sbatch",
         "'--dependency=afterok:{array}'",
-        str(ROOT / "slurm" / "generate-merge.sbatch"),
+        str(SBATCH_DIR / "generate-merge.sbatch"),
         "out",
         "100",
     ]
@@ -238,10 +245,10 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
     cpu = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "2", "--dry-run", env=NO_SLURM)
     assert "--cpus-per-task" not in cpu.stdout  # no GPU: the script's own default
     # srun gets the task's cores explicitly (newer Slurm does not pass sbatch's on), NCCL says only warnings
-    train_script = (ROOT / "slurm" / "train.sbatch").read_text()
+    train_script = (SBATCH_DIR / "train.sbatch").read_text()
     assert 'srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK' in train_script
     for script in ("train.sbatch", "generate.sbatch"):
-        assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in (ROOT / "slurm" / script).read_text()
+        assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in (SBATCH_DIR / script).read_text()
     bad = run_cli("submit", "train", "--dry-run", "no_such_key=1", env=NO_SLURM)
     assert bad.returncode == 2 and "unknown config key no_such_key" in bad.stderr and bad.stdout == ""
     bad = run_cli("submit", "generate", "m.onnx", "in", "out", "--tasks", "0", "--dry-run", env=NO_SLURM)
@@ -454,7 +461,7 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
     # a merge job that cannot account for everything fails the job
     (tmp_path / "out" / "report-1-of-3.json").unlink()
     failed = sbatch(
-        "--output=merge-fail.log", ROOT / "slurm" / "generate-merge.sbatch", tmp_path / "out", "3", cwd=tmp_path
+        "--output=merge-fail.log", SBATCH_DIR / "generate-merge.sbatch", tmp_path / "out", "3", cwd=tmp_path
     )
     [record] = wait_job(failed, 60)
     assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0"
@@ -484,7 +491,7 @@ def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path)
     job = sbatch(
         *TWO_MACHINES,
         "--output=train.log",
-        ROOT / "slurm" / "train.sbatch",
+        SBATCH_DIR / "train.sbatch",
         *train_args(tiny_shards, tmp_path / "run", 3),
         cwd=tmp_path,
     )
@@ -492,6 +499,7 @@ def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path)
     log = (tmp_path / "train.log").read_text()
     assert record["JobState"] == "COMPLETED", log
     assert "--machine_rank 0" in log and "--machine_rank 1" in log and "--num_processes 2" in log
+    assert log.count(" -m artscale.train ") == 2  # each machine launches the module: no checkout needed
     assert log.count("world size 2,") == 2  # each machine's local main process says so
     assert json.loads((tmp_path / "run" / "final" / "trainer_state.json").read_text())["step"] == 3
     assert record["Restarts"] == "0"
@@ -521,7 +529,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
     max_steps = 20
     args = train_args(tiny_shards, tmp_path / "run", max_steps)
     log_path = tmp_path / "train.log"
-    job = sbatch(*TWO_MACHINES, f"--output={log_path.name}", ROOT / "slurm" / "train.sbatch", *args, cwd=tmp_path)
+    job = sbatch(*TWO_MACHINES, f"--output={log_path.name}", SBATCH_DIR / "train.sbatch", *args, cwd=tmp_path)
     deadline = time.monotonic() + 180
     while "artscale: machine 1:" not in (log_path.read_text() if log_path.exists() else ""):
         assert time.monotonic() < deadline, f"training did not start: {job_info(job)}"
@@ -564,9 +572,7 @@ def test_train_sbatch_usr1_while_python_starts_waits_for_the_handler(slurm, tiny
     max_steps = 20
     args = train_args(tiny_shards, tmp_path / "run", max_steps)
     log_path = tmp_path / "train.log"
-    job = sbatch(
-        *TWO_MACHINES, f"--output={log_path.name}", ROOT / "slurm" / "train.sbatch", *args, cwd=tmp_path, env=env
-    )
+    job = sbatch(*TWO_MACHINES, f"--output={log_path.name}", SBATCH_DIR / "train.sbatch", *args, cwd=tmp_path, env=env)
     deadline = time.monotonic() + 180
     while len(list(tmp_path.glob("starting-*"))) < 2:  # both machines' node processes are inside Python's start
         assert time.monotonic() < deadline, f"the node processes did not start: {job_info(job)}"
@@ -581,7 +587,7 @@ def test_pack_sbatch_packs_what_pack_packs(slurm, image_folder, tmp_path):
     job = sbatch(
         "--cpus-per-task=1",
         "--output=pack.log",
-        ROOT / "slurm" / "pack.sbatch",
+        SBATCH_DIR / "pack.sbatch",
         image_folder,
         tmp_path / "shards",
         "--size",

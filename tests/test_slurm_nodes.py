@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 from artscale.errors import UserError
+from artscale.slurm import SBATCH_DIR
 from artscale.slurm_nodes import _mem_mb, fit_request, gres_gpus, parse_sinfo, script_cpus
 
 VENV_BIN = Path(sys.executable).parent
@@ -98,8 +99,8 @@ def test_an_explicit_request_no_node_meets_is_one_line_naming_the_flag():
 
 
 def test_script_defaults_and_memory_units():
-    assert script_cpus(ROOT / "slurm" / "generate.sbatch") == 4
-    assert script_cpus(ROOT / "slurm" / "train.sbatch") == 8
+    assert script_cpus(SBATCH_DIR / "generate.sbatch") == 4
+    assert script_cpus(SBATCH_DIR / "train.sbatch") == 8
     assert [_mem_mb(v) for v in ("64G", "500M", "2048", "1T", "512K", "0", "lots")] == [
         65536,
         500,

@@ -515,9 +515,7 @@ def test_wandb_goes_offline_only_without_any_credentials(tmp_path):
 
 
 def test_the_articles_config_is_fp32():
-    from _train_helpers import ROOT
-
-    cfg = load_config(ROOT / "configs" / "article.yaml")
+    cfg = load_config("article")
     assert cfg.mixed_precision == "no" and cfg.image_size == 128 and cfg.batch_size == 32
 
 
