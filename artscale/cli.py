@@ -1,4 +1,4 @@
-"""`artscale demo | pack | verify | train | export | generate | sample | info | submit`: parse, then dispatch.
+"""`artscale demo | pack | verify | train | export | generate | sample | info | submit | report`: parse, then dispatch.
 
 A UserError anywhere becomes one line on stderr and exit code 2. Heavy imports (torch,
 onnxruntime) happen inside the command that needs them, so `--help` is instant.
@@ -196,6 +196,17 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     _add_shard_flags(p)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="a static HTML report (index.html + thumbnails) of a run dir or an output dir")
+    p.add_argument("path", type=Path, help="a run dir, or an output dir of generate or sample (merged SLURM ones too)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the report folder (default: RUN_DIR/report, or OUT_DIR-report beside it)",
+    )
+
+
 def _add_shard_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
     p.add_argument(
@@ -300,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     _add_eval(sub)
     _add_sample(sub)
+    _add_report(sub)
     return parser
 
 
@@ -392,6 +404,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         evaluate(args.generated, args.shards, **opts)
     elif args.command == "info":
         print(_info(args.path))
+    elif args.command == "report":
+        from artscale.report import write_report
+
+        write_report([args.path], args.out)
     return 0
 
 
