@@ -73,17 +73,26 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's entries; a line that is not JSON (the torn last line of a killed run) is left out."""
+    return read_metrics_counted(path)[0]
+
+
+def read_metrics_counted(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """metrics.jsonl's entries and how many lines were left out as unreadable (not a JSON object)."""
     if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
+        return [], 0
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except ValueError:
-            continue
+            row = None
         if isinstance(row, dict):
             rows.append(row)
-    return rows
+        else:
+            bad += 1
+    return rows, bad
 
 
 def save_final(
@@ -447,6 +456,57 @@ class CheckpointManager:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+SAMPLE_GRID = re.compile(r"^step-(\d+)\.png$")
+
+
+@dataclass
+class RunDir:
+    """What a run dir holds, read without loading weights: what `artscale report` shows."""
+
+    path: Path
+    config: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+    unreadable_metrics: int  # lines of metrics.jsonl left out (not JSON: a torn or corrupt line)
+    checkpoints: list[tuple[int, Path, dict[str, Any]]]  # step, folder, trainer state; oldest first
+    final: dict[str, Any] | None  # final/'s trainer state (its step)
+    denoiser: dict[str, Any] | None  # a diffusion run's denoiser.json (final/, else the newest checkpoint)
+    samples: list[tuple[int, Path]]  # samples/step-XXXXXX.png, by step
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A run dir, as training writes it from its first step on (a checkpoint dir is not one)."""
+    path = Path(path)
+    if not path.is_dir() or (path / STATE_NAME).is_file():
+        return False
+    return any((path / name).exists() for name in (CONFIG_NAME, "metrics.jsonl", "checkpoints", "final"))
+
+
+def read_run_dir(path: str | Path) -> RunDir:
+    """Everything `artscale report` shows of a run dir; a UserError (one line) when it is not one."""
+    path = Path(path)
+    if not is_run_dir(path):
+        raise UserError(f"{path} is not a run dir (no {CONFIG_NAME}, metrics.jsonl, checkpoints/ or final/)")
+    metrics, bad = read_metrics_counted(path / "metrics.jsonl")
+    checkpoints = [(step, p, _read_json(p / STATE_NAME) or {}) for step, p in list_checkpoints(path)]
+    folders = [path / "final"] + [p for _, p, _ in reversed(checkpoints)]
+    denoiser = next((_read_json(f / DENOISER_NAME) for f in folders if (f / DENOISER_NAME).is_file()), None)
+    samples = []
+    if (path / "samples").is_dir():
+        for p in (path / "samples").iterdir():
+            if m := SAMPLE_GRID.match(p.name):
+                samples.append((int(m.group(1)), p))
+    return RunDir(
+        path,
+        _read_json(path / CONFIG_NAME),
+        metrics,
+        bad,
+        checkpoints,
+        _read_json(path / "final" / STATE_NAME),
+        denoiser,
+        sorted(samples),
+    )
+
+
 def _size(path: Path) -> str:
     n = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     return f"{n / 1e6:.1f} MB"
@@ -476,7 +536,9 @@ def describe(path: str | Path) -> str:
         )
         for tmp in sorted((path / "checkpoints").glob("*" + TMP_SUFFIX)):
             lines.append(f"  incomplete: {tmp.name} (a save that did not finish; ignored, removed by the next save)")
-        logged = read_metrics(path / "metrics.jsonl")
+        logged, bad = read_metrics_counted(path / "metrics.jsonl")
+        if bad:
+            lines.append(f"  metrics.jsonl: {bad} unreadable line{'s' * (bad > 1)} skipped")
         train = next((m for m in reversed(logged) if "loss" in m), None)
         val = next((m for m in reversed(logged) if "val/psnr" in m), None)
         if train:

@@ -1,4 +1,5 @@
-"""`artscale demo | pack | verify | train | export | generate | sample | info | submit | configs`: parse, dispatch.
+"""`artscale demo | pack | verify | train | export | generate | sample | info | submit | report | configs | doctor`:
+parse, then dispatch.
 
 A UserError anywhere becomes one line on stderr and exit code 2. Heavy imports (torch,
 onnxruntime) happen inside the command that needs them, so `--help` is instant.
@@ -219,6 +220,17 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="the same facts as one JSON object")
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="a static HTML report (index.html + thumbnails) of a run dir or an output dir")
+    p.add_argument("path", type=Path, help="a run dir, or an output dir of generate or sample (merged SLURM ones too)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the report folder (default: RUN_DIR/report, or OUT_DIR-report beside it)",
+    )
+
+
 def _add_shard_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
     p.add_argument(
@@ -333,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_doctor(sub)
     _add_configs(sub)
+    _add_report(sub)
     return parser
 
 
@@ -443,6 +456,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from artscale.doctor import doctor
 
         return doctor(need=args.need, as_json=args.json)
+    elif args.command == "report":
+        from artscale.report import write_report
+
+        write_report([args.path], args.out)
     return 0
 
 

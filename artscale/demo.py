@@ -199,6 +199,7 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     from artscale.export import export_onnx
     from artscale.generate import generate
     from artscale.losses import RANDOM_VGG_WARNING
+    from artscale.report import write_report
     from artscale.shards import pack
     from artscale.train import EXIT_PREEMPTED, train
 
@@ -255,7 +256,10 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     took["generate"], t = time.perf_counter() - t, time.perf_counter()
     print("\n== 5/5 diffusion: a class-conditional denoiser at 32 px, then new pieces drawn from noise")
     pieces = _diffusion(out, collection, diffusion_steps, max(1, min(50, diffusion_steps // 5)))
-    took["diffusion"] = time.perf_counter() - t
+    took["diffusion"], t = time.perf_counter() - t, time.perf_counter()
+    print("\n== report: the runs and the generated images as one page")
+    index = write_report([run_dir, generated, out / "diffusion"], out / "report")
+    took["report"] = time.perf_counter() - t
 
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     summary = {
@@ -280,4 +284,5 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
   new pieces  {pieces}  (diffusion, {diffusion_steps} steps: one row per class, drawn from noise; run in {out / "diffusion"})
   time        {timing}
 """)
+    print(f"report: {index}  (open it in a browser)")
     return summary

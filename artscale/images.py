@@ -65,7 +65,7 @@ UNSUPPORTED_EXTENSIONS = frozenset(
 )
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 x MAX_IMAGE_PIXELS)
 
-Resize = Literal["stretch", "center-crop"]
+Resize = Literal["stretch", "center-crop", "fit"]  # fit: within the size, aspect kept, never enlarged
 
 
 class SkipImage(Exception):
@@ -114,6 +114,12 @@ def _fit(im: Image.Image, size: tuple[int, int], resize: Resize) -> Image.Image:
         return im
     if resize == "center-crop":
         return ImageOps.fit(im, (width, height), Image.Resampling.BILINEAR)
+    if resize == "fit":
+        scale = min(width / im.width, height / im.height)
+        if scale >= 1:
+            return im
+        size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        return im.resize(size, Image.Resampling.BILINEAR)
     return im.resize((width, height), Image.Resampling.BILINEAR)
 
 

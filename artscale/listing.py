@@ -138,9 +138,9 @@ def write_listing(in_dir: Path, out_dir: Path, ext: str, follow_symlinks: bool) 
     return listing
 
 
-def read_listing(out_dir: Path, in_dir: Path, ext: str, follow_symlinks: bool) -> Listing | None:
-    """OUT_DIR/listing.jsonl when there is one (None when not); a UserError when it lists another
-    tree, another output format or another symlink rule than this run's."""
+def load_listing(out_dir: Path) -> Listing | None:
+    """OUT_DIR/listing.jsonl as it was written (None when there is none), whatever tree it lists;
+    a UserError when it is not a whole, readable listing."""
     path = Path(out_dir) / LISTING
     if not path.is_file():
         return None
@@ -154,16 +154,32 @@ def read_listing(out_dir: Path, in_dir: Path, ext: str, follow_symlinks: bool) -
         raise UserError(f"{path} is not a readable listing ({e}); {again}") from None
     if not isinstance(header, dict) or header.get("artscale_listing") != 1 or len(rows) != header.get("files"):
         raise UserError(f"{path} is not a whole artscale listing; {again}")
-    wanted = {"in_dir": str(Path(in_dir).resolve()), "ext": ext, "follow_symlinks": follow_symlinks}
-    differ = [f"{k} {header.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if header.get(k) != v]
-    if differ:
-        raise UserError(f"{path} was made with {', '.join(differ)}; {again}")
     entries = [
         Entry(rel, ignored=True) if fate == "ignored" else Entry(rel, out, reason=fate) for rel, out, fate in rows
     ]
     return Listing(
-        wanted["in_dir"], ext, follow_symlinks, entries, header.get("folders", {}), header.get("created", "")
+        str(header.get("in_dir", "")),
+        str(header.get("ext", "")),
+        bool(header.get("follow_symlinks", False)),
+        entries,
+        header.get("folders", {}),
+        header.get("created", ""),
     )
+
+
+def read_listing(out_dir: Path, in_dir: Path, ext: str, follow_symlinks: bool) -> Listing | None:
+    """OUT_DIR/listing.jsonl when there is one (None when not); a UserError when it lists another
+    tree, another output format or another symlink rule than this run's."""
+    listing = load_listing(out_dir)
+    if listing is None:
+        return None
+    wanted = {"in_dir": str(Path(in_dir).resolve()), "ext": ext, "follow_symlinks": follow_symlinks}
+    differ = [f"{k} {getattr(listing, k)!r} (this run: {v!r})" for k, v in wanted.items() if getattr(listing, k) != v]
+    if differ:
+        path = Path(out_dir) / LISTING
+        again = f"run `artscale generate ... --list-only` again, or remove {path}"
+        raise UserError(f"{path} was made with {', '.join(differ)}; {again}")
+    return listing
 
 
 def files_after_listing(listing: Listing) -> list[str]:

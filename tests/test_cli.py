@@ -33,7 +33,7 @@ def test_help_and_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("artscale ")
     result = run_cli("--help")
-    for command in ("demo", "pack", "verify", "train", "export", "generate", "info"):
+    for command in ("demo", "pack", "verify", "train", "export", "generate", "info", "report"):
         assert command in result.stdout
 
 

@@ -126,3 +126,16 @@ def test_a_fifo_is_skipped_not_waited_on(tmp_path):
     (tmp_path / "zero.jpg").write_bytes(b"")
     with pytest.raises(SkipImage, match="empty file"):
         load_image(tmp_path / "zero.jpg", (16, 16))
+
+
+def test_fit_keeps_the_aspect_and_never_enlarges(tmp_path):
+    """resize="fit" (the report's thumbnails): within the box, aspect kept, small images as they are."""
+    wide = tmp_path / "wide.jpg"
+    Image.new("RGB", (1000, 250), (30, 120, 200)).save(wide, quality=90)
+    im, original = load_image(wide, (128, 128), resize="fit")
+    assert im.size == (128, 32) and original == (1000, 250)
+    assert np.abs(np.asarray(im, dtype=np.int32) - (30, 120, 200)).max() <= 3
+    small = tmp_path / "small.png"
+    Image.new("RGB", (20, 12), RED_PIXEL).save(small)
+    im, original = load_image(small, (128, 128), resize="fit")
+    assert im.size == (20, 12) == original

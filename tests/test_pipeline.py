@@ -62,6 +62,10 @@ def test_demo_runs_end_to_end_and_says_vgg_is_random(tmp_path):
     with Image.open(demo / "new-pieces.png") as im:  # diffusion: 5 classes x 8 new pieces of 32 px, 2 px padding
         assert im.size == (8 * 34 + 2, 5 * 34 + 2)
     assert "new pieces" in r.stdout and "diffusion" in r.stdout.split("time ")[-1]
+    last = r.stdout.strip().splitlines()[-1]  # the report's path, last
+    assert last == f"report: {demo / 'report' / 'index.html'}  (open it in a browser)"
+    page = (demo / "report" / "index.html").read_text()
+    assert all(s in page for s in ("run dir: run (reconstruct)", "generation output: generated", "run dir: diffusion"))
     # A rerun continues: nothing is packed, trained or generated again.
     r = run_cli("demo", "--out", demo, "--steps", "3", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
