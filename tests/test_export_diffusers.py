@@ -21,7 +21,8 @@ from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visib
 from artscale.checkpoint import load_denoiser
 from artscale.diffusion import make_sampler, noise_for, sample, to_uint8, torch_predict
 from artscale.errors import UserError
-from artscale.export_diffusers import GRID_TILE, export_diffusers
+from artscale.export_diffusers import export_diffusers
+from artscale.grids import enlarge_factor
 
 
 def card_classes(card: str) -> dict[int, str]:
@@ -61,7 +62,7 @@ def test_a_trained_run_round_trips_through_diffusers(art_shards, tmp_path, monke
     x = sample(torch_predict(unet), make_sampler("dpm++", scheduler.config), noise, labels, len(classes), steps=4)
     ours = to_uint8(x).astype(int)
     grid = png(out / "samples.png")
-    scale = -(-GRID_TILE // 16)
+    scale = enlarge_factor(16)
     for k, (c, i) in enumerate((c, i) for c in range(len(classes)) for i in range(2)):
         theirs = png(tmp_path / "s" / classes[c] / f"{i:08d}.png")
         assert np.abs(ours[k] - theirs).max() <= 1, (classes[c], i)
