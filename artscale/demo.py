@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("drawings", "engraving", "iconography", "painting", "sculpture")
 PAPER = (236, 228, 208)
+DIFFUSION_PRESET = "diffusion-cpu"  # the demo's diffusion recipe is this preset's, as shipped
 
 
 def _drawing(rnd: random.Random, w: int, h: int) -> Image.Image:
@@ -150,7 +151,8 @@ def _before_after(held: Path, generated: Path, report: dict, size: int, path: Pa
 
 
 def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
-    """Train the CPU diffusion setup (the diffusion-cpu preset) at 32 px; returns its last grid of new pieces."""
+    """Train the diffusion-cpu preset at 32 px (its recipe as shipped, for `steps` optimizer steps); returns
+    its last grid of new pieces."""
     import shutil
 
     from artscale.config import load_config
@@ -159,32 +161,13 @@ def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
 
     pack(collection, out / "shards-32", size=32, val_fraction=0.1, shard_max_count=16)
     run_dir = out / "diffusion"
-    cfg = load_config(
-        None,
-        [
-            "objective=diffusion",
-            f"data={out / 'shards-32'}",
-            f"run_dir={run_dir}",
-            "image_size=32",
-            "denoiser=tiny",
-            "batch_size=32",
-            "lr_gamma=1",
-            "ema_decay=0.999",
-            "guidance=2",
-            f"max_steps={steps}",
-            "mixed_precision=auto",
-            "tracker=tensorboard",
-            f"log_every={every}",
-            "sample_every=100",
-            "val_every=100",
-            "checkpoint_every=100",
-            "num_workers=0",
-        ],
-    )
+    places = [f"data={out / 'shards-32'}", f"run_dir={run_dir}", f"max_steps={steps}", f"log_every={every}"]
+    policies = ["sample_every=100", "val_every=100", "checkpoint_every=100"]  # more grids for the report
+    cfg = load_config(DIFFUSION_PRESET, [*places, *policies])
     if train(cfg) == EXIT_PREEMPTED:
         raise SystemExit(EXIT_PREEMPTED)
     grid = out / "new-pieces.png"
-    shutil.copyfile(run_dir / "samples" / f"step-{steps:06d}.png", grid)  # the last grid: EMA weights, fixed seeds
+    shutil.copyfile(run_dir / "samples" / f"step-{steps:06d}.png", grid)  # the last grid: EMA, fixed seeds
     return grid
 
 
@@ -215,7 +198,7 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     took["pack"], t = time.perf_counter() - t, time.perf_counter()
     print("\n== 2/5 train (the article's objective: reconstruct)")
     run_dir = out / "run"
-    diffusion_steps = steps or 400
+    diffusion_steps = steps or load_config(DIFFUSION_PRESET).max_steps
     steps = steps or 300
     every = max(1, min(10, steps // 5))  # a few loss lines even for a short run
     cfg = load_config(

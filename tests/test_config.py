@@ -110,7 +110,8 @@ def test_zero_terminal_snr_needs_v_prediction():
 @pytest.mark.parametrize("name", ["diffusion", "diffusion-cpu"])
 def test_the_shipped_diffusion_configs_load(name):
     cfg = load_config(name)
-    assert cfg.objective == "diffusion" and cfg.ema_decay > 0 and cfg.lr_gamma == 1.0
+    assert cfg.objective == "diffusion" and cfg.ema_decay > 0
+    assert cfg.lr_gamma == 1.0 or cfg.lr_schedule == "cosine"  # no StepLR drop: the article's is for its autoencoder
 
 
 def test_channels_last_auto_is_on_for_the_articles_model_only_and_old_saved_values_load(tmp_path):

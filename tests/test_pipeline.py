@@ -8,6 +8,8 @@ import pytest
 from conftest import CLASSES, run_cli, tiny
 from PIL import Image
 
+from artscale.config import load_config
+
 
 @pytest.mark.slow
 def test_pack_train_export_generate(tmp_path, image_folder):
@@ -64,6 +66,9 @@ def test_demo_runs_end_to_end_and_says_vgg_is_random(tmp_path):
     with Image.open(demo / "before-after.png") as im:  # 10 inputs over their outputs, 64 px shown at 128 px
         assert im.size == (10 * 130 + 2, 2 * 130 + 2)
     assert "new pieces" in r.stdout and "diffusion" in r.stdout.split("time ")[-1]
+    preset, ran = load_config("diffusion-cpu").to_dict(), json.loads((demo / "diffusion" / "config.json").read_text())
+    same = ("image_size", "denoiser", "batch_size", "lr", "lr_schedule", "warmup_steps", "ema_decay", "guidance")
+    assert {k: ran[k] for k in same} == {k: preset[k] for k in same}  # the demo trains the preset's recipe
     last = r.stdout.strip().splitlines()[-1]  # the report's path, last
     assert last == f"report: {demo / 'report' / 'index.html'}  (open it in a browser)"
     page = (demo / "report" / "index.html").read_text()
