@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
-from artscale import __version__, multiple_of_8
-from artscale.errors import UserError
-from artscale.manifest import is_shards_dir
-from artscale.slurm import CPUS_PER_GPU
+from artscale import __version__
+from artscale.cluster.slurm import CPUS_PER_GPU
+from artscale.core.entry import run_command
+from artscale.core.errors import UserError
+from artscale.core.system import multiple_of_8
+from artscale.data.manifest import is_shards_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_multiple_of_8(text: str) -> int:
+def positive_multiple_of_8(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -58,7 +59,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack an image folder (class subfolders) into WebDataset shards")
     p.add_argument("src", type=Path, help="image folder with one subfolder per class")
     p.add_argument("out", type=Path, help="shards directory to write")
-    p.add_argument("--size", type=_positive_multiple_of_8, default=128, help="training image size (default 128)")
+    p.add_argument("--size", type=positive_multiple_of_8, default=128, help="training image size (default 128)")
     p.add_argument(
         "--val-fraction", type=_fraction, default=0.05, help="share of files in the val split (default 0.05)"
     )
@@ -106,7 +107,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--fp16", action="store_true", help="half precision weights and compute (I/O stays uint8)")
     p.add_argument(
-        "--size", type=_positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)"
+        "--size", type=positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)"
     )
     p.add_argument(
         "--shards", type=Path, default=None, help="val shards for the parity check (default: the run's data)"
@@ -139,12 +140,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--size",
-        type=_positive_multiple_of_8,
+        type=positive_multiple_of_8,
         default=0,
         help="resize to this size (default: the model's training size)",
     )
     size.add_argument("--native", action="store_true", help="each image at its own size, rounded to a multiple of 8")
-    p.add_argument("--max-side", type=_positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
+    p.add_argument("--max-side", type=positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
     p.add_argument("--restore-size", action="store_true", help="resize outputs back to each input's size")
     p.add_argument(
         "--batch-size",
@@ -353,14 +354,14 @@ def _info(path: Path) -> str:
     if not path.exists():
         raise UserError(f"{path} not found")
     if path.suffix == ".onnx":
-        from artscale.export import describe_onnx
+        from artscale.contracts.onnx import describe_onnx
 
         return describe_onnx(path)
     if path.is_dir() and is_shards_dir(path):
-        from artscale.shards import describe_shards
+        from artscale.data.pack import describe_shards
 
         return describe_shards(path)
-    from artscale.checkpoint import describe
+    from artscale.contracts.run_dir import describe
 
     return describe(path)
 
@@ -371,7 +372,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_demo(args.out, steps=args.steps)
     elif args.command == "pack":
-        from artscale.shards import pack
+        from artscale.data.pack import pack
 
         opts = vars(args).copy()
         for k in ("command", "src", "out"):
@@ -379,7 +380,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         opts["classes"] = [c for c in opts["classes"].split(",") if c]
         pack(args.src, args.out, **opts)
     elif args.command == "verify":
-        from artscale.shards import verify
+        from artscale.data.pack import verify
 
         problems = verify(args.shards)
         for line in problems:
@@ -388,23 +389,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{args.shards}: every shard matches manifest.json")
         return 1 if problems else 0
     elif args.command == "train":
-        from artscale.train import main as train_main
+        from artscale.train.loop import main as train_main
 
         return train_main(args.args)
     elif args.command == "export" and args.export_format == "diffusers":
-        from artscale.export_diffusers import export_diffusers
+        from artscale.export.diffusers import export_diffusers
 
         if args.fp16 or args.size or args.shards:
             raise UserError("--fp16, --size and --shards are for --format onnx (diffusers users pick a dtype at load)")
         export_diffusers(args.source, args.out, weights=args.weights, grid_count=args.grid_count)
     elif args.command == "export":
-        from artscale.export import export_onnx
+        from artscale.export.article import export_onnx
 
         export_onnx(
             args.source, args.out, fp16=args.fp16, size=args.size or None, shards=args.shards, weights=args.weights
         )
     elif args.command == "generate":
-        from artscale.generate import generate
+        from artscale.infer.generate import generate
 
         num_shards, shard_index = _shard(args)
         opts = vars(args).copy()
@@ -413,7 +414,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         opts["variation"] = {k: opts.pop(k) for k in VARIATION_KEYS if k in opts}
         generate(args.model, args.in_dir, args.out_dir, num_shards=num_shards, shard_index=shard_index, **opts)
     elif args.command == "sample":
-        from artscale.sample import sample_images
+        from artscale.infer.sample import sample_images
 
         num_shards, shard_index = _shard(args)
         opts = {
@@ -423,7 +424,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "submit":
         import shlex
 
-        from artscale.slurm import submit
+        from artscale.cluster.slurm import submit
 
         opts = vars(args).copy()
         for k in ("command", "what", "dry_run", "config", "overrides", "generate_args"):
@@ -436,7 +437,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             opts["generate_args"] = shlex.split(args.generate_args)
         submit(args.what, opts, dry_run=args.dry_run)
     elif args.command == "eval":
-        from artscale.evaluate import evaluate
+        from artscale.metrics.fid import evaluate
 
         opts = vars(args).copy()
         for k in ("command", "generated", "shards"):
@@ -445,7 +446,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "info":
         print(_info(args.path))
     elif args.command == "configs":
-        from artscale.presets import describe_presets, show_preset
+        from artscale.train.presets import describe_presets, show_preset
 
         if args.what == "show":
             print(show_preset(args.name), end="")
@@ -457,18 +458,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return doctor(need=args.need, as_json=args.json)
     elif args.command == "report":
-        from artscale.report import write_report
+        from artscale.report.build import write_report
 
         write_report([args.path], args.out)
     return 0
-
-
-class _Terminated(BaseException):
-    """Raised in the main thread by SIGTERM (BaseException: no `except Exception` swallows it)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,22 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         args = argparse.Namespace(command="train", args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: finally blocks remove temporary files
-    # and shut worker pools down, instead of leaving orphaned decode processes behind.
-    # Training replaces this with its own checkpoint-then-exit handler while it runs.
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        code = _dispatch(args)
-    except UserError as e:
-        print(f"artscale: error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("artscale: interrupted", file=sys.stderr)
-        code = 130
-    except _Terminated:
-        print("artscale: terminated", file=sys.stderr)
-        code = 143
-    sys.exit(code)
+    run_command(lambda: _dispatch(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from artscale.hardware import choose_precision
+from artscale.core.hardware import choose_precision
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
@@ -28,7 +28,7 @@ def _probe_torch() -> dict:
 
     import torch
 
-    from artscale.hardware import cuda_bf16
+    from artscale.core.hardware import cuda_bf16
 
     facts: dict[str, Any] = {"version": torch.__version__, "cuda": torch.version.cuda}
     facts["hip"] = getattr(torch.version, "hip", None)
@@ -134,8 +134,8 @@ def _weights() -> dict:
     """Where training and `artscale eval` look for their weights (the code they use) and whether a file is there."""
     import torch
 
-    from artscale.evaluate import inception_cache
-    from artscale.losses import VGG_FILE
+    from artscale.metrics.fid import inception_cache
+    from artscale.train.losses import VGG_FILE
 
     vgg = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
     inception = inception_cache()

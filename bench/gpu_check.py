@@ -104,7 +104,7 @@ def make_small_run(root: Path, preset: str, size: int) -> list[Path]:
     from _diffusion_helpers import make_diffusion_run
     from safetensors.torch import load_file, save_file
 
-    from artscale.export import export_onnx
+    from artscale.export.article import export_onnx
 
     run = make_diffusion_run(root / "run", size=size, preset=preset, classes=CLASSES)
     weights = periodic_weights(load_file(run / "final" / "model.safetensors"))
@@ -117,7 +117,7 @@ def make_small_run(root: Path, preset: str, size: int) -> list[Path]:
 
 def prepare(out: Path, toy: bool) -> dict:
     """Everything the check's sections read, made on this CPU; returns prepared.json's content."""
-    from artscale.shards import pack
+    from artscale.data.pack import pack
 
     spec = TOY if toy else FULL
     started = time.perf_counter()

@@ -39,12 +39,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from _diffusion_helpers import make_diffusion_run  # noqa: E402
 
-from artscale import usable_cores  # noqa: E402
-from artscale.checkpoint import load_denoiser  # noqa: E402
-from artscale.diffusion import make_sampler, noise_for, to_uint8  # noqa: E402
-from artscale.export import export_onnx  # noqa: E402
-from artscale.generate import open_session  # noqa: E402
-from artscale.sample import onnx_predict, sample_images  # noqa: E402
+from artscale.contracts.run_dir import load_denoiser  # noqa: E402
+from artscale.core.system import usable_cores  # noqa: E402
+from artscale.diffusion.noise import noise_for  # noqa: E402
+from artscale.diffusion.sampling import to_uint8  # noqa: E402
+from artscale.diffusion.schedulers import make_sampler  # noqa: E402
+from artscale.export.article import export_onnx  # noqa: E402
+from artscale.infer.generate import open_session  # noqa: E402
+from artscale.infer.sample import onnx_predict, sample_images  # noqa: E402
 
 CLASSES = ["a", "b", "c", "d", "e"]
 
@@ -173,8 +175,8 @@ def first_class(models: list[Path]) -> str:
 
 def device_bench(args: argparse.Namespace) -> int:
     """--onnx/--run: one JSON line per model and a comparison; exit 1 when a model could not be measured."""
-    import artscale.sample as sampling
-    from artscale.errors import UserError
+    import artscale.infer.sample as sampling
+    from artscale.core.errors import UserError
 
     opened: dict = {}
     real_open = sampling.open_session

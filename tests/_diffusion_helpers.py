@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from artscale.diffusion import build_denoiser, denoiser_shape, preset_denoiser, train_scheduler
+from artscale.diffusion.schedulers import train_scheduler
+from artscale.models.denoiser import build_denoiser, denoiser_shape, preset_denoiser
 
 CLASSES = ["cubism", "impressionism", "ukiyo-e"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from artscale.checkpoint import save_final
-from artscale.config import TrainConfig
-from artscale.model import ConvDiffusionModel
+from artscale.models.article import ConvDiffusionModel
+from artscale.train.checkpoint import save_final
+from artscale.train.config import TrainConfig
 
 
 def random_model(seed: int = 0) -> ConvDiffusionModel:

@@ -25,8 +25,8 @@ SHARD_MAX_COUNT = 7
 
 @pytest.fixture(scope="session")
 def shards(image_folder, tmp_path_factory) -> Path:
-    """16 px shards packed by the real `artscale.shards.pack`, about a quarter of them val."""
-    from artscale.shards import pack
+    """16 px shards packed by the real `artscale.data.pack.pack`, about a quarter of them val."""
+    from artscale.data.pack import pack
 
     out = tmp_path_factory.mktemp("shards") / "s16"
     pack(image_folder, out, size=16, val_fraction=0.25, workers=1, shard_max_count=SHARD_MAX_COUNT)

@@ -1,4 +1,4 @@
-"""artscale.atomic: the one tmp-then-rename writer (pack's manifest and journal, checkpoints, exports,
+"""artscale.core.atomic: the one tmp-then-rename writer (pack's manifest and journal, checkpoints, exports,
 generated images and reports, SLURM merges, training samples)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from artscale.atomic import write_atomic, write_json_atomic
+from artscale.core.atomic import write_atomic, write_json_atomic
 
 
 def test_bytes_text_and_json_land_whole_and_leave_no_tmp(tmp_path):

@@ -11,17 +11,10 @@ import pytest
 import torch
 from _train_helpers import shards, tiny, train_cli  # noqa: F401  (fixture)
 
-from artscale.checkpoint import (
-    CheckpointManager,
-    check_run_dir,
-    describe,
-    latest_checkpoint,
-    list_checkpoints,
-    load_model,
-    resume_point,
-)
-from artscale.errors import UserError
-from artscale.model import ConvDiffusionModel
+from artscale.contracts.run_dir import describe, latest_checkpoint, list_checkpoints, load_model
+from artscale.core.errors import UserError
+from artscale.models.article import ConvDiffusionModel
+from artscale.train.checkpoint import CheckpointManager, check_run_dir, resume_point
 
 
 @pytest.fixture()
@@ -175,8 +168,9 @@ def test_a_run_dir_resolves_to_its_newest_weights(tmp_path):
     """final/ normally; a checkpoint newer than final/ (the run was continued) wins over it."""
     import shutil
 
-    from artscale.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, load_weights, save_final, write_json_atomic
-    from artscale.model import ConvDiffusionModel
+    from artscale.contracts.run_dir import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, load_weights
+    from artscale.models.article import ConvDiffusionModel
+    from artscale.train.checkpoint import save_final, write_json_atomic
 
     run = tmp_path / "run"
     save_final(ConvDiffusionModel().state_dict(), run, {"image_size": 16}, 10)
@@ -194,7 +188,8 @@ def test_the_articles_weights_are_the_ema_where_the_run_kept_one_unless_raw_is_a
     """A run dir with ema.safetensors beside model.safetensors (as training with ema_decay > 0 leaves it)."""
     from safetensors.torch import save_file
 
-    from artscale.checkpoint import EMA_NAME, load_weights, save_final
+    from artscale.contracts.run_dir import EMA_NAME, load_weights
+    from artscale.train.checkpoint import save_final
 
     raw, ema = ConvDiffusionModel().state_dict(), ConvDiffusionModel().state_dict()
     save_final(raw, tmp_path / "with", {"image_size": 16}, 3, lambda d: save_file(ema, str(d / EMA_NAME)))
@@ -207,7 +202,7 @@ def test_the_articles_weights_are_the_ema_where_the_run_kept_one_unless_raw_is_a
     with pytest.raises(UserError, match="--weights raw"):
         load_weights(tmp_path / "without", "ema")
     with pytest.raises(UserError, match="not a diffusion run"):
-        from artscale.checkpoint import load_denoiser
+        from artscale.contracts.run_dir import load_denoiser
 
         load_denoiser(tmp_path / "with")
 
@@ -219,10 +214,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from artscale.checkpoint import shared_resume_point
-from artscale.config import load_config
-from artscale.errors import UserError
-from artscale.train_setup import accelerator, precision_for
+from artscale.train.checkpoint import shared_resume_point
+from artscale.train.config import load_config
+from artscale.core.errors import UserError
+from artscale.train.setup import accelerator, precision_for
 
 root = Path(sys.argv[1])
 cfg = load_config(None, ["compile=true", "tracker=none"])

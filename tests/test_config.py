@@ -1,7 +1,7 @@
 import pytest
 
-from artscale.config import TrainConfig, config_from_dict, load_config
-from artscale.errors import UserError
+from artscale.core.errors import UserError
+from artscale.train.config import TrainConfig, config_from_dict, load_config
 
 
 def test_defaults_are_the_articles():

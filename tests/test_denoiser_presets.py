@@ -17,10 +17,14 @@ from _diffusion_helpers import CLASSES, make_diffusion_run
 from _train_helpers import ROOT, env, tiny, train_cli
 from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visibly different classes, 16 px)
 
-from artscale.checkpoint import load_denoiser, resume_denoiser
-from artscale.diffusion import build_denoiser, make_sampler, noise_for, preset_denoiser, sample, torch_predict
-from artscale.errors import UserError
-from artscale.export import export_onnx
+from artscale.contracts.run_dir import load_denoiser
+from artscale.core.errors import UserError
+from artscale.diffusion.noise import noise_for
+from artscale.diffusion.sampling import sample, torch_predict
+from artscale.diffusion.schedulers import make_sampler
+from artscale.export.article import export_onnx
+from artscale.models.denoiser import build_denoiser, preset_denoiser
+from artscale.train.checkpoint import resume_denoiser
 
 NARROW = dict(channels=(16, 32, 32, 64), groups=8)  # `small`'s levels, layers and attention, a fraction of its width
 
@@ -102,7 +106,7 @@ def test_an_old_style_run_resumes_under_todays_presets(art_shards, tmp_path):  #
     narrow = ("block_out_channels=16,32,32,64", "norm_num_groups=8")
     overrides = tiny(run, art_shards, "objective=diffusion", "denoiser=small", *narrow, "checkpoint_every=1")
     old = (
-        "import sys; import artscale.diffusion as d; d.PRESET_ATTENTION['small'] = (0, 8); "
+        "import sys; import artscale.models.denoiser as d; d.PRESET_ATTENTION['small'] = (0, 8); "
         "from artscale.train import main; sys.exit(main(sys.argv[1:]))"
     )
     first = subprocess.run(

@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from artscale.diffusion import (
-    build_denoiser,
-    make_sampler,
-    noise_for,
-    sample,
-    to_model,
-    to_uint8,
-    torch_predict,
-    train_scheduler,
-)
-from artscale.errors import UserError
+from artscale.core.errors import UserError
+from artscale.diffusion.noise import noise_for
+from artscale.diffusion.sampling import sample, to_model, to_uint8, torch_predict
+from artscale.diffusion.schedulers import make_sampler, train_scheduler
+from artscale.models.denoiser import build_denoiser
 
 
 def test_noise_of_a_key_is_the_same_in_any_batch_and_differs_between_keys():

@@ -14,8 +14,8 @@ from importlib import metadata
 import pytest
 from conftest import ROOT, VENV_BIN
 
+from artscale.core.hardware import cpu_native_bf16, driver_verdict, parse_nvidia_smi, parse_proc_driver
 from artscale.doctor import ORT_CUDA12, ORT_CUDA13, PYTORCH_CU126, cuda_fix, ort_log_reason, run_probe
-from artscale.hardware import cpu_native_bf16, driver_verdict, parse_nvidia_smi, parse_proc_driver
 
 SMI_R535 = (
     "NVIDIA A100-SXM4-80GB, 535.104.05, 81920 MiB, Disabled\nNVIDIA A100-SXM4-80GB, 535.104.05, 81920 MiB, Disabled\n"

@@ -16,8 +16,10 @@ from PIL import Image
 from torch_fidelity import KEY_METRIC_FID
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from artscale.errors import UserError
-from artscale.evaluate import (
+from artscale.core.errors import UserError
+from artscale.data.loader import SkipCounter, data_spec
+from artscale.data.pack import pack
+from artscale.metrics.fid import (
     RANDOM_INCEPTION_WARNING,
     FolderScan,
     class_distances,
@@ -30,8 +32,6 @@ from artscale.evaluate import (
     load_inception,
     shard_images,
 )
-from artscale.loader import SkipCounter, data_spec
-from artscale.shards import pack
 
 CLASSES = ["ink", "oil"]
 

@@ -18,10 +18,11 @@ from conftest import run_cli
 from PIL import Image
 
 from artscale import __version__
-from artscale.errors import UserError
-from artscale.export import FP16_TOLERANCE, FP32_TOLERANCE, describe_onnx, export_onnx, provider_tolerance
-from artscale.model import normalize
-from artscale.session import cuda_devices
+from artscale.contracts.onnx import cuda_devices, describe_onnx
+from artscale.core.errors import UserError
+from artscale.export.article import FP16_TOLERANCE, FP32_TOLERANCE, export_onnx
+from artscale.export.skeleton import provider_tolerance
+from artscale.models.article import normalize
 
 
 def torch_uint8(model, images: np.ndarray) -> np.ndarray:

@@ -18,10 +18,12 @@ from conftest import run_cli
 from PIL import Image
 from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visibly different classes, 16 px)
 
-from artscale.checkpoint import load_denoiser
-from artscale.diffusion import make_sampler, noise_for, sample, to_uint8, torch_predict
-from artscale.errors import UserError
-from artscale.export_diffusers import GRID_TILE, export_diffusers
+from artscale.contracts.run_dir import load_denoiser
+from artscale.core.errors import UserError
+from artscale.diffusion.noise import noise_for
+from artscale.diffusion.sampling import sample, to_uint8, torch_predict
+from artscale.diffusion.schedulers import make_sampler
+from artscale.export.diffusers import GRID_TILE, export_diffusers
 
 
 def card_classes(card: str) -> dict[int, str]:

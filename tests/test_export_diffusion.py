@@ -16,11 +16,12 @@ from conftest import run_cli
 from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visibly different classes, 16 px)
 from test_export import _val_shards
 
-from artscale.checkpoint import load_denoiser
-from artscale.diffusion import make_sampler, noise_for, train_scheduler
-from artscale.errors import UserError
-from artscale.export import export_onnx
-from artscale.export_diffusion import read_metadata
+from artscale.contracts.onnx import read_metadata
+from artscale.contracts.run_dir import load_denoiser
+from artscale.core.errors import UserError
+from artscale.diffusion.noise import noise_for
+from artscale.diffusion.schedulers import make_sampler, train_scheduler
+from artscale.export.article import export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_a_real_training_run_exports_and_samples_like_its_torch_model(art_shards
     samples equal the run dir's torch samples (same seeds) within 2 levels."""
     from PIL import Image
 
-    from artscale.sample import sample_images
+    from artscale.infer.sample import sample_images
 
     run = tmp_path / "run"
     trained = train_cli(tiny(run, art_shards, "objective=diffusion", "batch_size=8", "max_steps=3"))

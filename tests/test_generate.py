@@ -18,11 +18,13 @@ from _onnx_helpers import make_run_dir
 from conftest import VENV_BIN, make_image, run_cli
 from PIL import Image
 
-from artscale.errors import UserError
-from artscale.export import describe_onnx, export_onnx
-from artscale.generate import TMP_SUFFIX, generate, native_size
-from artscale.listing import list_inputs, output_names
-from artscale.session import (
+from artscale.contracts.onnx import describe_onnx
+from artscale.core.errors import UserError
+from artscale.data.listing import list_inputs, output_names
+from artscale.export.article import export_onnx
+from artscale.infer.generate import generate, native_size
+from artscale.infer.outputs import TMP_SUFFIX
+from artscale.infer.session import (
     BYTES_PER_PIXEL,
     CPU_BATCH,
     GPU_MAX_BATCH,
@@ -141,7 +143,7 @@ def test_tree_is_mirrored_and_every_input_is_accounted_for(tree, model16, tmp_pa
 def test_nodes_on_the_cpu_are_named_in_one_line_for_a_gpu_session(model16):
     """A GPU session logs the nodes onnxruntime put on the CPU (once, at open): here a CPU session
     stands in, whose nodes are all on the CPU, as if the GPU provider had taken none."""
-    from artscale.session import open_session
+    from artscale.infer.session import open_session
 
     session, used = open_session(model16, "cpu", False, "default", threads=1)
     nodes, counts = cpu_nodes(session), placement(session)
@@ -444,8 +446,8 @@ def test_a_batch_job_prints_progress_lines(model16, tree, tmp_path):
 def test_list_only_then_shards_read_the_listing(model16, tree, tmp_path):
     """--list-only walks once; sharded tasks read OUT/listing.jsonl (a file added afterwards is not
     seen by them) and the merge names that file instead of missing it in silence."""
-    from artscale.listing import LISTING, read_listing
-    from artscale.slurm import merge_reports
+    from artscale.cluster.slurm import merge_reports
+    from artscale.data.listing import LISTING, read_listing
 
     src, out = tmp_path / "in", tmp_path / "out"
     for rel in ("a/one.jpg", "a/two.jpg", "b/c/three.jpg", ".hidden/x.jpg"):

@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import ROOT, gpu_selected
 
-from artscale.slurm import gpus_on_node
-from artscale.train_setup import gpus_asked_for
+from artscale.cluster.slurm import gpus_on_node
+from artscale.train.setup import gpus_asked_for
 
 
 @pytest.mark.parametrize(

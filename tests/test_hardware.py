@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from _train_helpers import shards, tiny, train_cli
 
-from artscale.hardware import choose_precision, cpu_flags, cpu_native_bf16
+from artscale.core.hardware import choose_precision, cpu_flags, cpu_native_bf16
 
 EPYC_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 avx avx2 fma\n\nprocessor\t: 1\n"
 XEON_BF16 = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile\n"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from artscale import multiple_of_8
-from artscale.errors import UserError
+from artscale.core.errors import UserError
+from artscale.core.system import multiple_of_8
 
 
 def test_code_and_help_do_not_cite_files_users_lack():
@@ -26,8 +26,8 @@ def test_code_and_help_do_not_cite_files_users_lack():
 
 def test_manifest_and_state_dict_readers_do_not_pull_in_pack_or_checkpoint():
     code = (
-        "import sys, artscale.loader, artscale.losses; "
-        "print(sorted(m for m in ('artscale.shards', 'artscale.checkpoint') if m in sys.modules))"
+        "import sys, artscale.data.loader, artscale.train.losses; "
+        "print(sorted(m for m in ('artscale.data.pack', 'artscale.contracts.run_dir', 'artscale.train.checkpoint') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -38,19 +38,19 @@ def test_every_size_check_agrees_with_multiple_of_8(size):
     """The CLI flags, the config, the model, pack and generate all refuse the same sizes."""
     import argparse
 
-    from artscale.cli import _positive_multiple_of_8
-    from artscale.config import load_config
-    from artscale.model import check_size
-    from artscale.shards import _settings
+    from artscale.cli import positive_multiple_of_8
+    from artscale.data.pack import pack_settings
+    from artscale.models.article import check_size
+    from artscale.train.config import load_config
 
     ok = multiple_of_8(size)
     assert ok == (size in (16, 24))
     refused = []
     for check in (
-        lambda: _positive_multiple_of_8(str(size)),
+        lambda: positive_multiple_of_8(str(size)),
         lambda: load_config(None, [f"image_size={size}"]),
         lambda: check_size(size, size),
-        lambda: _settings(size, 0.1, [], "stretch", "jpg", 95, 1, 0, False, 10, 0),
+        lambda: pack_settings(size, 0.1, [], "stretch", "jpg", 95, 1, 0, False, 10, 0),
     ):
         try:
             check()

@@ -1,4 +1,4 @@
-"""artscale.images: every odd-but-valid image decodes right, every bad file is skipped with its reason."""
+"""artscale.data.images: every odd-but-valid image decodes right, every bad file is skipped with its reason."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from _shards_helpers import write_bad_files, write_odd_images
 from PIL import Image
 
-from artscale.images import SkipImage, decode_bytes, encode_image, is_ignored, load_image, resize_image
+from artscale.data.images import SkipImage, decode_bytes, encode_image, is_ignored, load_image, resize_image
 
 RED_PIXEL = (200, 10, 10)
 

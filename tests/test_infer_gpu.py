@@ -29,11 +29,12 @@ from _diffusion_helpers import make_diffusion_run
 from _onnx_helpers import make_run_dir
 from PIL import Image
 
-from artscale.export import export_onnx
-from artscale.export_diffusion import FP16_TOLERANCE as DENOISER_FP16_TOLERANCE
-from artscale.generate import generate
-from artscale.sample import Variations, bound_predict, onnx_predict, open_denoiser, sample_images
-from artscale.session import (
+from artscale.export.article import export_onnx
+from artscale.export.denoiser import FP16_TOLERANCE as DENOISER_FP16_TOLERANCE
+from artscale.infer.generate import generate
+from artscale.infer.img2img import Variations
+from artscale.infer.sample import bound_predict, onnx_predict, open_denoiser, sample_images
+from artscale.infer.session import (
     BYTES_PER_PIXEL,
     DENOISER_BYTES_PER_PIXEL_CHANNEL,
     GPU_MEMORY_USE,
@@ -185,7 +186,7 @@ def test_gpu_memory_comes_from_the_device_and_honours_cuda_visible_devices():
     assert memory is not None and memory.total == total and abs(memory.free - free) < 1 << 30
     uuid = str(torch.cuda.get_device_properties(0).uuid)
     uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-    code = "from artscale.session import gpu_memory; print(gpu_memory().total)"
+    code = "from artscale.infer.session import gpu_memory; print(gpu_memory().total)"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": uuid}  # nvidia-smi -i cannot take a MIG UUID; the driver can
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from artscale.presets import PRESETS_DIR
-from artscale.slurm import SBATCH_DIR
+from artscale.cluster.slurm import SBATCH_DIR
+from artscale.train.presets import PRESETS_DIR
 
 
 def build_wheel(dest: Path) -> Path:
@@ -64,15 +64,15 @@ def test_an_installed_wheel_submits_training_and_runs_the_module(tmp_path):
             [sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
         )
 
-    where = python("-c", "import artscale.slurm as s; print(s.__file__)")
+    where = python("-c", "import artscale.cluster.slurm as s; print(s.__file__)")
     assert where.returncode == 0 and Path(where.stdout.strip()).is_relative_to(site), where.stdout + where.stderr
     submitted = python("-m", "artscale", "submit", "train", "--config", "diffusion", "--dry-run")
     assert submitted.returncode == 0 and submitted.stderr == "", submitted.stderr
     line = submitted.stdout.split()
     assert line[0] == "sbatch" and line[-2:] == ["--config", "diffusion"], line
     script = Path(line[-3])
-    assert script == site / "artscale" / "sbatch" / "train.sbatch" and script.is_file()
-    assert "python -m artscale.slurm node" in script.read_text()
+    assert script == site / "artscale" / "cluster" / "sbatch" / "train.sbatch" and script.is_file()
+    assert "python -m artscale.cluster node" in script.read_text()
     helped = python("-m", "artscale.train", "--help")
     assert helped.returncode == 0 and helped.stdout.startswith("usage: artscale train"), helped.stderr
     assert "--config" in helped.stdout

@@ -10,8 +10,8 @@ import pytest
 import torch
 from _train_helpers import children, manifest, shards  # noqa: F401  (fixture)
 
-from artscale.errors import UserError
-from artscale.loader import data_spec, train_loader, val_loader
+from artscale.core.errors import UserError
+from artscale.data.loader import data_spec, train_loader, val_loader
 
 
 def keys(loader, n: int | None = None) -> list[list[str]]:

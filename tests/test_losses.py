@@ -2,9 +2,9 @@ import pytest
 import torch
 from torchvision.models import vgg16
 
-from artscale.errors import UserError
-from artscale.losses import HybridLoss, load_vgg_features
-from artscale.model import ConvDiffusionModel
+from artscale.core.errors import UserError
+from artscale.models.article import ConvDiffusionModel
+from artscale.train.losses import HybridLoss, load_vgg_features
 
 
 def test_imagenet_weights_offline_give_the_clear_error(tmp_path, monkeypatch):
@@ -71,7 +71,7 @@ def test_loss_falls_over_20_steps_on_a_tiny_batch():
     loss_fn = HybridLoss("random", perceptual_weight=1.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     target = torch.rand(4, 3, 16, 16)
-    from artscale.model import normalize
+    from artscale.models.article import normalize
 
     losses = []
     for _ in range(20):

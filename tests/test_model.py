@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from artscale.checkpoint import load_model, load_weights
-from artscale.errors import UserError
-from artscale.model import ConvDiffusionModel
+from artscale.contracts.run_dir import load_model, load_weights
+from artscale.core.errors import UserError
+from artscale.models.article import ConvDiffusionModel
 
 
 class ArticleModel(nn.Module):

@@ -6,13 +6,13 @@ import pytest
 import yaml
 from conftest import ROOT, VENV_BIN, run_cli
 
-from artscale.config import load_config
-from artscale.errors import UserError
-from artscale.presets import PRESETS_DIR, preset_names, resolve_config
+from artscale.core.errors import UserError
+from artscale.train.config import load_config
+from artscale.train.presets import PRESETS_DIR, preset_names, resolve_config
 
 
 def test_the_presets_ship_inside_the_package():
-    assert PRESETS_DIR == ROOT / "artscale" / "configs"
+    assert PRESETS_DIR == ROOT / "artscale" / "train" / "configs"
     assert preset_names() == ["article", "diffusion", "diffusion-cpu"]
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from artscale.errors import UserError
-from artscale.progress import Progress, interval_s
+from artscale.core.errors import UserError
+from artscale.core.progress import Progress, interval_s
 
 
 def test_a_file_stream_gets_plain_lines_with_rate_eta_and_fields_then_a_last_line():

@@ -19,10 +19,10 @@ from _train_helpers import shards, tiny  # noqa: F401
 from conftest import make_image, run_cli
 from PIL import Image
 
-from artscale.errors import UserError
-from artscale.report import Limits, write_report
-from artscale.report_html import Series, line_plot
-from artscale.report_images import select, spread
+from artscale.core.errors import UserError
+from artscale.report.build import Limits, write_report
+from artscale.report.html import Series, line_plot
+from artscale.report.images import select, spread
 
 CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
 
@@ -31,13 +31,13 @@ CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
 def runs(shards, tmp_path_factory) -> dict[str, Path]:
     """One tiny run of each objective (trained in this process), the outputs made from them: a
     generation, the same generation in 2 shards merged, and a sampling run."""
-    from artscale.atomic import write_json_atomic
-    from artscale.config import load_config
-    from artscale.export import export_onnx
-    from artscale.generate import generate
-    from artscale.sample import sample_images
-    from artscale.slurm import write_merged
-    from artscale.train import train
+    from artscale.cluster.slurm import write_merged
+    from artscale.core.atomic import write_json_atomic
+    from artscale.export.article import export_onnx
+    from artscale.infer.generate import generate
+    from artscale.infer.sample import sample_images
+    from artscale.train.config import load_config
+    from artscale.train.loop import train
 
     root = tmp_path_factory.mktemp("report")
     every = ("sample_every=2", "val_every=2", "checkpoint_every=2", "keep_checkpoints=3")
@@ -194,8 +194,8 @@ def test_a_large_output_dir_is_shown_in_bounded_pages_and_says_how_many(runs, tm
 
 @pytest.mark.slow
 def test_rerunning_on_a_grown_run_updates_the_report_and_keeps_unchanged_thumbnails(runs, shards, tmp_path, capsys):
-    from artscale.config import load_config
-    from artscale.train import train
+    from artscale.train.config import load_config
+    from artscale.train.loop import train
 
     run = tmp_path / "run"
     shutil.copytree(runs["run"], run)

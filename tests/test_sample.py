@@ -14,9 +14,9 @@ from _diffusion_helpers import CLASSES, make_diffusion_run
 from conftest import VENV_BIN, run_cli
 from PIL import Image
 
-from artscale.errors import UserError
-from artscale.export import export_onnx
-from artscale.sample import merge_reports, sample_images
+from artscale.core.errors import UserError
+from artscale.export.article import export_onnx
+from artscale.infer.sample import merge_reports, sample_images
 
 STEPS = 6
 
@@ -118,9 +118,11 @@ def test_bound_predict_matches_session_run_and_reuses_its_output(model):
     import onnxruntime as ort
     import torch
 
-    from artscale.diffusion import make_sampler, noise_for, sample, to_uint8
-    from artscale.export_diffusion import read_metadata
-    from artscale.sample import bound_predict, onnx_predict
+    from artscale.contracts.onnx import read_metadata
+    from artscale.diffusion.noise import noise_for
+    from artscale.diffusion.sampling import sample, to_uint8
+    from artscale.diffusion.schedulers import make_sampler
+    from artscale.infer.sample import bound_predict, onnx_predict
 
     session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
     meta = read_metadata(session)
@@ -157,7 +159,7 @@ def test_cpu_streams_split_the_rows_into_small_runs_and_give_one_runs_output(mod
     import onnxruntime as ort
     import torch
 
-    from artscale.sample import CPU_RUN_PIXELS, onnx_predict
+    from artscale.infer.sample import CPU_RUN_PIXELS, onnx_predict
 
     session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
     size = session.get_inputs()[0].shape[2]
@@ -189,7 +191,7 @@ def test_bound_predict_gives_each_thread_its_own_output_buffer(model):
     import onnxruntime as ort
     import torch
 
-    from artscale.sample import bound_predict, onnx_predict
+    from artscale.infer.sample import bound_predict, onnx_predict
 
     session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
     size = session.get_inputs()[0].shape[2]
@@ -211,7 +213,7 @@ def test_a_gpu_session_without_torch_cuda_runs_the_whole_batch_at_once(model):
     import onnxruntime as ort
     import torch
 
-    from artscale.sample import session_predict
+    from artscale.infer.sample import session_predict
 
     session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
     size = session.get_inputs()[0].shape[2]
@@ -239,9 +241,11 @@ def test_the_sampler_gets_host_timesteps_and_the_model_gets_them_on_the_loops_de
     import onnxruntime as ort
     import torch
 
-    from artscale.diffusion import make_sampler, noise_for, sample
-    from artscale.export_diffusion import read_metadata
-    from artscale.sample import onnx_predict
+    from artscale.contracts.onnx import read_metadata
+    from artscale.diffusion.noise import noise_for
+    from artscale.diffusion.sampling import sample
+    from artscale.diffusion.schedulers import make_sampler
+    from artscale.infer.sample import onnx_predict
 
     session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
     meta = read_metadata(session)
@@ -268,7 +272,7 @@ def test_bound_predict_in_runs_of_max_rows_gives_the_whole_runs_output(model):
     import onnxruntime as ort
     import torch
 
-    from artscale.sample import bound_predict, onnx_predict, split_predict
+    from artscale.infer.sample import bound_predict, onnx_predict, split_predict
 
     session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
     size = session.get_inputs()[0].shape[2]
@@ -297,9 +301,9 @@ def test_a_failed_write_stops_sampling_in_one_line_and_the_report_counts_nodes(m
     reads the UNet's width from either kind of model."""
     import onnxruntime as ort
 
-    from artscale.checkpoint import load_denoiser
-    from artscale.export_diffusion import read_metadata
-    from artscale.sample import first_channels
+    from artscale.contracts.onnx import read_metadata
+    from artscale.contracts.run_dir import load_denoiser
+    from artscale.infer.sample import first_channels
 
     run, onnx = model
     out = tmp_path / "out"

@@ -12,8 +12,8 @@ from _diffusion_helpers import make_diffusion_run
 from conftest import run_cli
 from test_slurm import NO_SLURM, sbatch, slurm, tree_files, wait_job  # noqa: F401  (slurm: the fixture)
 
-from artscale.export import export_onnx
-from artscale.slurm import SBATCH_DIR
+from artscale.cluster.slurm import SBATCH_DIR
+from artscale.export.article import export_onnx
 
 ARGS = "--class impressionism --steps 3 --batch-size 2 --device cpu"
 

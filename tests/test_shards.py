@@ -1,4 +1,4 @@
-"""artscale.shards: real folders packed into real tars, read back with tarfile and webdataset.
+"""artscale.data.pack: real folders packed into real tars, read back with tarfile and webdataset.
 
 Images are 16 px and collections small, so the whole file runs in well under a minute on 2 cores.
 """
@@ -22,8 +22,8 @@ from _shards_helpers import write_messy_collection
 from conftest import CLASSES, VENV_BIN, make_image, run_cli
 from PIL import Image
 
-from artscale.errors import UserError
-from artscale.shards import JOURNAL, pack, read_manifest, verify
+from artscale.core.errors import UserError
+from artscale.data.pack import JOURNAL, pack, read_manifest, verify
 
 
 def _members(path: Path) -> dict[str, dict[str, bytes]]:
@@ -303,7 +303,7 @@ def test_workers_that_cannot_start_fall_back_instead_of_hanging(image_folder, tm
     """Under `python -` a worker cannot re-import __main__ and dies at start; multiprocessing.Pool
     would replace it forever. Pack must finish, in-process, with the same bytes."""
     code = (
-        f"from artscale.shards import pack\n"
+        f"from artscale.data.pack import pack\n"
         f"pack({str(image_folder)!r}, {str(tmp_path / 'stdin')!r}, size=16, workers=2, shard_max_count=8)\n"
     )
     r = subprocess.run([str(VENV_BIN / "python"), "-"], input=code, capture_output=True, text=True, timeout=120)

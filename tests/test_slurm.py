@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import make_image, run_cli, tiny
 
-from artscale.errors import UserError
-from artscale.slurm import (
+from artscale.cluster.slurm import (
     SBATCH_DIR,
     accelerate_launch_command,
     gpus_on_node,
@@ -26,6 +25,7 @@ from artscale.slurm import (
     merge_reports,
     node_launch_command,
 )
+from artscale.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]
@@ -152,7 +152,7 @@ def test_gpu_count_and_port_defaults():
 
 def test_run_finished_only_when_final_is_newest(tmp_path):
     """The requeue check: final/ at least as new as the newest checkpoint (a real dir layout, by hand)."""
-    from artscale.slurm import run_finished
+    from artscale.cluster.slurm import run_finished
 
     run = tmp_path / "run"
     args = [f"run_dir={run}"]
@@ -334,7 +334,7 @@ def tiny_onnx(tmp_path_factory) -> Path:
     """A random-weight model exported through the CLI, the way an article .pth is exported."""
     import torch
 
-    from artscale.model import ConvDiffusionModel
+    from artscale.models.article import ConvDiffusionModel
 
     d = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)
@@ -396,7 +396,9 @@ def test_merge_accounts_for_every_input_without_slurm(tiny_onnx, tmp_path):
     with pytest.raises(UserError, match="shard 2 of 3 did not finish"):
         merge_reports(out, 3)
     merged_cli = subprocess.run(
-        [sys.executable, "-m", "artscale.slurm", "merge", str(out), "--num-shards", "3"], capture_output=True, text=True
+        [sys.executable, "-m", "artscale.cluster", "merge", str(out), "--num-shards", "3"],
+        capture_output=True,
+        text=True,
     )
     assert merged_cli.returncode == 2 and merged_cli.stderr.count("\n") == 1 and "did not finish" in merged_cli.stderr
 
@@ -545,7 +547,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
     [record] = job_info(job)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1"
     finished = subprocess.run(
-        [sys.executable, "-m", "artscale.slurm", "finished", *args], capture_output=True, text=True
+        [sys.executable, "-m", "artscale.cluster", "finished", *args], capture_output=True, text=True
     )
     assert finished.returncode == 0, finished.stderr
 
@@ -623,7 +625,7 @@ def test_relay_keeps_a_usr1_that_comes_while_the_launcher_starts(tmp_path):
     launcher (a shell standing in for `accelerate launch`) has even started: the rank must still get
     it. The moment is a race, so it is run a few times (a lost signal shows in most of them)."""
     (tmp_path / "rank.py").write_text(RANK)
-    code = "import os, sys; from artscale.slurm import relay; sys.exit(relay(sys.argv[1:], os.environ))"
+    code = "import os, sys; from artscale.cluster.slurm import relay; sys.exit(relay(sys.argv[1:], os.environ))"
     for attempt in range(4):
         got = tmp_path / f"got-{attempt}"
         launcher = ["sh", "-c", f"{sys.executable} {tmp_path / 'rank.py'} {got}; exit $?"]
@@ -641,7 +643,7 @@ def test_first_host_and_a_broken_report_are_one_line(tmp_path):
     bin_dir.mkdir()
     env = {**os.environ, "PATH": str(bin_dir), "SLURM_JOB_NODELIST": "node[01-02]"}
     env.pop("ARTSCALE_MAIN_ADDR", None)
-    node = [sys.executable, "-m", "artscale.slurm", "node", f"run_dir={tmp_path / 'run'}"]
+    node = [sys.executable, "-m", "artscale.cluster", "node", f"run_dir={tmp_path / 'run'}"]
     missing = subprocess.run(node, env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert "cannot run scontrol" in missing.stderr and "ARTSCALE_MAIN_ADDR" in missing.stderr
@@ -656,7 +658,9 @@ def test_first_host_and_a_broken_report_are_one_line(tmp_path):
     out.mkdir()
     (out / "report-0-of-2.json").write_text('{"shard_index": 0, "num_shards": 2, "writ')
     merged = subprocess.run(
-        [sys.executable, "-m", "artscale.slurm", "merge", str(out), "--num-shards", "2"], capture_output=True, text=True
+        [sys.executable, "-m", "artscale.cluster", "merge", str(out), "--num-shards", "2"],
+        capture_output=True,
+        text=True,
     )
     assert merged.returncode == 2 and merged.stderr.count("\n") == 1, merged.stderr
     assert "report-0-of-2.json is not a readable JSON report" in merged.stderr

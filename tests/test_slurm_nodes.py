@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from artscale.errors import UserError
-from artscale.slurm import SBATCH_DIR
-from artscale.slurm_nodes import _mem_mb, fit_request, gres_gpus, parse_sinfo, script_cpus
+from artscale.cluster.nodes import fit_request, gres_gpus, parse_mem_mb, parse_sinfo, script_cpus
+from artscale.cluster.slurm import SBATCH_DIR
+from artscale.core.errors import UserError
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -101,7 +101,7 @@ def test_an_explicit_request_no_node_meets_is_one_line_naming_the_flag():
 def test_script_defaults_and_memory_units():
     assert script_cpus(SBATCH_DIR / "generate.sbatch") == 4
     assert script_cpus(SBATCH_DIR / "train.sbatch") == 8
-    assert [_mem_mb(v) for v in ("64G", "500M", "2048", "1T", "512K", "0", "lots")] == [
+    assert [parse_mem_mb(v) for v in ("64G", "500M", "2048", "1T", "512K", "0", "lots")] == [
         65536,
         500,
         2048,

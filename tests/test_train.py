@@ -34,10 +34,10 @@ from _train_helpers import (  # noqa: F401
 from PIL import Image
 from safetensors.torch import load_file
 
-from artscale.config import load_config
-from artscale.errors import UserError
-from artscale.loader import data_spec
-from artscale.train import EXIT_PREEMPTED, Plan, StopSignals, main
+from artscale.core.errors import UserError
+from artscale.data.loader import data_spec
+from artscale.train.config import load_config
+from artscale.train.loop import EXIT_PREEMPTED, Plan, StopSignals, main
 
 
 def free_port() -> int:
@@ -349,7 +349,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
 FAULTS_SCRIPT = """
 import resource, sys
 import torch
-from artscale.train import keep_freed_memory
+from artscale.train.loop import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.ones(32 << 20)
@@ -474,7 +474,7 @@ def test_gpus_asked_for_without_cuda_stop_with_one_line(shards, tmp_path):
 
 
 def test_what_asks_for_a_gpu_and_a_world_size_that_disagrees():
-    from artscale.train_setup import check_gpu, check_world, gpus_asked_for
+    from artscale.train.setup import check_gpu, check_world, gpus_asked_for
 
     assert gpus_asked_for({}) == ""
     assert gpus_asked_for({"WORLD_SIZE": "8", "LOCAL_RANK": "3"}).startswith("WORLD_SIZE=8")
@@ -490,7 +490,7 @@ def test_what_asks_for_a_gpu_and_a_world_size_that_disagrees():
 
 
 def test_loader_workers_divide_the_cores_among_the_local_processes():
-    from artscale.train_setup import loader_workers
+    from artscale.train.setup import loader_workers
 
     assert loader_workers(-1, "cuda", 8, cores=16) == 2  # 8 GPU ranks on a 16-core allocation
     assert loader_workers(-1, "cuda", 1, cores=16) == 4
@@ -501,7 +501,7 @@ def test_loader_workers_divide_the_cores_among_the_local_processes():
 
 def test_wandb_goes_offline_only_without_any_credentials(tmp_path):
     """A key saved by `wandb login` in ~/.netrc is wandb's own login: no forced offline mode then."""
-    from artscale.train_setup import wandb_mode
+    from artscale.train.setup import wandb_mode
 
     home = tmp_path / "home"
     home.mkdir()
@@ -528,7 +528,7 @@ def test_fp16_loss_scaling_reads_nothing_back_to_the_host_per_step(monkeypatch):
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.state import AcceleratorState
 
-    from artscale.train_setup import adam
+    from artscale.train.setup import adam
 
     Accelerator(cpu=True)
     item = torch.Tensor.item

@@ -28,11 +28,11 @@ from _train_helpers import (  # noqa: F401
 from conftest import CLASSES
 from safetensors.torch import load_file
 
-from artscale.config import load_config
-from artscale.errors import UserError
-from artscale.loader import data_spec, val_loader
-from artscale.train import EXIT_PREEMPTED, main
-from artscale.train_eval import RANDOM_EVAL_WARNING
+from artscale.core.errors import UserError
+from artscale.data.loader import data_spec, val_loader
+from artscale.train.config import load_config
+from artscale.train.loop import EXIT_PREEMPTED, main
+from artscale.train.quality import RANDOM_EVAL_WARNING
 
 EVAL = ["eval_every=2", "eval_samples=2", "eval_inception=random"]
 

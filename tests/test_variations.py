@@ -11,9 +11,9 @@ from _onnx_helpers import make_run_dir
 from conftest import run_cli
 from PIL import Image
 
-from artscale.errors import UserError
-from artscale.export import export_onnx
-from artscale.generate import generate
+from artscale.core.errors import UserError
+from artscale.export.article import export_onnx
+from artscale.infer.generate import generate
 
 
 @pytest.fixture(scope="module")

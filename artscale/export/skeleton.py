@@ -1,0 +1,116 @@
+"""What both exporters share: the parity images, the onnxruntime sessions the gate runs on, the gate itself."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from artscale.core.errors import UserError
+from artscale.data.manifest import is_shards_dir, read_manifest, split_shards
+
+OPSET = 17
+PARITY_IMAGES = 8
+
+
+def _val_images(shards: Path, size: int, limit: int) -> list[np.ndarray]:
+    """Up to `limit` decoded val images of a shards dir (manifest.json from `artscale pack`)."""
+    from artscale.data.images import decode_bytes
+
+    names = [s["name"] for s in split_shards(read_manifest(shards), "val")]
+    found: list[np.ndarray] = []
+    for name in names:
+        try:
+            with tarfile.open(shards / name) as tar:
+                for member in tar:
+                    if len(found) >= limit:
+                        return found
+                    if not member.isfile() or member.name.rsplit(".", 1)[-1] not in ("jpg", "png"):
+                        continue
+                    arr = np.asarray(decode_bytes(tar.extractfile(member).read()))
+                    if arr.shape[:2] == (size, size):
+                        found.append(arr)
+        except (OSError, tarfile.TarError) as e:
+            raise UserError(f"cannot read val shard {shards / name}: {e}") from None
+    return found
+
+
+def _generated_images(size: int, count: int) -> list[np.ndarray]:
+    """Structured images (gradients, blocks, noise) when there are no val shards to use."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = []
+    for _ in range(count):
+        arr = np.stack(
+            [xx * 255 // max(size - 1, 1), yy * 255 // max(size - 1, 1), (xx + yy) * 127 // max(size - 1, 1)], -1
+        )
+        arr = (arr + rng.integers(0, 255, 3)) % 256
+        y0, x0 = rng.integers(0, size // 2, 2)
+        arr[y0 : y0 + size // 3, x0 : x0 + size // 3] = rng.integers(0, 255, 3)
+        arr = arr + rng.integers(-12, 13, arr.shape)
+        images.append(np.clip(arr, 0, 255).astype(np.uint8))
+    return images
+
+
+def parity_images(shards: Path | None, config: dict[str, Any] | None, size: int) -> tuple[np.ndarray, str]:
+    if shards is not None and not is_shards_dir(shards):
+        raise UserError(f"--shards {shards}: no manifest.json there (expected a dir written by `artscale pack`)")
+    if shards is None and config and config.get("data"):
+        candidate = Path(config["data"])
+        shards = candidate if is_shards_dir(candidate) else None
+    if shards is not None:
+        found = _val_images(shards, size, PARITY_IMAGES)
+        if found:
+            return np.stack(found), f"{len(found)} val images from {shards}"
+    return np.stack(_generated_images(size, PARITY_IMAGES)), f"{PARITY_IMAGES} generated images"
+
+
+def parity_session(model_bytes: bytes, providers: list | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def parity_sessions(model_bytes: bytes, quiet: bool = False) -> list[tuple[str, Any]]:
+    """(provider, session) pairs the parity gate runs on: the CPU provider, and the CUDA provider
+    (with generation's options) where CUDA really runs here. The CPU computes most fp16 ops in fp32,
+    so an fp16 graph passing there says little about the GPU it is meant for."""
+    import onnxruntime as ort
+
+    from artscale.contracts.onnx import cuda_devices, cuda_options
+
+    sessions = [("CPUExecutionProvider", parity_session(model_bytes))]
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_devices():
+        return sessions
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, as generate does
+    why = ""
+    try:
+        cuda = parity_session(model_bytes, [("CUDAExecutionProvider", cuda_options()), "CPUExecutionProvider"])
+        if cuda.get_providers()[0] == "CUDAExecutionProvider":
+            return [*sessions, ("CUDAExecutionProvider", cuda)]
+    except Exception as e:  # a CUDA or cuDNN library that cannot load
+        why = f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else ""
+    if not quiet:
+        print(f"artscale: a GPU is here but the CUDA provider does not open{why}; parity checked on the CPU only")
+    return sessions
+
+
+def provider_tolerance(provider: str, fp32: Any, fp16: Any, is_fp16: bool) -> Any:
+    """The gate's tolerance on `provider`. The CUDA provider runs fp32 convolutions in TF32 on Ampere and
+    newer (its default, as torch's for convolutions): fp16's 10-bit mantissa, so fp16's tolerance."""
+    return fp16 if is_fp16 or provider != "CPUExecutionProvider" else fp32
+
+
+def gate(measured: dict[str, float], tolerance: tuple[float, int], what: str) -> None:
+    float_tol, u8_tol = tolerance
+    diff = measured.get("max_float_diff", 0.0)
+    if not diff <= float_tol or measured["max_uint8_diff"] > u8_tol:
+        raise UserError(
+            f"parity gate failed on {what}: max float diff {diff:.3g} (allowed {float_tol:g}), max uint8 diff "
+            f"{measured['max_uint8_diff']} (allowed {u8_tol}); nothing written"
+        )
