@@ -1,5 +1,6 @@
-"""What `artscale doctor` runs in subprocesses, one per probe: `python -m artscale.doctor_probes NAME`
-prints one JSON line. torch (its CUDA, cuDNN, devices, and where the weight files are looked for)
+"""This module holds the probes `artscale doctor` runs, each in its own subprocess.
+
+`python -m artscale.doctor_probes NAME` prints one JSON line. torch (its CUDA, cuDNN, devices, and where the weight files are looked for)
 and onnxruntime (its providers, and a tiny graph run on CPU and on CUDA with the CPU fallback
 disabled) each run apart, so that a crash or a hang in either is only that probe's failure.
 """

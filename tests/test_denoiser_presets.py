@@ -107,7 +107,7 @@ def test_an_old_style_run_resumes_under_todays_presets(art_shards, tmp_path):  #
     overrides = tiny(run, art_shards, "objective=diffusion", "denoiser=small", *narrow, "checkpoint_every=1")
     old = (
         "import sys; import artscale.models.denoiser as d; d.PRESET_ATTENTION['small'] = (0, 8); "
-        "from artscale.train import main; sys.exit(main(sys.argv[1:]))"
+        "from artscale.train.loop import main; sys.exit(main(sys.argv[1:]))"
     )
     first = subprocess.run(
         [sys.executable, "-c", old, *overrides, "max_steps=2"], env=env(), capture_output=True, text=True, cwd=ROOT

@@ -44,7 +44,8 @@ def test_an_installed_wheel_submits_training_and_runs_the_module(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for folder in (PRESETS_DIR, SBATCH_DIR):
         shipped = sorted(p.name for p in folder.iterdir() if p.is_file())
-        assert shipped and all(f"artscale/{folder.name}/{name}" in names for name in shipped), (folder, names)
+        inside = folder.relative_to(ROOT).as_posix()
+        assert shipped and all(f"{inside}/{name}" in names for name in shipped), (folder, names)
     site = tmp_path / "site"
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],

@@ -1,5 +1,7 @@
-"""Seeds derived from values alone (a run's seed with an index, a path, an epoch, a rank), never from
-an order of calls: what makes shuffles, flips and starting noise the same after a resume or a re-split."""
+"""This module derives seeds from values alone, never from an order of calls.
+
+A run's seed with an index, a path, an epoch or a rank gives the same seed on any machine: what
+makes shuffles, flips and starting noise the same after a resume or a re-split."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Diffusion: a class-conditional UNet denoiser, its noise schedule and the sampler loop.
+"""This module is the one sampling loop: classifier-free guidance over any `predict(x, t, labels)`.
 
 diffusers does the heavy lifting (`UNet2DModel`, `DDPMScheduler` for the forward process, DDIM and
-DPM-Solver++ for sampling). What is artscale's own is small and lives here:
+DPM-Solver++ for sampling). What is artscale's own is small:
 - pixels: the denoiser sees images in [-1, 1]; uint8 [N, H, W, 3] at the edges;
 - classes: labels 0..C-1 are the manifest's classes, C is the null class for classifier-free
   guidance (the UNet has C + 1 class embeddings);

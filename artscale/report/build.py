@@ -1,5 +1,7 @@
-"""`artscale report PATH [--out DIR]`: a static report of a run dir or an output dir of generate or
-sample (a merged SLURM one too), as one index.html with its thumbnails beside it in thumbs/.
+"""This module writes `artscale report PATH [--out DIR]`: a static page of a run dir or an output dir.
+
+PATH is a run dir or an output dir of generate or sample (a merged SLURM one too); the report is one
+index.html with its thumbnails beside it in thumbs/.
 
 No server, script, font or file from elsewhere: the folder opens from a shared filesystem or a copy.
 For a million outputs it stays small: thumbnails for a bounded, stable selection (per folder the

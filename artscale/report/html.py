@@ -1,5 +1,6 @@
-"""HTML and SVG for `artscale report`: one self-contained page (inline CSS, inline SVG plots, no
-script, font or file from elsewhere). Pure functions of their arguments; no file is read here."""
+"""This module draws the HTML and SVG of `artscale report`, as pure functions; no file is read here.
+
+One self-contained page: inline CSS, inline SVG plots, no script, font or file from elsewhere."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""The images of `artscale report`: which ones are shown (a bounded, stable selection) and their
-thumbnails, written beside index.html so that the report folder can be copied anywhere.
+"""This module picks the images `artscale report` shows and writes their thumbnails beside index.html.
+
+The selection is bounded and stable; the thumbnails sit beside the page so that the report folder
+can be copied anywhere.
 
 A thumbnail's name comes from its source's path, size and modification time, so a rerun keeps
 the ones whose source did not change and makes new ones for the rest; `prune` then removes those
-the new index.html no longer shows. Sources are opened through images.py only.
+the new index.html no longer shows. Sources are opened through artscale.data.images only.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The run-dir part of `artscale report`: config, data, metrics as plots, sample grids, checkpoints,
-FID/KID, time and throughput. The run dir is read by checkpoint.read_run_dir (as `artscale info`)."""
+"""This module writes the run-dir part of `artscale report`.
+
+It shows the config, the data, the metrics as plots, the sample grids, the checkpoints, FID/KID, time
+and throughput. The run dir is read by artscale.contracts.run_dir.read_run_dir (as `artscale info`)."""
 
 from __future__ import annotations
 
