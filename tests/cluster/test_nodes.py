@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from artscale.cluster.nodes import fit_request, gres_gpus, parse_mem_mb, parse_sinfo, script_cpus
 from artscale.cluster.slurm import SBATCH_DIR
@@ -124,7 +123,7 @@ def stand_in_sinfo(bin_dir: Path, text: str, code: int = 0) -> dict[str, str]:
     return {"PATH": f"{bin_dir}{os.pathsep}{VENV_BIN}"}
 
 
-def test_submit_dry_run_fits_and_refuses_against_sinfo(tmp_path):
+def test_submit_dry_run_fits_and_refuses_against_sinfo(tmp_path, run_cli):
     env = stand_in_sinfo(tmp_path / "bin", CLUSTER)
     train = ("submit", "train", "--partition", "gpu", "--dry-run")
     out = run_cli(*train, "--nodes", "2", "--gpus-per-node", "4", env=env)
@@ -149,7 +148,7 @@ def test_submit_dry_run_fits_and_refuses_against_sinfo(tmp_path):
     assert out.returncode == 2 and "--gpus-per-task 2: no node of partition cpu has a GPU" in out.stderr
 
 
-def test_submit_checks_nothing_where_sinfo_does_not_answer(tmp_path):
+def test_submit_checks_nothing_where_sinfo_does_not_answer(tmp_path, run_cli):
     """A sinfo that fails (no controller, no config) counts as none: today's lines, nothing on stderr."""
     env = stand_in_sinfo(tmp_path / "bin", "slurm_load_partitions: Unable to contact slurm controller\n", code=1)
     out = run_cli(

@@ -6,19 +6,20 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from _diffusion_helpers import make_diffusion_run
-from conftest import run_cli
-from test_slurm import NO_SLURM, sbatch, slurm, tree_files, wait_job  # noqa: F401  (slurm: the fixture)
 
 from artscale.cluster.slurm import SBATCH_DIR
 from artscale.export.article import export_onnx
 
+NO_SLURM = {"PATH": str(Path(sys.executable).parent)}  # for run_cli: a machine without sinfo
+
 ARGS = "--class impressionism --steps 3 --batch-size 2 --device cpu"
 
 
-def test_submit_sample_dry_run_prints_the_array_and_the_merge():
+def test_submit_sample_dry_run_prints_the_array_and_the_merge(run_cli):
     args = ("submit", "sample", "m.onnx", "out", "--count", "9", "--tasks", "3", "--dry-run", "--sample-args", ARGS)
     out = run_cli(*args, env=NO_SLURM)  # no sinfo here: nothing checked, nothing said
     assert out.returncode == 0 and out.stderr == "", out.stderr
@@ -35,7 +36,7 @@ def node_cpus() -> int:
 
 
 @pytest.mark.slurm
-def test_submit_fits_or_refuses_on_the_local_cluster(slurm, tmp_path):  # noqa: F811
+def test_submit_fits_or_refuses_on_the_local_cluster(slurm, tmp_path, run_cli):
     """Nothing is submitted: each request is fitted or refused against what sinfo says of the node."""
     cpus = node_cpus()
     sample = ("submit", "sample", "m.onnx", tmp_path / "out", "--count", "9", "--tasks", "3")
@@ -74,7 +75,9 @@ def test_submit_fits_or_refuses_on_the_local_cluster(slurm, tmp_path):  # noqa: 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_sampling_array_and_merge_equal_one_run(slurm, tmp_path):  # noqa: F811
+def test_sampling_array_and_merge_equal_one_run(
+    slurm, tmp_path, make_diffusion_run, run_cli, sbatch, wait_job, tree_files
+):
     model = tmp_path / "m.onnx"
     export_onnx(make_diffusion_run(tmp_path / "run"), model)
     one = run_cli("sample", model, tmp_path / "one", "--count", "9", *ARGS.split())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_image, run_cli, tiny
 
 from artscale.cluster.slurm import (
     SBATCH_DIR,
@@ -27,21 +25,9 @@ from artscale.cluster.slurm import (
 )
 from artscale.core.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parents[1]
 NO_SLURM = {"PATH": str(VENV / "bin")}  # for run_cli: a machine without sinfo, where submit checks nothing
-CLUSTER_DIR = Path(os.environ.get("ARTSCALE_SLURM_DIR", "/tmp/artscale-slurm"))
-ACTIVE = {
-    "PENDING",
-    "CONFIGURING",
-    "RUNNING",
-    "COMPLETING",
-    "REQUEUED",
-    "REQUEUE_FED",
-    "REQUEUE_HOLD",
-    "RESIZING",
-    "SUSPENDED",
-}
 
 
 def test_auto_precision_is_decided_by_the_training_process_not_the_launcher():
@@ -169,7 +155,7 @@ def test_run_finished_only_when_final_is_newest(tmp_path):
     assert not run_finished(args)  # extended past an earlier finish, then preempted
 
 
-def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
+def test_submit_dry_run_prints_the_sbatch_lines(tmp_path, run_cli):
     out = run_cli(
         "submit",
         "train",
@@ -258,79 +244,8 @@ def test_submit_dry_run_prints_the_sbatch_lines(tmp_path):
 # --- on a real SLURM -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    """A SLURM that answers: $SLURM_CONF if set, else the local cluster (started when it is down).
-
-    Outside CI a machine without SLURM skips these tests; with CI=true they fail instead, so a
-    green CI always means they ran."""
-    if not shutil.which("sbatch") and os.environ.get("CI", "").lower() == "true":
-        pytest.fail("CI=true but sbatch is not installed: a green CI must have run the SLURM tests")
-    if not shutil.which("sbatch"):
-        pytest.skip(
-            "sbatch not found: SLURM is not installed here (slurm/local-cluster.sh up installs Debian's slurm-wlm)"
-        )
-    if "SLURM_CONF" not in os.environ:
-        os.environ["SLURM_CONF"] = str(CLUSTER_DIR / "slurm.conf")
-        if (
-            subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode != 0
-            or not (CLUSTER_DIR / "slurm.conf").is_file()
-        ):
-            up = subprocess.run(
-                [str(ROOT / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True, timeout=300
-            )
-            if up.returncode == 3 and os.environ.get("CI", "").lower() != "true":
-                pytest.skip(f"sbatch is here but slurmctld/slurmd cannot be installed: {up.stderr.strip()}")
-            assert up.returncode == 0, f"slurm/local-cluster.sh up failed:\n{up.stdout}{up.stderr}"
-    os.environ["ARTSCALE_VENV"] = str(VENV)
-    return os.environ["SLURM_CONF"]
-
-
-def sbatch(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
-    out = subprocess.run(
-        ["sbatch", "--parsable", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60, env=env
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip().split(";")[0]
-
-
-def job_info(job: str) -> list[dict[str, str]]:
-    """`scontrol show job` as one dict per record (an array has one per task); [] once SLURM forgets it."""
-    out = subprocess.run(["scontrol", "show", "-o", "job", job], capture_output=True, text=True)
-    records = []
-    for line in out.stdout.splitlines():
-        fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
-        if "JobState" in fields:
-            records.append(fields)
-    return records
-
-
-def wait_job(job: str, timeout: float, until=None) -> list[dict[str, str]]:
-    """Poll every 0.5 s (sbatch --wait polls slowly; there is no sacct) until every record has
-    left the active states, or `until(records)` holds."""
-    deadline = time.monotonic() + timeout
-    records: list[dict[str, str]] = []
-    while time.monotonic() < deadline:
-        records = job_info(job)
-        if records and (until(records) if until else all(r["JobState"] not in ACTIVE for r in records)):
-            return records
-        time.sleep(0.5)
-    subprocess.run(["scancel", job])
-    pytest.fail(
-        f"job {job} not done after {timeout:.0f} s: {[(r.get('JobId'), r['JobState'], r.get('Reason')) for r in records]}"
-    )
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.startswith("report")
-    }
-
-
 @pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory) -> Path:
+def tiny_onnx(tmp_path_factory, run_cli) -> Path:
     """A random-weight model exported through the CLI, the way an article .pth is exported."""
     import torch
 
@@ -344,18 +259,24 @@ def tiny_onnx(tmp_path_factory) -> Path:
     return d / "tiny.onnx"
 
 
-def make_tree(root: Path) -> Path:
-    for i in range(7):
-        make_image(root / ("a" if i % 2 else "b/c") / f"img {i}.jpg", (16 + 8 * (i % 3), 24), seed=i)
-    make_image(root / "b" / "x.png", (20, 20), seed=10)
-    make_image(root / "b" / "x.jpg", (20, 20), seed=11)
-    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    (root / "a" / "notes.txt").write_text("not an image")
-    return root
+@pytest.fixture(scope="session")
+def make_tree(make_image):
+    """A tree of images to generate from, with a broken image and a text file."""
+
+    def make(root: Path) -> Path:
+        for i in range(7):
+            make_image(root / ("a" if i % 2 else "b/c") / f"img {i}.jpg", (16 + 8 * (i % 3), 24), seed=i)
+        make_image(root / "b" / "x.png", (20, 20), seed=10)
+        make_image(root / "b" / "x.jpg", (20, 20), seed=11)
+        (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        (root / "a" / "notes.txt").write_text("not an image")
+        return root
+
+    return make
 
 
 @pytest.mark.slow
-def test_merge_accounts_for_every_input_without_slurm(tiny_onnx, tmp_path):
+def test_merge_accounts_for_every_input_without_slurm(tiny_onnx, tmp_path, run_cli, make_image, make_tree):
     """The merge logic on real shard reports from `artscale generate --num-shards 3 --shard-index I`."""
     tree, out = make_tree(tmp_path / "in"), tmp_path / "out"
     for i in range(3):
@@ -405,7 +326,9 @@ def test_merge_accounts_for_every_input_without_slurm(tiny_onnx, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
+def test_generation_array_and_merge_equal_one_run(
+    slurm, tiny_onnx, tmp_path, run_cli, make_tree, wait_job, tree_files, sbatch
+):
     tree = make_tree(tmp_path / "in")
     one = run_cli(
         "generate", tiny_onnx, tree, tmp_path / "one", "--batch-size", "1", "--workers", "1", "--device", "cpu"
@@ -471,16 +394,21 @@ def test_generation_array_and_merge_equal_one_run(slurm, tiny_onnx, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_shards(image_folder, tmp_path_factory) -> Path:
+def tiny_shards(image_folder, tmp_path_factory, run_cli) -> Path:
     out = tmp_path_factory.mktemp("shards") / "tiny"
     packed = run_cli("pack", image_folder, out, "--size", "16", "--val-fraction", "0.2", "--workers", "1")
     assert packed.returncode == 0, packed.stderr
     return out
 
 
-def train_args(shards: Path, run_dir: Path, max_steps: int) -> list[str]:
+@pytest.fixture(scope="session")
+def train_args(tiny):
     """A tiny CPU run (16 px, batch 4, random VGG weights: pretrained ones cannot be downloaded here)."""
-    return tiny(run_dir, shards, f"max_steps={max_steps}", "pg_timeout_s=60")
+
+    def args(shards: Path, run_dir: Path, max_steps: int) -> list[str]:
+        return tiny(run_dir, shards, f"max_steps={max_steps}", "pg_timeout_s=60")
+
+    return args
 
 
 # one host plays 2 machines: 2 srun tasks, machine_rank 0 and 1, one CPU rank each (gloo)
@@ -489,7 +417,7 @@ TWO_MACHINES = ("--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-ta
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path):
+def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path, train_args, sbatch, wait_job):
     job = sbatch(
         *TWO_MACHINES,
         "--output=train.log",
@@ -507,27 +435,34 @@ def test_train_sbatch_two_machines_reach_last_step(slurm, tiny_shards, tmp_path)
     assert record["Restarts"] == "0"
 
 
-def usr1_then_resumed(job: str, log_path: Path, max_steps: int) -> tuple[str, int]:
+@pytest.fixture(scope="session")
+def usr1_then_resumed(wait_job):
     """Send the batch script USR1 (what --signal=B:USR1@N does near the time limit) and check the job:
     each machine's rank saved and stopped at one step k by itself, none was killed by the signal
     (srun: "User defined signal", torch: "Signal 10 (SIGUSR1)"), one requeue, resumed from k.
     Returns (the log, k)."""
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    [record] = wait_job(job, 300)
-    log = log_path.read_text()
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
-    stopped = sorted({int(s) for s in re.findall(r"stopped by a signal at step (\d+)", log)})
-    assert len(stopped) == 1 and 0 < stopped[0] < max_steps, log
-    k = stopped[0]
-    assert log.count(f"stopped by a signal at step {k}:") == 2, log
-    assert "(SIGUSR1)" not in log and "User defined signal" not in log, log
-    assert f"resumed from step {k} (" in log and f"step-{k:06d})" in log, log
-    return log, k
+
+    def check(job: str, log_path: Path, max_steps: int) -> tuple[str, int]:
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        [record] = wait_job(job, 300)
+        log = log_path.read_text()
+        assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
+        stopped = sorted({int(s) for s in re.findall(r"stopped by a signal at step (\d+)", log)})
+        assert len(stopped) == 1 and 0 < stopped[0] < max_steps, log
+        k = stopped[0]
+        assert log.count(f"stopped by a signal at step {k}:") == 2, log
+        assert "(SIGUSR1)" not in log and "User defined signal" not in log, log
+        assert f"resumed from step {k} (" in log and f"step-{k:06d})" in log, log
+        return log, k
+
+    return check
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, tmp_path):
+def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(
+    slurm, tiny_shards, tmp_path, train_args, sbatch, job_info, usr1_then_resumed
+):
     max_steps = 20
     args = train_args(tiny_shards, tmp_path / "run", max_steps)
     log_path = tmp_path / "train.log"
@@ -554,7 +489,9 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_train_sbatch_usr1_while_python_starts_waits_for_the_handler(slurm, tiny_shards, tmp_path):
+def test_train_sbatch_usr1_while_python_starts_waits_for_the_handler(
+    slurm, tiny_shards, tmp_path, train_args, sbatch, job_info, usr1_then_resumed
+):
     """A USR1 that comes before the node process has its handler (here: while its Python starts, made
     slow by a sitecustomize) is held for it, not fatal: the ranks checkpoint and the job requeues."""
     site = tmp_path / "site"
@@ -585,7 +522,7 @@ def test_train_sbatch_usr1_while_python_starts_waits_for_the_handler(slurm, tiny
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_pack_sbatch_packs_what_pack_packs(slurm, image_folder, tmp_path):
+def test_pack_sbatch_packs_what_pack_packs(slurm, image_folder, tmp_path, run_cli, sbatch, wait_job):
     job = sbatch(
         "--cpus-per-task=1",
         "--output=pack.log",

@@ -4,7 +4,6 @@ reading on real /proc/cpuinfo text, and a real training run that says what it ch
 from __future__ import annotations
 
 import pytest
-from _train_helpers import shards, tiny, train_cli
 
 from artscale.core.hardware import choose_precision, cpu_flags, cpu_native_bf16
 
@@ -46,7 +45,7 @@ def test_auto_precision_follows_the_hardware(requested, device, cpu_flag, gpu_bf
         assert "emulated" in chosen.reason and "auto" in chosen.reason
 
 
-def test_a_run_says_which_precision_it_chose_and_why(shards, tmp_path):
+def test_a_run_says_which_precision_it_chose_and_why(shards, tmp_path, train_cli, tiny):
     proc = train_cli(tiny(tmp_path / "run", shards, "max_steps=1", "mixed_precision=auto"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = choose_precision("auto", "cpu", cpu_native_bf16(), False)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _shards_helpers import write_bad_files, write_odd_images
 from PIL import Image
 
 from artscale.data.images import SkipImage, decode_bytes, encode_image, is_ignored, load_image, resize_image
@@ -19,7 +18,7 @@ def _rgb(im: Image.Image, xy: tuple[int, int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def odd(tmp_path_factory) -> dict[str, tuple[Path, tuple[int, int], tuple[int, int, int]]]:
+def odd(tmp_path_factory, write_odd_images) -> dict[str, tuple[Path, tuple[int, int], tuple[int, int, int]]]:
     return write_odd_images(tmp_path_factory.mktemp("odd"))
 
 
@@ -70,7 +69,7 @@ def test_center_crop_keeps_the_middle(odd):
     assert _rgb(cropped, (1, 12))[1] > 200  # the crop's left edge is already the green middle
 
 
-def test_bad_files_are_skipped_with_their_reason(tmp_path):
+def test_bad_files_are_skipped_with_their_reason(tmp_path, write_bad_files):
     bad = write_bad_files(tmp_path)
     for name, (path, reason) in bad.items():
         with pytest.raises(SkipImage) as e:

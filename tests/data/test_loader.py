@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-from _train_helpers import children, manifest, shards  # noqa: F401  (fixture)
 
 from artscale.core.errors import UserError
 from artscale.data.loader import data_spec, train_loader, val_loader
@@ -19,7 +18,7 @@ def keys(loader, n: int | None = None) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_rank_gets_exactly_the_batches_asked_for(shards, workers):
+def test_every_rank_gets_exactly_the_batches_asked_for(shards, workers, manifest):
     spec = data_spec(str(shards), 16)
     sizes = [s["count"] for s in manifest(shards)["shards"] if s["split"] == "train"]
     assert len(set(sizes)) > 1, "the shards must be uneven for this test to mean anything"
@@ -47,7 +46,7 @@ def test_the_stream_is_a_function_of_seed_epoch_rank_so_resume_skips_exactly(sha
     assert full[:5] != full[5:10]  # each epoch its own order
 
 
-def test_loader_workers_start_once_not_at_epoch_boundaries(shards):
+def test_loader_workers_start_once_not_at_epoch_boundaries(shards, children):
     spec = data_spec(str(shards), 16)
     batches = iter(train_loader(spec, batch_size=4, epoch_batches=3, seed=0, rank=0, num_workers=2))
     next(batches)
@@ -73,7 +72,7 @@ def test_hflip_is_decided_per_sample_not_per_position(shards):
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (3, 4)])
-def test_val_ranks_get_disjoint_parts_that_cover_the_split(shards, world, workers):
+def test_val_ranks_get_disjoint_parts_that_cover_the_split(shards, world, workers, manifest):
     spec = data_spec(str(shards), 16)
     parts = [
         [k for b in val_loader(spec, batch_size=3, rank=r, world=world, num_workers=workers) for k in b[2]]
@@ -84,7 +83,7 @@ def test_val_ranks_get_disjoint_parts_that_cover_the_split(shards, world, worker
     assert max(map(len, parts)) - min(map(len, parts)) <= len(spec.val_urls)  # each rank a fair share
 
 
-def test_a_corrupt_shard_is_skipped_and_counted_not_fatal(shards, tmp_path):
+def test_a_corrupt_shard_is_skipped_and_counted_not_fatal(shards, tmp_path, manifest):
     bad = tmp_path / "bad"
     shutil.copytree(shards, bad)
     first = next(s["name"] for s in manifest(bad)["shards"] if s["split"] == "train")

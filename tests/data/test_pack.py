@@ -12,18 +12,19 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _shards_helpers import write_messy_collection
-from conftest import CLASSES, VENV_BIN, make_image, run_cli
 from PIL import Image
 
 from artscale.core.errors import UserError
 from artscale.data.pack import JOURNAL, pack, read_manifest, verify
+
+VENV_BIN = Path(sys.executable).parent
 
 
 def _members(path: Path) -> dict[str, dict[str, bytes]]:
@@ -52,17 +53,17 @@ def _tree_bytes(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory) -> tuple[Path, dict]:
+def messy(tmp_path_factory, write_messy_collection) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("messy")
     return root / "src", write_messy_collection(root / "src", root / "outside")
 
 
-def test_pack_image_folder_reads_back_with_tarfile_and_webdataset(image_folder, tmp_path):
+def test_pack_image_folder_reads_back_with_tarfile_and_webdataset(image_folder, tmp_path, classes):
     import webdataset as wds
 
     out = tmp_path / "shards"
     m = pack(image_folder, out, size=16, val_fraction=0.25, workers=1, shard_max_count=8)
-    assert m["classes"] == CLASSES and m["image_size"] == 16 and m["image_format"] == "jpg"
+    assert m["classes"] == classes and m["image_size"] == 16 and m["image_format"] == "jpg"
     assert m["per_class"]["painting"] == {"seen": 9, "packed": 8, "skipped": 1, "ignored": 0}
     assert m["per_class"]["drawings"] == {"seen": 9, "packed": 8, "skipped": 0, "ignored": 1}
     assert [s["reason"].split(":")[0] for s in m["skipped"]] == ["truncated or corrupt"]
@@ -76,7 +77,7 @@ def test_pack_image_folder_reads_back_with_tarfile_and_webdataset(image_folder, 
         for key, fields in samples.items():
             assert "." not in key and set(fields) == {"jpg", "cls", "json"}
             meta = json.loads(fields["json"])
-            assert int(fields["cls"]) == CLASSES.index(meta["class"])
+            assert int(fields["cls"]) == classes.index(meta["class"])
             assert Image.open(io.BytesIO(fields["jpg"])).size == (16, 16)
             seen[key] = meta["path"]
     assert len(seen) == 40
@@ -140,7 +141,7 @@ def test_output_is_byte_identical_across_worker_counts_and_reruns(image_folder, 
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w1").iterdir()}
 
 
-def test_verify_names_a_flipped_byte_and_a_missing_shard(image_folder, tmp_path):
+def test_verify_names_a_flipped_byte_and_a_missing_shard(image_folder, tmp_path, run_cli):
     out = tmp_path / "out"
     m = pack(image_folder, out, size=16, workers=1, shard_max_count=8)
     first, second = m["shards"][0]["name"], m["shards"][1]["name"]
@@ -155,13 +156,13 @@ def test_verify_names_a_flipped_byte_and_a_missing_shard(image_folder, tmp_path)
     assert r.returncode == 1 and first in r.stderr and second in r.stderr
 
 
-def test_split_is_stable_when_files_are_added(image_folder, tmp_path):
+def test_split_is_stable_when_files_are_added(image_folder, tmp_path, make_image, classes):
     src = tmp_path / "src"
     shutil.copytree(image_folder, src)
     pack(src, tmp_path / "before", size=16, val_fraction=0.3, workers=1)
     before = {p: split for p, (split, _, _) in _samples_by_path(tmp_path / "before").items()}
     for i in range(12):
-        make_image(src / CLASSES[i % 5] / f"added_{i}.png", (20, 20), seed=1000 + i)
+        make_image(src / classes[i % 5] / f"added_{i}.png", (20, 20), seed=1000 + i)
     pack(src, tmp_path / "after", size=16, val_fraction=0.3, workers=1)
     after = {p: split for p, (split, _, _) in _samples_by_path(tmp_path / "after").items()}
     assert len(after) == len(before) + 12
@@ -207,7 +208,7 @@ def test_out_holding_another_collection_or_settings_is_refused(image_folder, mes
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_class_folders", "file", "empty_class_folders"])
-def test_bad_src_gives_one_line_and_exit_2(tmp_path, case):
+def test_bad_src_gives_one_line_and_exit_2(tmp_path, case, make_image, run_cli):
     src = tmp_path / "src"
     if case != "missing":
         src.mkdir()
@@ -226,7 +227,7 @@ def test_bad_src_gives_one_line_and_exit_2(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_pack_info_verify(image_folder, tmp_path):
+def test_cli_pack_info_verify(image_folder, tmp_path, run_cli):
     out = tmp_path / "out"
     job = {"ARTSCALE_PROGRESS_S": "0.001"}  # stderr is a file, as in a batch job: plain progress lines
     r = run_cli("pack", image_folder, out, "--size", "16", "--workers", "1", "--format", "png", env=job)
@@ -241,15 +242,21 @@ def test_cli_pack_info_verify(image_folder, tmp_path):
     assert "verify: 2/2 shard (100%)" in ok.stderr
 
 
-def _big_collection(root: Path, n: int) -> Path:
-    for i in range(n):
-        make_image(root / CLASSES[i % 5] / f"img {i}.jpg", (300 + i % 7 * 40, 260 + i % 5 * 50), seed=i)
-    return root
+@pytest.fixture(scope="session")
+def big_collection(make_image, classes):
+    """n art-sized JPEGs (300-540 px) in image_folder's class folders."""
+
+    def make(root: Path, n: int) -> Path:
+        for i in range(n):
+            make_image(root / classes[i % 5] / f"img {i}.jpg", (300 + i % 7 * 40, 260 + i % 5 * 50), seed=i)
+        return root
+
+    return make
 
 
 @pytest.mark.slow
-def test_sigkill_midway_then_rerun_equals_an_uninterrupted_pack(tmp_path):
-    src = _big_collection(tmp_path / "src", 150)
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_pack(tmp_path, run_cli, big_collection):
+    src = big_collection(tmp_path / "src", 150)
     out, ref = tmp_path / "out", tmp_path / "ref"
     args = [
         str(VENV_BIN / "artscale"),
@@ -313,12 +320,10 @@ def test_workers_that_cannot_start_fall_back_instead_of_hanging(image_folder, tm
     assert _tree_bytes(tmp_path / "stdin") == _tree_bytes(tmp_path / "ref")
 
 
-def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path):
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, make_image):
     import resource
     import signal
     import subprocess
-
-    from conftest import VENV_BIN, make_image
 
     for i in range(40):
         make_image(tmp_path / "src" / ("a", "b")[i % 2] / f"{i:02d}.jpg", (200, 150), seed=i)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import lzma
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_check  # noqa: E402

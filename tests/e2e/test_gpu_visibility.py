@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, gpu_selected
 
 from artscale.cluster.slurm import gpus_on_node
 from artscale.train.setup import gpus_asked_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,7 @@ from artscale.train.setup import gpus_asked_for
         ("gpu and", False),  # pytest itself reports the broken expression
     ],
 )
-def test_only_an_expression_that_selects_the_gpu_tests_alone_keeps_the_gpu(expr, alone):
+def test_only_an_expression_that_selects_the_gpu_tests_alone_keeps_the_gpu(expr, alone, gpu_selected):
     assert gpu_selected(expr) is alone
 
 

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 from artscale.core.errors import UserError
 from artscale.core.system import multiple_of_8
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_code_and_help_do_not_cite_files_users_lack():

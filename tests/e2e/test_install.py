@@ -14,10 +14,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 from artscale.cluster.slurm import SBATCH_DIR
 from artscale.train.presets import PRESETS_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_wheel(dest: Path) -> Path:

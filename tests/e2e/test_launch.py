@@ -8,25 +8,35 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from _train_helpers import ROOT, VENV_BIN, env, metrics, shards, tiny  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
 
 CONFIG = ROOT / "launch" / "accelerate" / "nodes2x8.yaml"
 
 
-def node(rank: int, address: list[str], port: int, overrides: list[str]) -> subprocess.Popen:
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(CONFIG), "--num_processes", "2"]
-    cmd += ["--machine_rank", str(rank), *address, "--main_process_port", str(port)]
-    return subprocess.Popen(
-        [*cmd, str(ROOT / "launch" / "train.py"), *overrides],
-        env={**env(), "ACCELERATE_USE_CPU": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+@pytest.fixture(scope="session")
+def node(env):
+    """One `accelerate launch` of the 2-node config as machine `rank`, started."""
+
+    def start(rank: int, address: list[str], port: int, overrides: list[str]) -> subprocess.Popen:
+        cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(CONFIG), "--num_processes", "2"]
+        cmd += ["--machine_rank", str(rank), *address, "--main_process_port", str(port)]
+        return subprocess.Popen(
+            [*cmd, str(ROOT / "launch" / "train.py"), *overrides],
+            env={**env(), "ACCELERATE_USE_CPU": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+
+    return start
 
 
 def port() -> int:
@@ -36,7 +46,7 @@ def port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_train_together_with_the_address(shards, tmp_path):
+def test_two_nodes_train_together_with_the_address(shards, tmp_path, tiny, metrics, node):
     run, p = tmp_path / "run", port()
     nodes = [node(rank, ["--main_process_ip", "127.0.0.1"], p, tiny(run, shards, "max_steps=2")) for rank in (0, 1)]
     outs = [n.communicate(timeout=240) for n in nodes]
@@ -46,7 +56,7 @@ def test_two_nodes_train_together_with_the_address(shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_node_without_the_address_stops_in_seconds(rank, shards, tmp_path):
+def test_a_node_without_the_address_stops_in_seconds(rank, shards, tmp_path, tiny, node):
     start = time.monotonic()
     proc = node(rank, [], port(), tiny(tmp_path / "run", shards, "max_steps=2"))
     try:
@@ -58,7 +68,7 @@ def test_a_node_without_the_address_stops_in_seconds(rank, shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_module_trains_from_anywhere_as_launch_train_py_does(shards, tmp_path):
+def test_the_module_trains_from_anywhere_as_launch_train_py_does(shards, tmp_path, tiny, env, metrics):
     """`accelerate launch -m artscale.train` (what the sbatch scripts start) and `python -m artscale.train`,
     run outside the checkout: the same entry as launch/train.py, its exit codes included."""
     run = tmp_path / "run"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grimp
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cycles(graph: grimp.ImportGraph) -> list[list[str]]:

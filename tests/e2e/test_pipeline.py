@@ -5,17 +5,16 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import CLASSES, run_cli, tiny
 from PIL import Image
 
 
 @pytest.mark.slow
-def test_pack_train_export_generate(tmp_path, image_folder):
+def test_pack_train_export_generate(tmp_path, image_folder, run_cli, tiny, classes):
     shards, onnx_path, out = tmp_path / "shards", tmp_path / "model.onnx", tmp_path / "generated"
     r = run_cli("pack", image_folder, shards, "--size", "16", "--workers", "1", "--val-fraction", "0.2")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((shards / "manifest.json").read_text())
-    assert manifest["classes"] == CLASSES
+    assert manifest["classes"] == classes
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 40
     assert [s["path"] for s in manifest["skipped"]] == ["painting/broken.jpg"]
 
@@ -44,7 +43,7 @@ def test_pack_train_export_generate(tmp_path, image_folder):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_says_vgg_is_random(tmp_path):
+def test_demo_runs_end_to_end_and_says_vgg_is_random(tmp_path, run_cli):
     r = run_cli("demo", "--out", tmp_path / "demo", "--steps", "3", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "UNTRAINED VGG16" in r.stdout

@@ -4,42 +4,26 @@ Models here have random weights and random BatchNorm statistics (no training, no
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from _onnx_helpers import make_run_dir, random_model
-from conftest import run_cli
-from PIL import Image
 
 from artscale import __version__
 from artscale.contracts.onnx import cuda_devices, describe_onnx
 from artscale.core.errors import UserError
 from artscale.export.article import FP16_TOLERANCE, FP32_TOLERANCE, export_onnx
 from artscale.export.skeleton import provider_tolerance
-from artscale.models.article import normalize
 
-
-def torch_uint8(model, images: np.ndarray) -> np.ndarray:
-    """The reference written out independently of export.py: normalise, model, x255, round."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    with torch.no_grad():
-        y = model(normalize(x))
-    return torch.round(y * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def onnx_run(path, images: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": images})[0]
+VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, random_model, make_run_dir):
     root = tmp_path_factory.mktemp("export")
     model = random_model(1)
     run = make_run_dir(root / "run", size=16, step=7, model=model)
@@ -49,7 +33,7 @@ def exported(tmp_path_factory):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("hw", [(16, 16), (24, 40)])
-def test_onnx_matches_pytorch_for_any_batch_and_size(exported, n, hw):
+def test_onnx_matches_pytorch_for_any_batch_and_size(exported, n, hw, onnx_run, torch_uint8):
     model, _, path, report = exported
     assert report["parity"]["max_float_diff"] <= 1e-4 and report["parity"]["max_uint8_diff"] <= 1
     images = np.random.default_rng(n).integers(0, 256, (n, *hw, 3), dtype=np.uint8)
@@ -86,7 +70,7 @@ def test_graph_signature_metadata_and_info(exported):
 
 
 @pytest.mark.slow
-def test_article_pth_exports_and_info_prints_it(tmp_path):
+def test_article_pth_exports_and_info_prints_it(tmp_path, random_model, run_cli, onnx_run, torch_uint8):
     model = random_model(2)
     torch.save(model.state_dict(), tmp_path / "article.pth")  # what the article's script saves
     out = tmp_path / "exports" / "article.onnx"
@@ -101,7 +85,7 @@ def test_article_pth_exports_and_info_prints_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path):
+def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path, run_cli):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"PK\x03\x04 this was a checkpoint once")
     result = run_cli("export", bad, tmp_path / "m.onnx")
@@ -124,7 +108,7 @@ def test_the_cuda_provider_is_held_to_fp16s_tolerance_in_fp32_too():
     assert provider_tolerance("CUDAExecutionProvider", FP32_TOLERANCE, FP16_TOLERANCE, False) == FP16_TOLERANCE
 
 
-def test_fp16_export_is_within_its_reported_tolerance(tmp_path):
+def test_fp16_export_is_within_its_reported_tolerance(tmp_path, random_model, make_run_dir, onnx_run, torch_uint8):
     model = random_model(3)
     report = export_onnx(make_run_dir(tmp_path / "run", model=model), tmp_path / "half.onnx", fp16=True)
     assert report["precision"] == "fp16" and report["parity"]["tolerance"] == list(FP16_TOLERANCE)
@@ -137,7 +121,7 @@ def test_fp16_export_is_within_its_reported_tolerance(tmp_path):
     )
 
 
-def test_failed_parity_gate_writes_nothing(tmp_path):
+def test_failed_parity_gate_writes_nothing(tmp_path, random_model, make_run_dir):
     """Weights that overflow half precision: fp32 PyTorch is fine, the fp16 graph gives inf/NaN."""
     model = random_model(4)
     with torch.no_grad():
@@ -151,31 +135,8 @@ def test_failed_parity_gate_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "run"]
 
 
-def _val_shards(root, size: int, count: int):
-    """A shards dir as `artscale pack` writes it (manifest + val tar of jpg/png samples)."""
-    root.mkdir()
-    with tarfile.open(root / "val-000000.tar", "w") as tar:
-        for i in range(count):
-            arr = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, "PNG")
-            for name, data in ((f"s{i:03d}.png", buf.getvalue()), (f"s{i:03d}.cls", b"1")):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    manifest = {
-        "classes": ["painting"],
-        "image_size": size,
-        "image_format": "png",
-        "shards": [{"name": "val-000000.tar", "split": "val", "count": count}],
-        "splits": {"train": {"count": 0, "shards": 0}, "val": {"count": count, "shards": 1}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
-def test_parity_runs_on_the_val_shards(tmp_path):
-    shards = _val_shards(tmp_path / "shards", 16, 3)
+def test_parity_runs_on_the_val_shards(tmp_path, make_run_dir, val_shards):
+    shards = val_shards(tmp_path / "shards", 16, 3)
     run = make_run_dir(tmp_path / "run", data=str(shards))
     report = export_onnx(run, tmp_path / "m.onnx")
     assert report["parity"]["images"] == f"3 val images from {shards}"
@@ -183,12 +144,10 @@ def test_parity_runs_on_the_val_shards(tmp_path):
         export_onnx(run, tmp_path / "m2.onnx", shards=tmp_path / "nowhere")
 
 
-def test_an_unwritable_destination_is_one_line_and_leaves_nothing(tmp_path):
+def test_an_unwritable_destination_is_one_line_and_leaves_nothing(tmp_path, make_run_dir):
     import resource
     import signal
     import subprocess
-
-    from conftest import VENV_BIN
 
     run = make_run_dir(tmp_path / "run", 16)
 

@@ -10,11 +10,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from _diffusion_helpers import CLASSES, make_diffusion_run
-from _train_helpers import tiny, train_cli
-from conftest import run_cli
-from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visibly different classes, 16 px)
-from test_export import _val_shards
 
 from artscale.contracts.onnx import read_metadata
 from artscale.contracts.run_dir import load_denoiser
@@ -25,9 +20,9 @@ from artscale.export.article import export_onnx
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, make_diffusion_run, val_shards):
     root = tmp_path_factory.mktemp("diffexport")
-    shards = _val_shards(root / "shards", 16, 5)
+    shards = val_shards(root / "shards", 16, 5)
     run = make_diffusion_run(root / "run", data=str(shards))
     report = export_onnx(run, root / "m.onnx")
     return run, root / "m.onnx", report
@@ -36,14 +31,14 @@ def exported(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("t", [999, 500, 37, 0])
-def test_onnx_prediction_matches_pytorch(exported, batch, t):
+def test_onnx_prediction_matches_pytorch(exported, batch, t, diffusion_classes):
     run, path, report = exported
     assert report["parity"]["images"].startswith("5 val images from") and report["parity"]["max_abs_diff"] < 1e-4
     unet, _ = load_denoiser(run, "ema")
     x = train_scheduler().add_noise(
         torch.rand(batch, 3, 16, 16) * 2 - 1, noise_for(1, range(batch), (3, 16, 16)), torch.tensor([t] * batch)
     )
-    steps, labels = torch.full((batch,), t), torch.arange(batch) % (len(CLASSES) + 1)
+    steps, labels = torch.full((batch,), t), torch.arange(batch) % (len(diffusion_classes) + 1)
     with torch.no_grad():
         want = unet(x, steps, class_labels=labels).sample.numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -52,12 +47,12 @@ def test_onnx_prediction_matches_pytorch(exported, batch, t):
 
 
 @pytest.mark.slow
-def test_metadata_round_trip_and_info(exported):
+def test_metadata_round_trip_and_info(exported, run_cli, diffusion_classes):
     run, path, report = exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = read_metadata(session)
     saved = json.loads((run / "final" / "denoiser.json").read_text())
-    assert meta["classes"] == CLASSES and meta["null_label"] == 3 and meta["image_size"] == 16
+    assert meta["classes"] == diffusion_classes and meta["null_label"] == 3 and meta["image_size"] == 16
     assert meta["weights"] == "ema" and meta["step"] == "11" and meta["prediction_type"] == "v_prediction"
     for key, value in saved["scheduler"].items():
         assert key.startswith("_") or meta["scheduler"][key] == value, key
@@ -94,7 +89,7 @@ def test_raw_weights_fp16_and_a_failed_gate(tmp_path, exported):
 
 
 @pytest.mark.slow
-def test_a_failed_parity_gate_writes_nothing(tmp_path):
+def test_a_failed_parity_gate_writes_nothing(tmp_path, make_diffusion_run, run_cli):
     """conv_in x 1e6 overflows half precision: fp32 PyTorch is fine, the fp16 graph gives inf/NaN."""
     from safetensors.torch import load_file, save_file
 
@@ -111,7 +106,7 @@ def test_a_failed_parity_gate_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_real_training_run_exports_and_samples_like_its_torch_model(art_shards, tmp_path):  # noqa: F811
+def test_a_real_training_run_exports_and_samples_like_its_torch_model(art_shards, tmp_path, train_cli, tiny):
     """A 3-step diffusion run (accelerate, 1 CPU process): export gates on its val shards, and the ONNX
     samples equal the run dir's torch samples (same seeds) within 2 levels."""
     from PIL import Image

@@ -11,12 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _diffusion_helpers import CLASSES, make_diffusion_run
-from _onnx_helpers import make_run_dir
-from _train_helpers import tiny, train_cli
-from conftest import run_cli
 from PIL import Image
-from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visibly different classes, 16 px)
 
 from artscale.contracts.run_dir import load_denoiser
 from artscale.core.errors import UserError
@@ -36,7 +31,7 @@ def png(path: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_a_trained_run_round_trips_through_diffusers(art_shards, tmp_path, monkeypatch):  # noqa: F811
+def test_a_trained_run_round_trips_through_diffusers(art_shards, tmp_path, monkeypatch, train_cli, tiny, run_cli):
     """3 real training steps; the export, loaded by UNet2DModel/DDPMScheduler.from_pretrained, draws what
     `artscale sample RUN_DIR` draws for the same seeds, and the card's grid is those same images."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -83,13 +78,13 @@ def test_a_trained_run_round_trips_through_diffusers(art_shards, tmp_path, monke
     assert scope["images"].shape == (4, 16, 16, 3) and scope["images"].dtype == np.uint8
 
 
-def test_the_folder_is_replaced_whole_or_refused(tmp_path):
+def test_the_folder_is_replaced_whole_or_refused(tmp_path, make_diffusion_run, diffusion_classes):
     run = make_diffusion_run(tmp_path / "run", step=11)
     out = tmp_path / "out"
     first = export_diffusers(run, out, grid_count=0)
     assert first["weights"] == "ema" and first["step"] == 11 and not (out / "samples.png").exists()
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "artscale.json", "scheduler", "unet"]
-    assert card_classes((out / "README.md").read_text())[2] == CLASSES[2]
+    assert card_classes((out / "README.md").read_text())[2] == diffusion_classes[2]
     assert os.stat(out / "unet" / "diffusion_pytorch_model.safetensors").st_mode & 0o044  # others may read it
 
     stale = tmp_path / "out.tmp-999999999"  # a killed export's leftover (no such process)
@@ -111,7 +106,7 @@ def test_the_folder_is_replaced_whole_or_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_one_line_errors(tmp_path):
+def test_cli_one_line_errors(tmp_path, make_run_dir, run_cli, make_diffusion_run):
     article = make_run_dir(tmp_path / "article")
     result = run_cli("export", article, tmp_path / "out", "--format", "diffusers")
     assert result.returncode == 2 and "has no diffusers format" in result.stderr

@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from _onnx_helpers import make_run_dir
-from conftest import VENV_BIN, make_image, run_cli
 from PIL import Image
 
 from artscale.contracts.onnx import describe_onnx
@@ -39,6 +38,8 @@ from artscale.infer.session import (
     placement,
 )
 
+VENV_BIN = Path(sys.executable).parent
+
 
 def _cuda_usable() -> bool:
     try:
@@ -49,7 +50,7 @@ def _cuda_usable() -> bool:
 
 
 @pytest.fixture(scope="module")
-def model16(tmp_path_factory) -> Path:
+def model16(tmp_path_factory, make_run_dir) -> Path:
     root = tmp_path_factory.mktemp("model")
     export_onnx(make_run_dir(root / "run", size=16), root / "m16.onnx")
     return root / "m16.onnx"
@@ -76,7 +77,7 @@ JUNK = [".DS_Store", "a/notes.txt", "b/Thumbs.db"]
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
+def tree(tmp_path_factory, make_image) -> Path:
     root = tmp_path_factory.mktemp("tree") / "in"
     for i, rel in enumerate(GOOD):
         make_image(root / rel, (20 + 7 * i, 40 - 2 * i), seed=i, fmt="WEBP" if rel.endswith("webp") else None)
@@ -257,7 +258,7 @@ def test_batch_sizes_cap_cpu_only():
     assert batch_limit(128, 128, on_gpu=True, budget=free80, bytes_per_pixel=small) == GPU_MAX_BATCH
 
 
-def test_a_model_that_fails_to_run_is_one_line_with_onnxruntimes_words(tmp_path):
+def test_a_model_that_fails_to_run_is_one_line_with_onnxruntimes_words(tmp_path, make_image, run_cli):
     """The warm-up batch runs while the session opens: a model that loads but cannot run (here a
     Reshape no input fits; on a GPU, a broken cuDNN) fails there, in one line that keeps
     onnxruntime's own error text, not later in a worker thread."""
@@ -304,7 +305,7 @@ def test_user_mistakes_are_refused(tree, model16, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(_cuda_usable(), reason="this machine has an NVIDIA driver: --device cuda may really run")
-def test_device_cuda_without_a_gpu(tree, model16, tmp_path):
+def test_device_cuda_without_a_gpu(tree, model16, tmp_path, run_cli):
     out = tmp_path / "out"
     strict = run_cli("generate", model16, tree, out, "--device", "cuda")
     assert strict.returncode == 2 and strict.stderr.count("\n") == 1
@@ -327,7 +328,7 @@ def test_device_cuda_without_a_gpu(tree, model16, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model16, tmp_path):
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model16, tmp_path, make_image):
     src = tmp_path / "in"
     for i in range(160):
         make_image(src / f"d{i % 4}" / f"img{i:03d}.jpg", (24 + i % 17, 32), seed=i)
@@ -384,7 +385,7 @@ def test_cuda_runs_with_io_binding_and_matches_cpu(tree, model16, tmp_path):
         assert np.abs(a - b).max() <= 1, rel
 
 
-def test_a_full_disk_is_one_line_and_keeps_what_was_written(tree, model16, tmp_path):
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tree, model16, tmp_path, run_cli):
     import resource
 
     out = tmp_path / "out"
@@ -408,7 +409,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tree, model16, tmp_p
     assert json.loads((out / "report.json").read_text())["written"] > 0
 
 
-def test_symlinks_follow_packs_rule(model16, tmp_path):
+def test_symlinks_follow_packs_rule(model16, tmp_path, make_image):
     """One rule for pack and generate: a link that leads outside IN_DIR, or to a folder, is skipped
     with its reason unless --follow-symlinks; a link inside the tree is generated."""
     src, outside = tmp_path / "in", tmp_path / "outside"
@@ -434,7 +435,7 @@ def test_symlinks_follow_packs_rule(model16, tmp_path):
     assert (tmp_path / "followed" / "a" / "link-folder" / "inner.png").is_file()
 
 
-def test_a_batch_job_prints_progress_lines(model16, tree, tmp_path):
+def test_a_batch_job_prints_progress_lines(model16, tree, tmp_path, run_cli):
     """stderr is a file in a batch job: plain progress lines, not a silent (or carriage-return) bar."""
     done = run_cli("generate", model16, tree, tmp_path / "out", "--device", "cpu", env={"ARTSCALE_PROGRESS_S": "0.001"})
     assert done.returncode == 0, done.stderr
@@ -443,7 +444,7 @@ def test_a_batch_job_prints_progress_lines(model16, tree, tmp_path):
     assert lines[-1].startswith(f"generate: {len(GOOD) + 3}/{len(GOOD) + 3} img (100%)") and "img/s" in lines[-1]
 
 
-def test_list_only_then_shards_read_the_listing(model16, tree, tmp_path):
+def test_list_only_then_shards_read_the_listing(model16, tree, tmp_path, make_image, run_cli):
     """--list-only walks once; sharded tasks read OUT/listing.jsonl (a file added afterwards is not
     seen by them) and the merge names that file instead of missing it in silence."""
     from artscale.cluster.slurm import merge_reports

@@ -25,8 +25,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from _diffusion_helpers import make_diffusion_run
-from _onnx_helpers import make_run_dir
 from PIL import Image
 
 from artscale.export.article import export_onnx
@@ -62,7 +60,7 @@ def figure(text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict:
+def exports(tmp_path_factory, make_run_dir, make_diffusion_run) -> dict:
     """Both graphs in fp32 and fp16, exported here: on a GPU the parity gate runs on the CUDA provider too."""
     root = tmp_path_factory.mktemp("gpu-exports")
     runs = {

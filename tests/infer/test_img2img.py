@@ -6,9 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _diffusion_helpers import make_diffusion_run
-from _onnx_helpers import make_run_dir
-from conftest import run_cli
 from PIL import Image
 
 from artscale.core.errors import UserError
@@ -17,7 +14,7 @@ from artscale.infer.generate import generate
 
 
 @pytest.fixture(scope="module")
-def denoiser(tmp_path_factory):
+def denoiser(tmp_path_factory, make_diffusion_run):
     root = tmp_path_factory.mktemp("variations")
     export_onnx(make_diffusion_run(root / "run"), root / "m.onnx")
     return root / "m.onnx"
@@ -61,7 +58,7 @@ def test_strength_zero_keeps_the_input_and_one_ignores_it(denoiser, tmp_path):
 
 
 @pytest.mark.slow
-def test_class_from_parent_skips_and_counts_a_folder_that_names_no_class(denoiser, tmp_path):
+def test_class_from_parent_skips_and_counts_a_folder_that_names_no_class(denoiser, tmp_path, run_cli):
     src = tree(tmp_path / "in", 0)
     result = run_cli(
         "generate",
@@ -89,7 +86,7 @@ def test_class_from_parent_skips_and_counts_a_folder_that_names_no_class(denoise
         generate(denoiser, src, tmp_path / "x", device="cpu", variation={"class_name": "baroque"})
 
 
-def test_variation_flags_with_the_articles_model_are_refused(tmp_path):
+def test_variation_flags_with_the_articles_model_are_refused(tmp_path, make_run_dir, run_cli):
     export_onnx(make_run_dir(tmp_path / "run"), tmp_path / "art.onnx")
     src = tree(tmp_path / "in", 0)
     result = run_cli("generate", tmp_path / "art.onnx", src, tmp_path / "out", "--strength", "0.3", "--device", "cpu")

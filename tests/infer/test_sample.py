@@ -5,24 +5,25 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _diffusion_helpers import CLASSES, make_diffusion_run
-from conftest import VENV_BIN, run_cli
 from PIL import Image
 
 from artscale.core.errors import UserError
 from artscale.export.article import export_onnx
 from artscale.infer.sample import merge_reports, sample_images
 
+VENV_BIN = Path(sys.executable).parent
+
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, make_diffusion_run):
     root = tmp_path_factory.mktemp("sample")
     run = make_diffusion_run(root / "run")
     export_onnx(run, root / "m.onnx")
@@ -38,7 +39,7 @@ def pixels(path: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_onnx_samples_match_the_torch_sampler_and_all_classes_go_in_subfolders(model, tmp_path):
+def test_onnx_samples_match_the_torch_sampler_and_all_classes_go_in_subfolders(model, tmp_path, diffusion_classes):
     run, onnx = model
     a = sample_images(onnx, tmp_path / "onnx", count=3, steps=STEPS, seed=5, batch_size=4)
     b = sample_images(run, tmp_path / "torch", count=3, steps=STEPS, seed=5, batch_size=4)
@@ -46,7 +47,7 @@ def test_onnx_samples_match_the_torch_sampler_and_all_classes_go_in_subfolders(m
         a["written"] == b["written"] == 9 and a["provider"] == "CPUExecutionProvider" and b["provider"] == "torch-cpu"
     )
     images = sorted(set(files(tmp_path / "onnx")) - {"report.json"})
-    assert images == [f"{c}/{i:08d}.png" for c in CLASSES for i in range(3)]
+    assert images == [f"{c}/{i:08d}.png" for c in diffusion_classes for i in range(3)]
     diffs = [np.abs(pixels(tmp_path / "onnx" / n) - pixels(tmp_path / "torch" / n)).max() for n in images]
     assert max(diffs) <= 2
     # --class all is --class NAME per class: the same start noise for the same index.
@@ -84,7 +85,7 @@ def test_batch_size_does_not_change_an_image_and_shards_give_one_runs_files(mode
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model, tmp_path):
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model, tmp_path, run_cli):
     _, onnx = model
     args = ["sample", onnx, "--count", "40", "--class", "ukiyo-e", "--steps", "12", "--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -105,7 +106,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(model, tmp_path)
     assert len(got) == 41 and not [p for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]
 
 
-def test_unknown_class_and_a_non_diffusion_model_are_one_line(model, tmp_path):
+def test_unknown_class_and_a_non_diffusion_model_are_one_line(model, tmp_path, run_cli):
     _, onnx = model
     with pytest.raises(UserError, match="cubism, impressionism, ukiyo-e"):
         sample_images(onnx, tmp_path / "x", class_name="baroque")
@@ -143,7 +144,7 @@ def test_bound_predict_matches_session_run_and_reuses_its_output(model):
     assert len(seen) == 1  # one output buffer for all steps: no per-step allocation or copy
 
 
-def test_device_cuda_without_cuda_exits_2_in_one_line(model, tmp_path):
+def test_device_cuda_without_cuda_exits_2_in_one_line(model, tmp_path, run_cli):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers() and os.path.exists("/dev/nvidiactl"):
@@ -154,7 +155,7 @@ def test_device_cuda_without_cuda_exits_2_in_one_line(model, tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_cpu_streams_split_the_rows_into_small_runs_and_give_one_runs_output(model):
+def test_cpu_streams_split_the_rows_into_small_runs_and_give_one_runs_output(model, diffusion_classes):
     """onnx_predict with 2 streams: the rows go in runs of CPU_RUN_PIXELS, in order, with the pixels of one run."""
     import onnxruntime as ort
     import torch
@@ -176,7 +177,7 @@ def test_cpu_streams_split_the_rows_into_small_runs_and_give_one_runs_output(mod
 
     counted = Counted()
     x = torch.randn(rows, 3, size, size, generator=torch.Generator().manual_seed(0))
-    t, labels = torch.arange(rows) * 37 % 1000, torch.arange(rows) % (len(CLASSES) + 1)
+    t, labels = torch.arange(rows) * 37 % 1000, torch.arange(rows) % (len(diffusion_classes) + 1)
     split = onnx_predict(counted, streams=2)(x, t, labels)
     whole = onnx_predict(session)(x, t, labels)
     assert sorted(counted.runs) == sorted([per_run, per_run, 3])
@@ -207,7 +208,7 @@ def test_bound_predict_gives_each_thread_its_own_output_buffer(model):
     np.testing.assert_allclose(first.numpy(), onnx_predict(session)(xs[0], t, labels).numpy(), atol=1e-6)
 
 
-def test_a_gpu_session_without_torch_cuda_runs_the_whole_batch_at_once(model):
+def test_a_gpu_session_without_torch_cuda_runs_the_whole_batch_at_once(model, diffusion_classes):
     """A CPU-only torch beside onnxruntime-gpu: the CUDA session gets the whole batch in one run, not
     split into the CPU's single-row runs (one per core). The real session, under the CUDA provider's name."""
     import onnxruntime as ort
@@ -227,7 +228,7 @@ def test_a_gpu_session_without_torch_cuda_runs_the_whole_batch_at_once(model):
             return session.run(names, feed)
 
     x = torch.randn(40, 3, size, size, generator=torch.Generator().manual_seed(0))
-    t, labels = torch.arange(40) * 25, torch.arange(40) % (len(CLASSES) + 1)
+    t, labels = torch.arange(40) * 25, torch.arange(40) % (len(diffusion_classes) + 1)
     on_gpu, on_cpu = Counted(), Counted()
     whole = session_predict(on_gpu, "CUDAExecutionProvider", threads=4)(x, t, labels)
     split = session_predict(on_cpu, "CPUExecutionProvider", threads=4)(x, t, labels)
@@ -266,7 +267,7 @@ def test_the_sampler_gets_host_timesteps_and_the_model_gets_them_on_the_loops_de
     assert seen == [(torch.device("cpu"), torch.int64, 4, 4)] * 8
 
 
-def test_bound_predict_in_runs_of_max_rows_gives_the_whole_runs_output(model):
+def test_bound_predict_in_runs_of_max_rows_gives_the_whole_runs_output(model, diffusion_classes):
     """bound_predict splits a batch too big for the GPU's memory into runs of max_rows (one binding
     each, into slices of one output); split_predict does the same for a predict of fresh tensors."""
     import onnxruntime as ort
@@ -277,7 +278,7 @@ def test_bound_predict_in_runs_of_max_rows_gives_the_whole_runs_output(model):
     session = ort.InferenceSession(str(model[1]), providers=["CPUExecutionProvider"])
     size = session.get_inputs()[0].shape[2]
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
-    t, labels = torch.arange(8) * 120, torch.arange(8) % (len(CLASSES) + 1)
+    t, labels = torch.arange(8) * 120, torch.arange(8) % (len(diffusion_classes) + 1)
     want = onnx_predict(session)(x, t, labels).numpy()
     runs = bound_predict(session, torch.device("cpu"), max_rows=3)
     first = runs(x, t, labels)

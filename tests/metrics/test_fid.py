@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, run_cli
 from PIL import Image
 from torch_fidelity import KEY_METRIC_FID
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
@@ -121,7 +120,7 @@ def test_fid_waits_for_its_count_and_per_class_figures_come_for_generated_classe
 
 
 @pytest.fixture(scope="module")
-def eval_shards(tmp_path_factory):
+def eval_shards(tmp_path_factory, make_image):
     """2 classes x 2 images of mixed sizes, packed at 16 px, all in the train split (Inception-v3
     at 299 px costs 0.3-1.5 s an image on 2 shared cores: keep the sets tiny)."""
     src = tmp_path_factory.mktemp("eval_src")
@@ -162,7 +161,7 @@ def test_fid_grows_with_a_shift_and_matches_the_reference_on_the_same_features(e
 
 
 @pytest.mark.slow
-def test_eval_cli_writes_counts_and_per_class_figures(eval_shards, tmp_path):
+def test_eval_cli_writes_counts_and_per_class_figures(eval_shards, tmp_path, run_cli):
     gen = write_copies(eval_shards, tmp_path / "gen")
     (gen / "oil" / "broken.png").write_bytes(b"\x89PNG not really")
     (gen / "notes.txt").write_text("junk is ignored, not skipped")
@@ -186,7 +185,7 @@ def test_eval_cli_writes_counts_and_per_class_figures(eval_shards, tmp_path):
     assert f"FID {res['fid']:.3f}" in r.stdout and not (tmp_path / "res" / "eval.json.tmp").exists()
 
 
-def test_missing_weights_is_one_line_naming_the_cache_and_the_flag(eval_shards, tmp_path):
+def test_missing_weights_is_one_line_naming_the_cache_and_the_flag(eval_shards, tmp_path, run_cli):
     gen = write_copies(eval_shards, tmp_path / "gen")
     r = run_cli("eval", gen, eval_shards, "--split", "train", env={"TORCH_HOME": str(tmp_path / "torch")})
     assert r.returncode == 2
@@ -212,7 +211,7 @@ def test_a_weights_file_loads_and_one_that_is_not_the_fid_inception_is_refused(t
         load_inception(str(tmp_path / "empty.pth"))
 
 
-def test_an_empty_or_image_free_folder_is_a_clear_error(eval_shards, tmp_path):
+def test_an_empty_or_image_free_folder_is_a_clear_error(eval_shards, tmp_path, make_image):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="holds no readable images"):

@@ -13,9 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _diffusion_helpers import CLASSES, make_diffusion_run
-from _train_helpers import ROOT, env, tiny, train_cli
-from test_diffusion_train import art_shards  # noqa: F401  (the fixture: 5 visibly different classes, 16 px)
 
 from artscale.contracts.run_dir import load_denoiser
 from artscale.core.errors import UserError
@@ -25,6 +22,8 @@ from artscale.diffusion.schedulers import make_sampler
 from artscale.export.article import export_onnx
 from artscale.models.denoiser import build_denoiser, preset_denoiser
 from artscale.train.checkpoint import resume_denoiser
+
+ROOT = Path(__file__).resolve().parents[2]
 
 NARROW = dict(channels=(16, 32, 32, 64), groups=8)  # `small`'s levels, layers and attention, a fraction of its width
 
@@ -42,13 +41,13 @@ def attention_resolutions(unet: torch.nn.Module, size: int) -> Counter:
     return Counter(seen)
 
 
-def test_presets_attend_where_ddpm_and_adm_do_at_128_px():
+def test_presets_attend_where_ddpm_and_adm_do_at_128_px(diffusion_classes):
     """small: 16x16 (DDPM, diffusers' train_unconditional); base: 32x32 and 16x16 (ADM); tiny: the middle only.
     Down blocks hold layers_per_block attention layers, up blocks one more, the middle block one."""
     built = {}
     for preset in ("tiny", "small", "base"):
         with torch.device("meta"):  # shapes only: no memory, no compute
-            built[preset] = preset_denoiser(preset, 128, len(CLASSES))
+            built[preset] = preset_denoiser(preset, 128, len(diffusion_classes))
     assert attention_resolutions(built["tiny"], 128) == {(32, 32): 1}
     assert attention_resolutions(built["small"], 128) == {(16, 16): 2 + 1 + 3}
     assert attention_resolutions(built["base"], 128) == {(32, 32): 2 + 3, (16, 16): 2 + 1 + 3}
@@ -62,7 +61,7 @@ def test_attention_needs_whole_heads():
 
 
 @pytest.mark.slow
-def test_an_old_style_run_dir_loads_and_samples_as_it_was(tmp_path):
+def test_an_old_style_run_dir_loads_and_samples_as_it_was(tmp_path, make_diffusion_run, diffusion_classes):
     """A `small` run from before the presets had attention, and the same with a denoiser.json that does not
     even name its block types: both rebuild the old structure and predict alike."""
     run = make_diffusion_run(tmp_path / "run", preset="small", old_structure=True, **NARROW)
@@ -72,7 +71,9 @@ def test_an_old_style_run_dir_loads_and_samples_as_it_was(tmp_path):
     with torch.no_grad():
         want = unet(x, t, class_labels=y).sample
     with pytest.raises(RuntimeError, match="Missing key"):  # today's preset could not hold these weights
-        preset_denoiser("small", 16, len(CLASSES), NARROW["channels"], 0, 8).load_state_dict(unet.state_dict())
+        preset_denoiser("small", 16, len(diffusion_classes), NARROW["channels"], 0, 8).load_state_dict(
+            unet.state_dict()
+        )
 
     path = run / "final" / "denoiser.json"
     record = json.loads(path.read_text())
@@ -87,19 +88,19 @@ def test_an_old_style_run_dir_loads_and_samples_as_it_was(tmp_path):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
-def test_resume_keeps_the_recorded_structure_and_refuses_another_shape(tmp_path):
+def test_resume_keeps_the_recorded_structure_and_refuses_another_shape(tmp_path, make_diffusion_run, diffusion_classes):
     run = make_diffusion_run(tmp_path / "run", preset="small", old_structure=True, **NARROW)
-    fresh = preset_denoiser("small", 16, len(CLASSES), NARROW["channels"], 0, 8)
+    fresh = preset_denoiser("small", 16, len(diffusion_classes), NARROW["channels"], 0, 8)
     resumed = resume_denoiser(run / "final", fresh)
     assert resumed.config.down_block_types == ["DownBlock2D"] * 4
     resumed.load_state_dict(load_denoiser(run, "raw")[0].state_dict())  # strict: every key fits
     assert resume_denoiser(tmp_path, fresh) is fresh  # no record: the config's
     with pytest.raises(UserError, match="block_out_channels"):
-        resume_denoiser(run / "final", preset_denoiser("tiny", 16, len(CLASSES)))
+        resume_denoiser(run / "final", preset_denoiser("tiny", 16, len(diffusion_classes)))
 
 
 @pytest.mark.slow
-def test_an_old_style_run_resumes_under_todays_presets(art_shards, tmp_path):  # noqa: F811
+def test_an_old_style_run_resumes_under_todays_presets(art_shards, tmp_path, tiny, env, train_cli):
     """Two steps trained by the code as it was (small without attention below the middle block), then the
     same command with today's code continues from step 2 with that structure, not the preset's new one."""
     run = tmp_path / "run"
@@ -121,7 +122,7 @@ def test_an_old_style_run_resumes_under_todays_presets(art_shards, tmp_path):  #
 
 
 @pytest.mark.slow
-def test_a_preset_with_attention_exports_through_the_parity_gate(tmp_path):
+def test_a_preset_with_attention_exports_through_the_parity_gate(tmp_path, make_diffusion_run):
     run = make_diffusion_run(tmp_path / "run", preset="small", **NARROW)
     report = export_onnx(run, tmp_path / "m.onnx")
     assert report["parity"]["max_abs_diff"] < 1e-4

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _browser import SHOWN_IMAGES, Browser, find_chromium
-from _train_helpers import shards, tiny  # noqa: F401
-from conftest import make_image, run_cli
 from PIL import Image
 
 from artscale.core.errors import UserError
@@ -28,7 +25,7 @@ CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
 
 
 @pytest.fixture(scope="module")
-def runs(shards, tmp_path_factory) -> dict[str, Path]:
+def runs(shards, tmp_path_factory, tiny, make_image) -> dict[str, Path]:
     """One tiny run of each objective (trained in this process), the outputs made from them: a
     generation, the same generation in 2 shards merged, and a sampling run."""
     from artscale.cluster.slurm import write_merged
@@ -193,7 +190,9 @@ def test_a_large_output_dir_is_shown_in_bounded_pages_and_says_how_many(runs, tm
 
 
 @pytest.mark.slow
-def test_rerunning_on_a_grown_run_updates_the_report_and_keeps_unchanged_thumbnails(runs, shards, tmp_path, capsys):
+def test_rerunning_on_a_grown_run_updates_the_report_and_keeps_unchanged_thumbnails(
+    runs, shards, tmp_path, capsys, tiny, run_cli
+):
     from artscale.train.config import load_config
     from artscale.train.loop import train
 
@@ -221,7 +220,7 @@ def test_rerunning_on_a_grown_run_updates_the_report_and_keeps_unchanged_thumbna
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_line_and_exit_2(runs, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, run_cli):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "broken").mkdir()
@@ -260,20 +259,8 @@ def _blank(png: bytes, path: Path) -> bool:
     return pixels.std() < 5 or len(np.unique(pixels.reshape(-1, 3), axis=0)) < 50
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """The browser (before the runs are trained: a missing one fails or skips at once). Skipped only where
-    none is installed, and never with CI=true: .ci/run installs Debian's chromium, so CI fails instead."""
-    exe = find_chromium()
-    if exe is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but no chromium: .ci/run installs Debian's chromium; a green CI must have run this")
-        pytest.skip("no chromium here (apt-get install chromium); CI installs it and fails without it")
-    return exe
-
-
 @pytest.mark.slow
-def test_the_report_in_a_real_browser(chromium, runs, tmp_path):
+def test_the_report_in_a_real_browser(chromium, runs, open_browser, tmp_path):
     """Every source in one page, as the demo writes it: no console error, no failed request, every shown
     image loaded, the plots drawn, a screenshot that is not blank; a closed page loads when opened."""
     index = write_report(
@@ -281,11 +268,11 @@ def test_the_report_in_a_real_browser(chromium, runs, tmp_path):
     )
     copy = tmp_path / "copied"  # a copied report folder works on its own
     shutil.copytree(index.parent, copy)
-    browser = Browser(chromium, tmp_path / "profile")
+    browser = open_browser(tmp_path / "profile")
     try:
         t = time.monotonic()
         browser.open(copy.joinpath("index.html").as_uri())
-        shown = browser.evaluate(SHOWN_IMAGES)
+        shown = browser.shown_images()
         assert len(shown) == 2 + 1 + 2 * 6 + 2 * 6 + 6  # grids: run 2, diffusion 1; page 1 of each sheet
         assert [s for s in shown if not s[1] or s[2] <= 0] == []
         closed = browser.evaluate(
@@ -299,7 +286,7 @@ def test_the_report_in_a_real_browser(chromium, runs, tmp_path):
         assert not _blank(browser.screenshot(), tmp_path / "top.png")
         (tmp_path / "full.png").write_bytes(browser.screenshot(full_page=True))
         browser.evaluate("document.querySelectorAll('details.page:not([open])').forEach(d => d.open = true)")
-        opened = browser.evaluate(SHOWN_IMAGES)
+        opened = browser.shown_images()
         assert len(opened) > len(shown) and [s for s in opened if not s[1] or s[2] <= 0] == []
         assert browser.problems() == []
         assert time.monotonic() - t < 60

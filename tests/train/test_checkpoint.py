@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import resource
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import shards, tiny, train_cli  # noqa: F401  (fixture)
 
 from artscale.contracts.run_dir import describe, latest_checkpoint, list_checkpoints, load_model
 from artscale.core.errors import UserError
 from artscale.models.article import ConvDiffusionModel
 from artscale.train.checkpoint import CheckpointManager, check_run_dir, resume_point
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -144,12 +146,12 @@ def test_describe_a_run_dir_a_checkpoint_and_weights(setup):
 
 
 @pytest.mark.slow
-def test_a_compiled_training_run_checkpoints_exports_and_loads(shards, tmp_path):
+def test_a_compiled_training_run_checkpoints_exports_and_loads(
+    shards, tmp_path, run_cli, onnx_run, torch_uint8, train_cli, tiny
+):
     """compile=true for real (torch.compile wraps the model: its keys start with `_orig_mod.`): the
     checkpoint and final/ hold the model's own keys, `artscale export` reads the run, onnxruntime runs it."""
     import numpy as np
-    from conftest import run_cli
-    from test_export import onnx_run, torch_uint8
 
     run = tmp_path / "run"
     proc = train_cli(tiny(run, shards, "max_steps=1", "compile=true"))
@@ -242,13 +244,11 @@ def fake_checkpoint(run, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_from_rank_0s_checkpoint_and_compile_the_ddp_wrapped_model(tmp_path):
+def test_two_ranks_resume_from_rank_0s_checkpoint_and_compile_the_ddp_wrapped_model(tmp_path, accelerate_cmd, env):
     """Two real gloo ranks, each pointed at its own run dir, as ranks on two nodes of a lagging shared
     filesystem see one run dir: rank 1 sees a newer checkpoint (a), or checkpoints rank 0 does not (b).
     Both take rank 0's choice, its refusal too; compile=true compiles the DDP-wrapped model."""
     import socket
-
-    from _train_helpers import ROOT, accelerate_cmd, env
 
     for rank, steps in ((0, (2, 4)), (1, (2, 4, 6))):
         for step in steps:
@@ -274,7 +274,7 @@ def test_two_ranks_resume_from_rank_0s_checkpoint_and_compile_the_ddp_wrapped_mo
 
 
 @pytest.mark.slow
-def test_a_run_saved_with_channels_last_true_resumes_under_the_auto_default(shards, tmp_path):
+def test_a_run_saved_with_channels_last_true_resumes_under_the_auto_default(shards, tmp_path, tiny, train_cli):
     """config.json says channels_last=true (the old default; now auto, off for the diffusion UNet): the same
     command resumes it, since the memory layout does not define a run."""
     run = tmp_path / "run"

@@ -14,7 +14,6 @@ import shutil
 
 import pytest
 import torch
-from _train_helpers import metrics, shards, tiny, train_cli  # noqa: F401
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.gpu
@@ -34,7 +33,7 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     ids=["bf16-article", "fp16-diffusion"],
 )
 def test_a_cuda_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_run_ends(
-    shards, tmp_path, precision, objective
+    shards, tmp_path, precision, objective, train_cli, tiny, metrics
 ):
     opts = [f"mixed_precision={precision}", f"max_steps={STEPS}", f"checkpoint_every={CUT}", *objective]
     whole = tmp_path / "whole"

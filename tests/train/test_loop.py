@@ -17,20 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import (  # noqa: F401
-    accelerate_cmd,
-    children,
-    env,
-    launch,
-    manifest,
-    metrics,
-    shards,
-    tensorboard_scalars,
-    tiny,
-    train_cli,
-    wait_for_step,
-    wandb_history,
-)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -38,6 +24,9 @@ from artscale.core.errors import UserError
 from artscale.data.loader import data_spec
 from artscale.train.config import load_config
 from artscale.train.loop import EXIT_PREEMPTED, Plan, StopSignals, main
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -55,7 +44,7 @@ LR_KEYS = ["lr_step_epochs=1", "lr_gamma=0.5"]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(shards, tmp_path_factory):
+def two_ranks(shards, tmp_path_factory, launch, tiny):
     """One 2-rank run over uneven shards: wandb, val, samples, checkpoints every 2 steps, keep 2."""
     run = tmp_path_factory.mktemp("two") / "run"
     t = time.monotonic()
@@ -79,7 +68,7 @@ def two_ranks(shards, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_ranks_over_uneven_shards_finish_having_run_the_same_steps(two_ranks, shards):
+def test_two_ranks_over_uneven_shards_finish_having_run_the_same_steps(two_ranks, shards, manifest):
     run, proc, _ = two_ranks
     assert "world size 2, global batch 8 (4 per process x 2 processes x grad_accum 1)" in proc.stdout
     assert "rank 0/2 finished at step 6" in proc.stdout and "rank 1/2 finished at step 6" in proc.stdout
@@ -98,7 +87,7 @@ def test_keep_last_k_leaves_exactly_k_complete_checkpoints(two_ranks):
 
 
 @pytest.mark.slow
-def test_wandb_offline_records_hold_the_logged_values(two_ranks):
+def test_wandb_offline_records_hold_the_logged_values(two_ranks, wandb_history, metrics):
     run, _, _ = two_ranks
     history = wandb_history(run)
     logged = {m["step"]: m for m in metrics(run) if "loss" in m}
@@ -109,7 +98,7 @@ def test_wandb_offline_records_hold_the_logged_values(two_ranks):
 
 
 @pytest.mark.slow
-def test_validation_covers_the_whole_val_split_once_across_ranks(two_ranks, shards):
+def test_validation_covers_the_whole_val_split_once_across_ranks(two_ranks, shards, metrics, manifest):
     run, _, _ = two_ranks
     val = [m for m in metrics(run) if "val/mse" in m]
     assert [m["step"] for m in val] == [3, 6]
@@ -127,7 +116,9 @@ def test_sample_grids_are_written_as_png(two_ranks):
 
 
 @pytest.mark.slow
-def test_lr_by_step_is_the_articles_schedule_with_1_and_2_processes(two_ranks, shards, tmp_path):
+def test_lr_by_step_is_the_articles_schedule_with_1_and_2_processes(
+    two_ranks, shards, tmp_path, train_cli, tiny, manifest, tensorboard_scalars, wandb_history
+):
     run2, _, _ = two_ranks
     run1 = tmp_path / "run"
     proc = train_cli(tiny(run1, shards, "batch_size=8", "max_steps=6", "tracker=tensorboard", *LR_KEYS))
@@ -140,14 +131,14 @@ def test_lr_by_step_is_the_articles_schedule_with_1_and_2_processes(two_ranks, s
     assert one == pytest.approx(expected) and two == pytest.approx(expected)
 
 
-def test_num_workers_minus_one_is_chosen_for_the_device(shards, tmp_path):
+def test_num_workers_minus_one_is_chosen_for_the_device(shards, tmp_path, train_cli, tiny):
     """On CPU a loader worker only takes cores from the step: -1 (the default) means 0 there."""
     proc = train_cli(tiny(tmp_path / "run", shards, "max_steps=1", "num_workers=-1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num_workers"] == 0
 
 
-def test_loader_workers_carry_a_run_over_several_epochs(shards, tmp_path):
+def test_loader_workers_carry_a_run_over_several_epochs(shards, tmp_path, manifest, train_cli, tiny, metrics):
     """The GPU default (workers, the next epoch's loader started mid-epoch), run on CPU."""
     per_epoch = manifest(shards)["splits"]["train"]["count"] // 4
     steps = 3 * per_epoch + 1
@@ -159,7 +150,7 @@ def test_loader_workers_carry_a_run_over_several_epochs(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_two_process_checkpoint_resumes_in_one_process(two_ranks, shards, tmp_path):
+def test_a_two_process_checkpoint_resumes_in_one_process(two_ranks, shards, tmp_path, train_cli, tiny, metrics):
     run = tmp_path / "run"
     shutil.copytree(two_ranks[0], run)
     proc = train_cli(tiny(run, shards, "max_steps=8", "tracker=wandb", *LR_KEYS))
@@ -174,7 +165,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_ranks, shards, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", [[], ["ema_decay=0.99"]], ids=["no-ema", "ema"])
-def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shards, tmp_path, ema):
+def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(
+    shards, tmp_path, ema, train_cli, tiny, sigterm_at
+):
     opts = ["max_steps=10", "grad_accum=2", "hflip=true", "checkpoint_every=4", *ema]
     whole = train_cli(tiny(tmp_path / "whole", shards, *opts))
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -191,29 +184,34 @@ def test_sigterm_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shard
 
 
 def train_cli_cmd() -> list[str]:
-    from _train_helpers import VENV_BIN
-
     return [str(VENV_BIN / "artscale"), "train"]
 
 
-def sigterm_at(overrides: list[str], run: Path, step: int, **extra_env: str) -> tuple[int, str]:
+@pytest.fixture(scope="session")
+def sigterm_at(env, wait_for_step):
     """Start `artscale train`, SIGTERM it once `step` is logged; (the step it stopped at, its stderr)."""
-    proc = subprocess.Popen(
-        [*train_cli_cmd(), *overrides],
-        env={**env(), **extra_env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_step(run, step, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
-    return int(out.split("stopped by a signal at step ")[1].split(":")[0]), err
+
+    def stop(overrides: list[str], run: Path, step: int, **extra_env: str) -> tuple[int, str]:
+        proc = subprocess.Popen(
+            [*train_cli_cmd(), *overrides],
+            env={**env(), **extra_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_step(run, step, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+        return int(out.split("stopped by a signal at step ")[1].split(":")[0]), err
+
+    return stop
 
 
 @pytest.mark.slow
-def test_a_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_finishes(shards, tmp_path):
+def test_a_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_finishes(
+    shards, tmp_path, tiny, accelerate_cmd, env, wait_for_step, children, launch
+):
     run = tmp_path / "run"
     overrides = tiny(run, shards, "max_steps=200", "batch_size=2")
     proc = subprocess.Popen(
@@ -257,7 +255,7 @@ def test_a_first_sigint_asks_for_a_checkpoint_and_a_second_exits_at_once():
 
 
 @pytest.mark.slow
-def test_a_corrupt_shard_mid_run_is_skipped_and_counted_in_bf16(shards, tmp_path):
+def test_a_corrupt_shard_mid_run_is_skipped_and_counted_in_bf16(shards, tmp_path, train_cli, tiny, metrics):
     bad = tmp_path / "bad"
     shutil.copytree(shards, bad)
     for victim in sorted(bad.glob("train-*.tar"))[:-1]:  # all but one: headers and images torn after the first member
@@ -276,7 +274,7 @@ def test_a_corrupt_shard_mid_run_is_skipped_and_counted_in_bf16(shards, tmp_path
     assert skipped > 0 and [m for m in metrics(run) if "loss" in m][-1]["skipped_samples"] == skipped
 
 
-def test_bad_inputs_are_one_line_and_exit_2(shards, tmp_path):
+def test_bad_inputs_are_one_line_and_exit_2(shards, tmp_path, train_cli, tiny):
     proc = train_cli(tiny(tmp_path / "run", tmp_path / "no-shards"), timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "not a shards directory" in proc.stderr
@@ -310,7 +308,6 @@ def test_the_plan_counts_steps_and_lr_by_optimizer_step(shards):
 
 @pytest.mark.parametrize("name,processes", [("cpu", 1), ("gpu1", 1), ("gpu8", 8), ("nodes2x8", 16)])
 def test_the_shipped_accelerate_configs_parse(name, processes):
-    from _train_helpers import ROOT
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(ROOT / "launch" / "accelerate" / f"{name}.yaml"))
@@ -320,7 +317,7 @@ def test_the_shipped_accelerate_configs_parse(name, processes):
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(shards, tmp_path):
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(shards, tmp_path, train_cli, tiny, env):
     import resource
 
     run = tmp_path / "run"
@@ -375,7 +372,9 @@ def test_freed_activation_memory_is_reused_not_faulted_in_again():
 
 
 @pytest.mark.slow
-def test_a_stop_on_a_validation_step_saves_first_and_progress_lines_show_step_loss_lr(shards, tmp_path):
+def test_a_stop_on_a_validation_step_saves_first_and_progress_lines_show_step_loss_lr(
+    shards, tmp_path, tiny, metrics, sigterm_at
+):
     """Every step validates here: the stop must checkpoint and exit without validating its step.
     stderr is a file, so training and validation print plain progress lines (every 0.01 s here)."""
     run = tmp_path / "run"
@@ -389,7 +388,9 @@ def test_a_stop_on_a_validation_step_saves_first_and_progress_lines_show_step_lo
 
 
 @pytest.mark.slow
-def test_after_a_crash_the_resumed_run_logs_each_step_once_and_a_torn_line_is_ignored(shards, tmp_path):
+def test_after_a_crash_the_resumed_run_logs_each_step_once_and_a_torn_line_is_ignored(
+    shards, tmp_path, metrics, train_cli, tiny, env, wandb_history
+):
     """A SIGKILL after step 4 was logged but before its checkpoint: checkpoint 2 is the newest, and
     the last metrics line is half-written. `info` reads the run; the resume logs steps 3, 4 once."""
     run = tmp_path / "run"
@@ -434,7 +435,7 @@ def count_host_syncs(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_the_training_step_makes_no_host_sync_between_log_steps(shards, tmp_path, monkeypatch):
+def test_the_training_step_makes_no_host_sync_between_log_steps(shards, tmp_path, monkeypatch, tiny):
     """Runs of 3 and 9 steps that log, validate and checkpoint only at their last step make the same
     host syncs: 0 per step. Logging every step costs syncs, so the counter does see them."""
     from accelerate.state import AcceleratorState
@@ -455,7 +456,7 @@ def test_the_training_step_makes_no_host_sync_between_log_steps(shards, tmp_path
     assert syncs(9, 1) - syncs(3, 1) >= 6
 
 
-def test_gpus_asked_for_without_cuda_stop_with_one_line(shards, tmp_path):
+def test_gpus_asked_for_without_cuda_stop_with_one_line(shards, tmp_path, tiny, env):
     """A fake SLURM GPU allocation on this CPU machine: one line naming torch's CUDA and the driver."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")

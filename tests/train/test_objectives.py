@@ -6,7 +6,6 @@ VGG is built (pretrained ones cannot be downloaded in tests)."""
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 import socket
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_helpers import launch, metrics, tiny, train_cli
 from safetensors.torch import load_file
 
 from artscale.contracts.run_dir import load_denoiser, load_weights
@@ -36,25 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def art_shards(tmp_path_factory) -> Path:
-    """5 visibly different classes x 48 images (the demo's procedural drawers), packed at 16 px."""
-    from artscale.data.pack import pack
-    from artscale.demo import CLASSES, DRAWERS
+@pytest.fixture(scope="session")
+def diffusion(tiny):
+    """Overrides of a tiny diffusion run, batch 8."""
 
-    root = tmp_path_factory.mktemp("art")
-    rnd = random.Random(0)
-    for cls in CLASSES:
-        (root / "collection" / cls).mkdir(parents=True)
-        for i in range(48):
-            im = DRAWERS[cls](rnd, rnd.randint(48, 96), rnd.randint(48, 96)).convert("RGB")
-            im.save(root / "collection" / cls / f"{i:02d}.png")
-    pack(root / "collection", root / "shards", size=16, val_fraction=0.15, workers=1, shard_max_count=40)
-    return root / "shards"
+    def overrides(run: Path, shards: Path, *extra: str) -> list[str]:
+        return tiny(run, shards, "objective=diffusion", "batch_size=8", *extra)
 
-
-def diffusion(run: Path, shards: Path, *extra: str) -> list[str]:
-    return tiny(run, shards, "objective=diffusion", "batch_size=8", *extra)
+    return overrides
 
 
 def real_images(shards: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +76,7 @@ def spread(images: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_a_short_run_draws_new_images_of_the_class_asked_for(art_shards, tmp_path):
+def test_a_short_run_draws_new_images_of_the_class_asked_for(art_shards, tmp_path, train_cli, tiny, metrics):
     run = tmp_path / "run"
     t = time.monotonic()
     proc = train_cli(
@@ -213,7 +200,7 @@ def test_ema_equals_a_hand_computed_ema_after_k_steps():
 
 
 @pytest.mark.slow
-def test_ema_is_identical_on_two_ranks_and_checkpoints_hold_the_contract(art_shards, tmp_path):
+def test_ema_is_identical_on_two_ranks_and_checkpoints_hold_the_contract(art_shards, tmp_path, launch, diffusion):
     run = tmp_path / "run"
     proc = launch(2, diffusion(run, art_shards, "max_steps=4", "checkpoint_every=2"), port=free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -233,7 +220,7 @@ def test_ema_is_identical_on_two_ranks_and_checkpoints_hold_the_contract(art_sha
 
 
 @pytest.mark.slow
-def test_a_resumed_diffusion_run_ends_bit_identical_raw_and_ema(art_shards, tmp_path):
+def test_a_resumed_diffusion_run_ends_bit_identical_raw_and_ema(art_shards, tmp_path, train_cli, diffusion):
     """Noise, timesteps and label drops continue where the checkpoint left them (and the EMA with its warm-up)."""
     opts = ["max_steps=6", "grad_accum=2", "ema_decay=0.99", "cond_drop=0.5"]
     whole = train_cli(diffusion(tmp_path / "whole", art_shards, *opts))
@@ -326,7 +313,7 @@ def test_the_perceptual_mask_gives_the_loss_and_gradients_of_picking_the_low_noi
             )
 
         old_syncs: dict[str, int] = {}
-        with host_syncs(old_syncs, "test_diffusion_train.py"):
+        with host_syncs(old_syncs, Path(__file__).name):
             old_loss, old_perceptual = selected_perceptual(objective(), model, images, labels)
         old_loss.backward()
         old_grads = grads()

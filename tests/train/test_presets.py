@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
-from conftest import ROOT, VENV_BIN, run_cli
 
 from artscale.core.errors import UserError
 from artscale.train.config import load_config
 from artscale.train.presets import PRESETS_DIR, preset_names, resolve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
 
 
 def test_the_presets_ship_inside_the_package():
@@ -45,7 +50,7 @@ def test_neither_a_file_nor_a_preset_is_one_line_naming_the_presets(given, tmp_p
     )
 
 
-def test_configs_lists_and_shows_the_presets(tmp_path):
+def test_configs_lists_and_shows_the_presets(tmp_path, run_cli):
     listed = run_cli("configs", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
@@ -62,7 +67,7 @@ def test_configs_lists_and_shows_the_presets(tmp_path):
     assert "no preset named difusion; presets: article, diffusion, diffusion-cpu" in missing.stderr
 
 
-def test_submit_takes_a_preset_name(tmp_path):
+def test_submit_takes_a_preset_name(tmp_path, run_cli):
     env = {"PATH": str(VENV_BIN)}  # no sinfo: submit fits nothing to the nodes and says nothing
     submitted = run_cli("submit", "train", "--config", "diffusion-cpu", "--dry-run", cwd=tmp_path, env=env)
     assert submitted.returncode == 0, submitted.stderr

@@ -2,7 +2,7 @@
 gloo CPU ranks on tiny 16 px shards. The Inception weights are a download this machine cannot make:
 the runs that evaluate use the test-only `eval_inception=random` (an untrained network, which warns),
 so the figures are checked for where and how often they land, not for what they say about the
-images; the KID/FID arithmetic is checked against references in test_evaluate.py. Inception at
+images; the KID/FID arithmetic is checked against references in metrics/test_fid.py. Inception at
 299 px costs about 0.3 s an image on one core here, so the runs draw 2 images per class."""
 
 from __future__ import annotations
@@ -11,21 +11,11 @@ import math
 import signal
 import socket
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from _train_helpers import (  # noqa: F401
-    env,
-    launch,
-    manifest,
-    metrics,
-    shards,
-    tensorboard_scalars,
-    tiny,
-    train_cli,
-)
-from conftest import CLASSES
 from safetensors.torch import load_file
 
 from artscale.core.errors import UserError
@@ -34,6 +24,7 @@ from artscale.train.config import load_config
 from artscale.train.loop import EXIT_PREEMPTED, main
 from artscale.train.quality import RANDOM_EVAL_WARNING
 
+VENV_BIN = Path(sys.executable).parent
 EVAL = ["eval_every=2", "eval_samples=2", "eval_inception=random"]
 
 
@@ -43,24 +34,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def diffusion(run: Path, shards_dir: Path, *extra: str) -> list[str]:
-    return tiny(run, shards_dir, "objective=diffusion", "sample_steps=2", "max_steps=3", *EVAL, *extra)
+@pytest.fixture(scope="session")
+def diffusion(tiny):
+    """Overrides of a 3-step diffusion run evaluating every 2 steps."""
+
+    def overrides(run: Path, shards_dir: Path, *extra: str) -> list[str]:
+        return tiny(run, shards_dir, "objective=diffusion", "sample_steps=2", "max_steps=3", *EVAL, *extra)
+
+    return overrides
 
 
-def evals(run: Path) -> list[dict]:
-    return [m for m in metrics(run) if "eval/kid" in m]
+@pytest.fixture(scope="session")
+def evals(metrics):
+    """The eval entries a run logged."""
+
+    def read(run: Path) -> list[dict]:
+        return [m for m in metrics(run) if "eval/kid" in m]
+
+    return read
 
 
-def classes_with_two_val_images(shards_dir: Path) -> set[str]:
+@pytest.fixture(scope="session")
+def classes_with_two_val_images(classes):
     """Per-class KID needs 2 images a side: the classes whose val split has that many."""
-    counts = Counter()
-    for _, labels, _, _ in val_loader(data_spec(str(shards_dir), 16), batch_size=64, rank=0, world=1):
-        counts.update(labels.tolist())
-    return {CLASSES[i] for i, n in counts.items() if n >= 2}
+
+    def count(shards_dir: Path) -> set[str]:
+        counts = Counter()
+        for _, labels, _, _ in val_loader(data_spec(str(shards_dir), 16), batch_size=64, rank=0, world=1):
+            counts.update(labels.tolist())
+        return {classes[i] for i, n in counts.items() if n >= 2}
+
+    return count
 
 
 @pytest.fixture(scope="module")
-def one_rank(shards, tmp_path_factory):
+def one_rank(shards, tmp_path_factory, train_cli, diffusion):
     """A 3-step diffusion run evaluating at steps 2 and 3 (the last), tensorboard tracker."""
     run = tmp_path_factory.mktemp("one") / "run"
     proc = train_cli(diffusion(run, shards, "tracker=tensorboard"))
@@ -69,7 +77,9 @@ def one_rank(shards, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_every_logs_kid_overall_and_per_class_at_its_steps(one_rank, shards):
+def test_eval_every_logs_kid_overall_and_per_class_at_its_steps(
+    one_rank, shards, manifest, tensorboard_scalars, classes, evals, classes_with_two_val_images
+):
     run, proc = one_rank
     val_count = manifest(shards)["splits"]["val"]["count"]
     logged = evals(run)
@@ -77,7 +87,7 @@ def test_eval_every_logs_kid_overall_and_per_class_at_its_steps(one_rank, shards
     expected = {f"eval/kid/{c}" for c in classes_with_two_val_images(shards)}
     assert expected, "the fixture's val split should hold 2 images of some class"
     for m in logged:
-        assert m["eval/images"] == 2 * len(CLASSES) and m["eval/real_images"] == val_count
+        assert m["eval/images"] == 2 * len(classes) and m["eval/real_images"] == val_count
         assert math.isfinite(m["eval/kid"]) and m["eval/kid_std"] >= 0 and m["eval/seconds"] > 0
         assert {k for k in m if k.startswith("eval/kid/")} == expected
         assert not any(k.startswith("eval/fid") for k in m)  # FID from 2048 images a side only
@@ -90,7 +100,9 @@ def test_eval_every_logs_kid_overall_and_per_class_at_its_steps(one_rank, shards
 
 
 @pytest.mark.slow
-def test_two_ranks_split_the_eval_gather_every_image_and_log_the_same_entries(one_rank, shards, tmp_path):
+def test_two_ranks_split_the_eval_gather_every_image_and_log_the_same_entries(
+    one_rank, shards, tmp_path, launch, diffusion, evals
+):
     run = tmp_path / "run"
     proc = launch(2, diffusion(run, shards), port=free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -110,7 +122,9 @@ def test_two_ranks_split_the_eval_gather_every_image_and_log_the_same_entries(on
 
 
 @pytest.mark.slow
-def test_the_articles_objective_is_judged_by_its_outputs_of_the_val_images(shards, tmp_path):
+def test_the_articles_objective_is_judged_by_its_outputs_of_the_val_images(
+    shards, tmp_path, train_cli, tiny, manifest, evals
+):
     run = tmp_path / "run"
     proc = train_cli(tiny(run, shards, "max_steps=2", *EVAL))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -121,7 +135,9 @@ def test_the_articles_objective_is_judged_by_its_outputs_of_the_val_images(shard
 
 
 @pytest.mark.slow
-def test_without_inception_weights_one_line_no_eval_and_training_succeeds(shards, tmp_path, monkeypatch, capsys):
+def test_without_inception_weights_one_line_no_eval_and_training_succeeds(
+    shards, tmp_path, monkeypatch, capsys, tiny, metrics, evals
+):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # where the weights would be cached
     run = tmp_path / "run"
     assert main(tiny(run, shards, "max_steps=2", "eval_every=1")) == 0
@@ -134,7 +150,7 @@ def test_without_inception_weights_one_line_no_eval_and_training_succeeds(shards
 
 
 @pytest.mark.slow
-def test_a_stop_during_an_eval_abandons_it_and_checkpoints(shards, tmp_path):
+def test_a_stop_during_an_eval_abandons_it_and_checkpoints(shards, tmp_path, tiny, env, evals):
     """Plain progress lines every 0.01 s: the first `eval:` line means the eval at step 1 is under way."""
     run = tmp_path / "run"
     overrides = tiny(run, shards, "max_steps=200", "batch_size=2", "eval_every=1", "eval_inception=random")
@@ -160,8 +176,6 @@ def test_a_stop_during_an_eval_abandons_it_and_checkpoints(shards, tmp_path):
 
 
 def train_cli_cmd() -> list[str]:
-    from _train_helpers import VENV_BIN
-
     return [str(VENV_BIN / "artscale"), "train"]
 
 
@@ -172,6 +186,6 @@ def test_eval_keys_are_checked():
             load_config(None, bad)
 
 
-def test_a_named_inception_file_that_is_missing_stops_the_run(shards, tmp_path):
+def test_a_named_inception_file_that_is_missing_stops_the_run(shards, tmp_path, tiny):
     with pytest.raises(UserError, match=r"eval_inception=\S+/no\.pth: no such file"):
         main(tiny(tmp_path / "run", shards, "max_steps=1", "eval_every=1", f"eval_inception={tmp_path}/no.pth"))

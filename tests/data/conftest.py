@@ -1,4 +1,4 @@
-"""Real odd-but-valid and bad image files for the images and shards tests."""
+"""Fixtures of the images and pack tests: real odd-but-valid and bad image files, and a messy collection."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 RED, GREEN, BLUE = (230, 20, 20), (20, 230, 20), (20, 20, 230)
@@ -142,3 +143,18 @@ def write_messy_collection(root: Path, outside: Path) -> dict:
             "c": {"seen": 11, "packed": 2, "skipped": 4, "ignored": 5},
         },
     }
+
+
+@pytest.fixture(name="write_odd_images", scope="session")
+def write_odd_images_fixture():
+    return write_odd_images
+
+
+@pytest.fixture(name="write_bad_files", scope="session")
+def write_bad_files_fixture():
+    return write_bad_files
+
+
+@pytest.fixture(name="write_messy_collection", scope="session")
+def write_messy_collection_fixture():
+    return write_messy_collection

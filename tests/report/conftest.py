@@ -1,4 +1,5 @@
-"""A real headless Chromium driven over the DevTools protocol (--remote-debugging-pipe), standard library only.
+"""Fixtures of the report tests: a real headless Chromium driven over the DevTools protocol
+(--remote-debugging-pipe), standard library only.
 
 Chromium reads commands on fd 3 and writes replies and events on fd 4, each a JSON message ended by
 a NUL byte. Enough of the protocol for a page check: open a page, collect console errors, uncaught
@@ -14,11 +15,29 @@ import os
 import shutil
 import subprocess
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+# Scrolls the page from top to bottom (lazy images near the viewport start loading), waits for every
+# image that is rendered to finish, and returns [src, complete, naturalWidth] of each rendered image.
+SHOWN_IMAGES = """
+(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  for (let y = 0; y <= document.documentElement.scrollHeight; y += 500) { window.scrollTo(0, y); await sleep(20); }
+  const shown = [...document.images].filter(i => i.checkVisibility());
+  const start = Date.now();
+  while (shown.some(i => !i.complete) && Date.now() - start < 20000) await sleep(50);
+  window.scrollTo(0, 0);
+  await sleep(50);
+  return shown.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);
+})()
+"""
 
 
 def find_chromium() -> str | None:
@@ -166,6 +185,10 @@ class Browser:
                 found.append(f"failed request: {p.get('errorText')} ({p.get('type')})")
         return found
 
+    def shown_images(self) -> list[list]:
+        """[src, complete, naturalWidth] of each rendered image, once every one has finished loading."""
+        return self.evaluate(SHOWN_IMAGES)
+
     def close(self) -> None:
         try:
             self.send("Browser.close", timeout=10)
@@ -179,26 +202,23 @@ class Browser:
         os.close(self._cmd_w)
 
 
-# Scrolls the page from top to bottom (lazy images near the viewport start loading), waits for every
-# image that is rendered to finish, and returns [src, complete, naturalWidth] of each rendered image.
-SHOWN_IMAGES = """
-(async () => {
-  const sleep = ms => new Promise(r => setTimeout(r, ms));
-  for (let y = 0; y <= document.documentElement.scrollHeight; y += 500) { window.scrollTo(0, y); await sleep(20); }
-  const shown = [...document.images].filter(i => i.checkVisibility());
-  const start = Date.now();
-  while (shown.some(i => !i.complete) && Date.now() - start < 20000) await sleep(50);
-  window.scrollTo(0, 0);
-  await sleep(50);
-  return shown.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);
-})()
-"""
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The browser (before the runs are trained: a missing one fails or skips at once). Skipped only where
+    none is installed, and never with CI=true: .ci/run installs Debian's chromium, so CI fails instead."""
+    exe = find_chromium()
+    if exe is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but no chromium: .ci/run installs Debian's chromium; a green CI must have run this")
+        pytest.skip("no chromium here (apt-get install chromium); CI installs it and fails without it")
+    return exe
 
 
-def wait_until(predicate, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+@pytest.fixture(scope="module")
+def open_browser(chromium) -> Callable[[Path], Browser]:
+    """A Browser on that chromium with its profile at the given path; the test closes it."""
+
+    def start(profile: Path) -> Browser:
+        return Browser(chromium, profile)
+
+    return start
