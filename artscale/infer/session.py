@@ -24,11 +24,11 @@ INPUT, OUTPUT = "images", "generated"
 DENOISER_INPUTS = ("sample", "timestep", "class_labels")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # A run of the article's model holds ~0.55 KB per pixel (measured on the CPU provider: 283 MB for
-# 2 x 512 x 512); tests/test_infer_gpu.py checks it against what a CUDA run holds.
+# 2 x 512 x 512); tests/infer/test_gpu.py checks it against what a CUDA run holds.
 BYTES_PER_PIXEL = 560
 # A denoiser run holds this much per pixel of a row, per channel of the UNet's first level (about
 # 1.5-2x what the CPU provider holds for the tiny and small presets: convolutions on a GPU add their
-# workspace; tests/test_infer_gpu.py checks it on CUDA).
+# workspace; tests/infer/test_gpu.py checks it on CUDA).
 DENOISER_BYTES_PER_PIXEL_CHANNEL = 96
 # CPU: large --native images go in smaller batches, so memory stays near 0.3 GB per inference
 # stream and a batch's activations stay in the core's cache.
