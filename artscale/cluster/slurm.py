@@ -1,4 +1,5 @@
-"""SLURM glue: the per-node `accelerate launch` line, signal forwarding, and merging generation reports.
+"""SLURM glue: the per-node `accelerate launch` line, signal forwarding, and the merge job's entry
+(the merge itself is artscale.infer.outputs's, for generate's shards and sample's alike).
 
 The sbatch scripts (artscale/cluster/sbatch/, shipped with the package) stay thin and call
 `python -m artscale.cluster ...` for anything a test should check: the launch line is a pure
@@ -19,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from artscale.cluster.nodes import CPUS_PER_GPU, fit_submission
-from artscale.core.atomic import write_json_atomic
 from artscale.core.errors import UserError
 
 # Package data, so an installed artscale submits them as a checkout does. sbatch copies a script
@@ -257,86 +257,6 @@ def run_finished(train_args: Sequence[str]) -> bool:
     return int(json.loads(state.read_text()).get("step", -1)) >= (found[-1][0] if found else 0)
 
 
-COUNTS = ("inputs_seen", "written", "already_done", "skipped", "ignored")
-
-
-def merge_reports(out_dir: Path, num_shards: int) -> dict:
-    """Merge OUT/report-I-of-K.json (I = 0..K-1) into one report, checked against the input tree
-    (OUT/listing.jsonl when the array had one; files added since are counted in `after_listing`).
-
-    UserError when a shard's report is missing, when a shard does not account for each of its
-    inputs (written, already done, skipped with a reason, or ignored), when the shards together
-    did not see exactly the files IN_DIR holds, or when an output is missing.
-    """
-    from artscale.data.listing import LISTING, files_after_listing, list_inputs, read_listing, shard_of
-    from artscale.infer.outputs import EXTENSIONS, report_name
-
-    out_dir = Path(out_dir)
-    reports = []
-    for i in range(num_shards):
-        path = out_dir / report_name(num_shards, i)
-        if not path.is_file():
-            raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
-        try:
-            rep = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} is not a readable JSON report ({e}); run shard {i} again") from None
-        if not isinstance(rep, dict) or any(not isinstance(rep.get(k), int) for k in COUNTS):
-            raise UserError(f"{path} is not a generation report (it lacks {', '.join(COUNTS)}); run shard {i} again")
-        if (rep.get("shard_index"), rep.get("num_shards")) != (i, num_shards):
-            raise UserError(f"{path} says shard {rep.get('shard_index')} of {rep.get('num_shards')}")
-        accounted = sum(rep[k] for k in COUNTS[1:])
-        if accounted != rep["inputs_seen"]:
-            raise UserError(
-                f"{path}: {rep['inputs_seen']} inputs but {accounted} written, already done, skipped or ignored"
-            )
-        reports.append(rep)
-    in_dirs = {rep["in_dir"] for rep in reports}
-    if len(in_dirs) != 1:
-        raise UserError(f"the shards read different input folders: {', '.join(sorted(in_dirs))}")
-    in_dir = Path(in_dirs.pop())
-    if not in_dir.is_dir():
-        raise UserError(f"input folder {in_dir} not found (the merge checks every input against it)")
-    ext, follow = EXTENSIONS[reports[0]["format"]], bool(reports[0].get("follow_symlinks", False))
-    listing = read_listing(out_dir, in_dir, ext, follow)
-    entries = listing.entries if listing is not None else list_inputs(in_dir, ext, follow)
-    where = out_dir / LISTING if listing is not None else f"{in_dir} now"
-    for i, rep in enumerate(reports):
-        expected = sum(shard_of(e.rel, num_shards) == i for e in entries)
-        if rep["inputs_seen"] != expected:
-            raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {where} holds {expected} for it")
-    late = files_after_listing(listing) if listing is not None else []
-    skipped = {s["path"] for rep in reports for s in rep["skipped_files"]}
-    missing = [e.out for e in entries if e.out and e.rel not in skipped and not (out_dir / e.out).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} outputs are missing from {out_dir}, e.g. {missing[0]}")
-    merged = {k: sum(rep[k] for rep in reports) for k in COUNTS}
-    merged.update(
-        in_dir=str(in_dir),
-        out_dir=str(out_dir),
-        num_shards=num_shards,
-        skipped_files=sorted((s for rep in reports for s in rep["skipped_files"]), key=lambda s: s["path"]),
-        providers=sorted({rep.get("provider", "") for rep in reports}),
-        wall_s_max=max(rep.get("wall_s", 0.0) for rep in reports),
-        # files added to IN_DIR after the listing: not generated, named here (the first 1000)
-        after_listing=len(late),
-        after_listing_files=late[:1000],
-        shards=[
-            {k: rep.get(k) for k in ("shard_index", "inputs_seen", "written", "wall_s", "img_per_s", "provider")}
-            for rep in reports
-        ],
-    )
-    return merged
-
-
-def write_merged(out_dir: Path, num_shards: int) -> dict:
-    """merge_reports, then OUT/report.json written atomically."""
-    merged = merge_reports(out_dir, num_shards)
-    target = Path(out_dir) / "report.json"
-    write_json_atomic(target, merged)
-    return merged
-
-
 def _common_sbatch(time_limit: str, partition: str, account: str, sbatch_args: Sequence[str]) -> list[str]:
     opts = [f"--time={time_limit}"] if time_limit else []
     opts += [f"--partition={partition}"] if partition else []
@@ -531,14 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_node(args.train_args)
         if args.cmd == "finished":
             return 0 if run_finished(args.train_args) else 1
-        if args.sample:
-            from artscale.infer.sample import merge_reports as merge_sample
+        from artscale.infer.outputs import write_merged
 
-            merged = merge_sample(args.out_dir, args.num_shards)
-            write_json_atomic(Path(args.out_dir) / "report.json", merged)
+        merged = write_merged(args.out_dir, args.num_shards, sample=args.sample)
+        if args.sample:
             print(f"artscale: merged {args.num_shards} reports: {merged['images_in_run']} images, all present")
             return 0
-        merged = write_merged(args.out_dir, args.num_shards)
         print(
             f"artscale: merged {args.num_shards} reports: {merged['inputs_seen']} inputs, {merged['written']} written, "
             f"{merged['already_done']} already done, {merged['skipped']} skipped, {merged['ignored']} ignored"
