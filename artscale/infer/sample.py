@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from artscale.contracts.onnx import DENOISER_INPUTS, GPU_PROVIDERS
+from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT, GPU_PROVIDERS
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import usable_cores
@@ -51,8 +51,8 @@ def onnx_predict(session, streams: int = 0) -> Predict:
     pool = ThreadPoolExecutor(streams, "denoise") if streams >= 1 else None
 
     def run(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-        feed = {"sample": x.contiguous().numpy(), "timestep": t.numpy(), "class_labels": labels.numpy()}
-        return session.run(["prediction"], feed)[0]
+        feed = dict(zip(DENOISER_INPUTS, (x.contiguous().numpy(), t.numpy(), labels.numpy())))
+        return session.run([DENOISER_OUTPUT], feed)[0]
 
     def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows = max(1, CPU_RUN_PIXELS // (x.shape[2] * x.shape[3]))
@@ -106,7 +106,7 @@ def bound_predict(session, device: torch.device, stream: torch.cuda.Stream | Non
                     dtype = np.float32 if part.dtype == torch.float32 else np.int64
                     binding.bind_input(name, kind, index, dtype, list(part.shape), part.data_ptr())
                 part = out[i : i + step]
-                binding.bind_output("prediction", kind, index, np.float32, list(part.shape), part.data_ptr())
+                binding.bind_output(DENOISER_OUTPUT, kind, index, np.float32, list(part.shape), part.data_ptr())
                 bindings.append(binding)
             cache[shape] = (tensors, out, bindings)
         return cache[shape]
