@@ -424,14 +424,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from artscale.cluster.slurm import submit
 
         opts = vars(args).copy()
-        for k in ("command", "what", "dry_run", "config", "overrides", "generate_args"):
+        for k in ("command", "what", "dry_run", "config", "overrides", "generate_args", "sample_args"):
             opts.pop(k, None)
         if args.what == "train":
             opts["train_args"] = (["--config", args.config] if args.config else []) + args.overrides
-        elif args.what == "sample":
-            opts["sample_args"] = shlex.split(args.sample_args)
-        else:
-            opts["generate_args"] = shlex.split(args.generate_args)
+        else:  # --generate-args / --sample-args: more flags for each task's command
+            opts["script_args"] = shlex.split(getattr(args, f"{args.what}_args"))
         submit(args.what, opts, dry_run=args.dry_run)
     elif args.command == "eval":
         from artscale.metrics.fid import evaluate

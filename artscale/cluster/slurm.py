@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 from artscale.cluster.nodes import CPUS_PER_GPU, fit_submission
 from artscale.core.errors import UserError
@@ -257,11 +259,26 @@ def run_finished(train_args: Sequence[str]) -> bool:
     return int(json.loads(state.read_text()).get("step", -1)) >= (found[-1][0] if found else 0)
 
 
-def _common_sbatch(time_limit: str, partition: str, account: str, sbatch_args: Sequence[str]) -> list[str]:
-    opts = [f"--time={time_limit}"] if time_limit else []
-    opts += [f"--partition={partition}"] if partition else []
-    opts += [f"--account={account}"] if account else []
-    return opts + list(sbatch_args)
+@dataclass(frozen=True)
+class Placement:
+    """Where and for how long every job of a submission runs: `artscale submit`'s cluster flags."""
+
+    time_limit: str = ""  # "" : the script's own
+    partition: str = ""
+    account: str = ""
+    sbatch_args: Sequence[str] = ()  # more sbatch options, as given
+
+    @classmethod
+    def take(cls, opts: dict) -> Placement:
+        """The placement flags popped out of `artscale submit`'s options."""
+        return cls(**{f.name: opts.pop(f.name) for f in fields(cls) if f.name in opts})
+
+    def options(self, timed: bool = True) -> list[str]:
+        """The sbatch options; `timed` False for the short jobs (listing, merge) that keep their script's limit."""
+        opts = [f"--time={self.time_limit}"] if timed and self.time_limit else []
+        opts += [f"--partition={self.partition}"] if self.partition else []
+        opts += [f"--account={self.account}"] if self.account else []
+        return opts + list(self.sbatch_args)
 
 
 def train_sbatch_command(
@@ -272,11 +289,8 @@ def train_sbatch_command(
     cpu_processes: int = 1,
     cpus_per_task: int = 0,
     cpus_per_gpu: int = CPUS_PER_GPU,
-    time_limit: str = "",
-    partition: str = "",
-    account: str = "",
     signal_seconds: int = 300,
-    sbatch_args: Sequence[str] = (),
+    placement: Placement = Placement(),
 ) -> list[str]:
     """The `sbatch` line for train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0).
 
@@ -295,15 +309,14 @@ def train_sbatch_command(
         cmd.append(f"--export=ALL,ARTSCALE_CPU_PROCESSES={cpu_processes}")
     cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
     cmd += [f"--signal=B:USR1@{signal_seconds}"] if signal_seconds else []
-    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    return [*cmd, str(SBATCH_DIR / "train.sbatch"), *train_args]
+    return [*cmd, *placement.options(), str(SBATCH_DIR / "train.sbatch"), *train_args]
 
 
 def _array(tasks: int, max_running: int, gpus_per_task: int, cpus_per_task: int, cpus_per_gpu: int) -> list[str]:
-    """`sbatch --array=0-(K-1)[%N]` and the resources of one task (gpus x cpus_per_gpu cores on a GPU)."""
+    """`--array=0-(K-1)[%N]` and the resources of one task (gpus x cpus_per_gpu cores on a GPU)."""
     if tasks < 1 or max_running < 0 or cpus_per_gpu < 1:
         raise UserError(f"--tasks {tasks}: need at least 1 task (and --max-running >= 0, --cpus-per-gpu >= 1)")
-    cmd = ["sbatch", f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")]
+    cmd = [f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")]
     cmd += [f"--gpus-per-task={gpus_per_task}"] if gpus_per_task else []
     cpus_per_task = cpus_per_task or gpus_per_task * cpus_per_gpu
     return cmd + ([f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else [])
@@ -314,72 +327,42 @@ def _device(args: Sequence[str], gpus_per_task: int) -> list[str]:
     return [] if any(a.startswith("--device") for a in args) else ["--device", "cuda" if gpus_per_task else "auto"]
 
 
-def sample_sbatch_commands(
+def array_sbatch_commands(
+    what: Literal["generate", "sample"],
     model: str,
     out_dir: str,
     *,
-    count: int,
     tasks: int,
+    in_dir: str = "",
+    count: int = 0,
     max_running: int = 0,
     gpus_per_task: int = 0,
     cpus_per_task: int = 0,
     cpus_per_gpu: int = CPUS_PER_GPU,
-    time_limit: str = "",
-    partition: str = "",
-    account: str = "",
-    sbatch_args: Sequence[str] = (),
-    sample_args: Sequence[str] = (),
-) -> tuple[list[str], list[str]]:
-    """The array line for `artscale sample` (generate.sbatch sample ...) and the merge after it (`{array}`)."""
-    cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu) + ["--job-name=artscale-sample"]
-    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    args = [model, out_dir, "--count", str(count), *_device(sample_args, gpus_per_task), *sample_args]
-    cmd += [str(SBATCH_DIR / "generate.sbatch"), "sample", *args]
-    merge = ["sbatch", "--dependency=afterok:{array}", "--job-name=artscale-sample-merge"]
-    merge += [*_common_sbatch("", partition, account, sbatch_args), str(SBATCH_DIR / "generate-merge.sbatch")]
-    return cmd, [*merge, out_dir, str(tasks), "--sample"]
+    script_args: Sequence[str] = (),
+    placement: Placement = Placement(),
+) -> list[list[str]]:
+    """The sbatch lines of `artscale submit generate|sample`: K tasks of generate.sbatch (`artscale
+    generate MODEL IN_DIR OUT_DIR` or `artscale sample MODEL OUT_DIR --count N`, then script_args),
+    and the merge job after the array (`{array}`: its job id). A generation first runs a listing job
+    (one walk of IN_DIR) that the array waits for (`{listing}`).
 
-
-def generate_sbatch_commands(
-    model: str,
-    in_dir: str,
-    out_dir: str,
-    *,
-    tasks: int,
-    max_running: int = 0,
-    gpus_per_task: int = 0,
-    cpus_per_task: int = 0,
-    cpus_per_gpu: int = CPUS_PER_GPU,
-    time_limit: str = "",
-    partition: str = "",
-    account: str = "",
-    sbatch_args: Sequence[str] = (),
-    generate_args: Sequence[str] = (),
-) -> tuple[list[str], list[str], list[str]]:
-    """The sbatch lines of a generation: the listing job (one walk of IN_DIR), the array for
-    generate.sbatch after it (`{listing}`: its job id), the merge after the array (`{array}`).
-
-    A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders that keep one
-    GPU fed need several cores (about 150 images/s per core at 128 px)."""
-    cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu)
-    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    args = [model, in_dir, out_dir, *_device(generate_args, gpus_per_task), *generate_args]
-    cmd = [*cmd[:1], "--dependency=afterok:{listing}", *cmd[1:], str(SBATCH_DIR / "generate.sbatch"), *args]
-    listing = [
-        "sbatch",
-        *_common_sbatch("", partition, account, sbatch_args),
-        str(SBATCH_DIR / "generate-list.sbatch"),
-        *args,
-    ]
-    merge = [
-        "sbatch",
-        "--dependency=afterok:{array}",
-        *_common_sbatch("", partition, account, sbatch_args),
-        str(SBATCH_DIR / "generate-merge.sbatch"),
-        out_dir,
-        str(tasks),
-    ]
-    return listing, cmd, merge
+    A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders (PNG encoding for
+    sample) that keep one GPU fed need several cores."""
+    sample = what == "sample"
+    array = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu)
+    command = ["sample", model, out_dir, "--count", str(count)] if sample else [model, in_dir, out_dir]
+    args = [*command, *_device(script_args, gpus_per_task), *script_args]
+    after_listing = [] if sample else ["--dependency=afterok:{listing}"]
+    # the scripts name their jobs after generate; a sampling array says what it is
+    named, merge_named = (["--job-name=artscale-sample"], ["--job-name=artscale-sample-merge"]) if sample else ([], [])
+    common, untimed = placement.options(), placement.options(timed=False)
+    cmd = ["sbatch", *after_listing, *array, *named, *common, str(SBATCH_DIR / "generate.sbatch"), *args]
+    merge = ["sbatch", "--dependency=afterok:{array}", *merge_named, *untimed]
+    merge += [str(SBATCH_DIR / "generate-merge.sbatch"), out_dir, str(tasks), *(["--sample"] if sample else [])]
+    if sample:
+        return [cmd, merge]
+    return [["sbatch", *untimed, str(SBATCH_DIR / "generate-list.sbatch"), *args], cmd, merge]
 
 
 def _sbatch(cmd: list[str]) -> str:
@@ -406,14 +389,11 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
         ("train.sbatch", "--gpus-per-node") if what == "train" else ("generate.sbatch", "--gpus-per-task")
     )
     opts = fit_submission(opts, script=SBATCH_DIR / script, gpus_flag=gpus_flag, dry_run=dry_run)
+    placement = Placement.take(opts)
     if what == "train":
-        cmds = [train_sbatch_command(**opts)]
-    elif what == "sample":
-        opts = dict(opts)
-        cmds = list(sample_sbatch_commands(opts.pop("model"), opts.pop("out_dir"), **opts))
+        cmds = [train_sbatch_command(**opts, placement=placement)]
     else:
-        opts = dict(opts)
-        cmds = list(generate_sbatch_commands(opts.pop("model"), opts.pop("in_dir"), opts.pop("out_dir"), **opts))
+        cmds = array_sbatch_commands(what, **opts, placement=placement)
     if dry_run:
         for cmd in cmds:
             print(shlex.join(cmd))
