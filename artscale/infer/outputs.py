@@ -163,7 +163,7 @@ def merge_reports(out_dir: str | Path, num_shards: int, sample: bool = False) ->
 def write_merged(out_dir: str | Path, num_shards: int, sample: bool = False) -> dict[str, Any]:
     """merge_reports, then OUT/report.json written atomically."""
     merged = merge_reports(out_dir, num_shards, sample)
-    write_json_atomic(Path(out_dir) / REPORT_NAME, merged)
+    write_json_atomic(Path(out_dir) / REPORT_NAME, merged, tmp=Path(out_dir) / f".{REPORT_NAME}{TMP_SUFFIX}")
     return merged
 
 

@@ -30,7 +30,7 @@ from artscale.diffusion.schedulers import SAMPLERS, make_sampler
 from artscale.infer.outputs import EXTENSIONS, plan, shard_chunks, write_image, write_report
 from artscale.infer.session import denoiser_bytes_per_pixel, gpu_budget, open_session, placement
 
-CPU_BATCH, GPU_BATCH = 16, 64  # images per chunk (x2 network rows with guidance)
+CPU_CHUNK, GPU_CHUNK = 16, 64  # default images per chunk, --batch-size 0 (x2 network rows with guidance)
 
 
 # Rows per onnxruntime run on CPU: one run's activations stay in the core's cache. Measured with one
@@ -277,7 +277,7 @@ def sample_images(
     predict, meta, used, where = opened.predict, opened.meta, opened.provider, opened.device
     schedule = make_sampler(sampler, meta["scheduler"])  # the training scheduler's betas and prediction type
     size, null_label = int(meta["image_size"]), int(meta["null_label"])
-    batch_size = batch_size or (CPU_BATCH if used in ("CPUExecutionProvider", "torch-cpu") else GPU_BATCH)
+    batch_size = batch_size or (CPU_CHUNK if used in ("CPUExecutionProvider", "torch-cpu") else GPU_CHUNK)
     items = plan(list(meta["classes"]), class_name, count, EXTENSIONS[image_format])
     chunks = shard_chunks(items, batch_size, num_shards, shard_index)
 

@@ -30,7 +30,7 @@ DENOISER_BYTES_PER_PIXEL_CHANNEL = 96
 # CPU: large --native images go in smaller batches, so memory stays near 0.3 GB per inference
 # stream and a batch's activations stay in the core's cache.
 MAX_BATCH_PIXELS = 8 * 256 * 256
-CPU_BATCH = 2  # default images per run on CPU (--batch-size 0)
+CPU_BATCH = 2  # generate: default images per session run on CPU (--batch-size 0; sample has its CPU_CHUNK)
 # GPU: batches sized by memory, up to this many images (beyond it a GPU gains little).
 GPU_MAX_BATCH = 64
 GPU_STREAMS = 2  # batches in flight on a GPU: one computes while the other's copies run
