@@ -161,20 +161,23 @@ def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def _children(pid: int) -> list[int]:
-    """Direct children of pid, from /proc (the training ranks of an `accelerate launch`)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+    """Direct children of pid (the training ranks of an `accelerate launch`); [] once it is gone.
+
+    Direct only, as the launcher starts the ranks: a rank's own children (its loader workers) are
+    forked with its USR1 handler in place and would pass for ranks, but the stop request is the
+    rank's to act on."""
+    import psutil  # here, not at the top: `artscale --help` imports this module
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _catches(pid: int, signum: int) -> bool:
-    """Has process pid installed a handler for signum (SigCgt in /proc/PID/status)?"""
+    """Has process pid installed a handler for signum? Read from SigCgt in /proc/PID/status:
+    psutil has no call for a process's caught-signal mask (its Process offers signals to send, not
+    the handlers installed)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("SigCgt:"):
