@@ -129,14 +129,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, help="an .onnx file from `artscale export`")
     p.add_argument("in_dir", type=Path, help="folder of images, walked recursively")
     p.add_argument("out_dir", type=Path, help="where the mirrored tree and report.json go (not inside IN_DIR)")
-    p.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs"
-    )
-    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
+    _add_run_flags(p)
     p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
-    _add_shard_flags(p)
-    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
-    p.add_argument("--quality", type=int, default=95)
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--size",
@@ -204,13 +198,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=["ddim", "dpm++"], default="dpm++")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off; default 3)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise of (seed, i) alone")
-    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
-    p.add_argument("--quality", type=int, default=95)
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: 16 on CPU, 64 on a GPU)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA runs")
-    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for a run dir: EMA (default) or raw")
-    _add_shard_flags(p)
+    _add_run_flags(p)
 
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
@@ -232,7 +222,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_shard_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What `generate` and `sample` share: the device, the output format, the shard of the work."""
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs"
+    )
+    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
+    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument("--quality", type=int, default=95, help="JPEG and WebP quality (default 95)")
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
     p.add_argument(
         "--shard-index",
@@ -427,14 +424,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from artscale.cluster.slurm import submit
 
         opts = vars(args).copy()
-        for k in ("command", "what", "dry_run", "config", "overrides", "generate_args"):
+        for k in ("command", "what", "dry_run", "config", "overrides", "generate_args", "sample_args"):
             opts.pop(k, None)
         if args.what == "train":
             opts["train_args"] = (["--config", args.config] if args.config else []) + args.overrides
-        elif args.what == "sample":
-            opts["sample_args"] = shlex.split(args.sample_args)
-        else:
-            opts["generate_args"] = shlex.split(args.generate_args)
+        else:  # --generate-args / --sample-args: more flags for each task's command
+            opts["script_args"] = shlex.split(getattr(args, f"{args.what}_args"))
         submit(args.what, opts, dry_run=args.dry_run)
     elif args.command == "eval":
         from artscale.metrics.fid import evaluate

@@ -1,4 +1,5 @@
-"""SLURM glue: the per-node `accelerate launch` line, signal forwarding, and merging generation reports.
+"""SLURM glue: the per-node `accelerate launch` line, signal forwarding, and the merge job's entry
+(the merge itself is artscale.infer.outputs's, for generate's shards and sample's alike).
 
 The sbatch scripts (artscale/cluster/sbatch/, shipped with the package) stay thin and call
 `python -m artscale.cluster ...` for anything a test should check: the launch line is a pure
@@ -16,10 +17,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 from artscale.cluster.nodes import CPUS_PER_GPU, fit_submission
-from artscale.core.atomic import write_json_atomic
 from artscale.core.errors import UserError
 
 # Package data, so an installed artscale submits them as a checkout does. sbatch copies a script
@@ -159,20 +161,23 @@ def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def _children(pid: int) -> list[int]:
-    """Direct children of pid, from /proc (the training ranks of an `accelerate launch`)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+    """Direct children of pid (the training ranks of an `accelerate launch`); [] once it is gone.
+
+    Direct only, as the launcher starts the ranks: a rank's own children (its loader workers) are
+    forked with its USR1 handler in place and would pass for ranks, but the stop request is the
+    rank's to act on."""
+    import psutil  # here, not at the top: `artscale --help` imports this module
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _catches(pid: int, signum: int) -> bool:
-    """Has process pid installed a handler for signum (SigCgt in /proc/PID/status)?"""
+    """Has process pid installed a handler for signum? Read from SigCgt in /proc/PID/status:
+    psutil has no call for a process's caught-signal mask (its Process offers signals to send, not
+    the handlers installed)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("SigCgt:"):
@@ -257,91 +262,26 @@ def run_finished(train_args: Sequence[str]) -> bool:
     return int(json.loads(state.read_text()).get("step", -1)) >= (found[-1][0] if found else 0)
 
 
-COUNTS = ("inputs_seen", "written", "already_done", "skipped", "ignored")
+@dataclass(frozen=True)
+class Placement:
+    """Where and for how long every job of a submission runs: `artscale submit`'s cluster flags."""
 
+    time_limit: str = ""  # "" : the script's own
+    partition: str = ""
+    account: str = ""
+    sbatch_args: Sequence[str] = ()  # more sbatch options, as given
 
-def merge_reports(out_dir: Path, num_shards: int) -> dict:
-    """Merge OUT/report-I-of-K.json (I = 0..K-1) into one report, checked against the input tree
-    (OUT/listing.jsonl when the array had one; files added since are counted in `after_listing`).
+    @classmethod
+    def take(cls, opts: dict) -> Placement:
+        """The placement flags popped out of `artscale submit`'s options."""
+        return cls(**{f.name: opts.pop(f.name) for f in fields(cls) if f.name in opts})
 
-    UserError when a shard's report is missing, when a shard does not account for each of its
-    inputs (written, already done, skipped with a reason, or ignored), when the shards together
-    did not see exactly the files IN_DIR holds, or when an output is missing.
-    """
-    from artscale.data.listing import LISTING, files_after_listing, list_inputs, read_listing, shard_of
-    from artscale.infer.outputs import EXTENSIONS, report_name
-
-    out_dir = Path(out_dir)
-    reports = []
-    for i in range(num_shards):
-        path = out_dir / report_name(num_shards, i)
-        if not path.is_file():
-            raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
-        try:
-            rep = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} is not a readable JSON report ({e}); run shard {i} again") from None
-        if not isinstance(rep, dict) or any(not isinstance(rep.get(k), int) for k in COUNTS):
-            raise UserError(f"{path} is not a generation report (it lacks {', '.join(COUNTS)}); run shard {i} again")
-        if (rep.get("shard_index"), rep.get("num_shards")) != (i, num_shards):
-            raise UserError(f"{path} says shard {rep.get('shard_index')} of {rep.get('num_shards')}")
-        accounted = sum(rep[k] for k in COUNTS[1:])
-        if accounted != rep["inputs_seen"]:
-            raise UserError(
-                f"{path}: {rep['inputs_seen']} inputs but {accounted} written, already done, skipped or ignored"
-            )
-        reports.append(rep)
-    in_dirs = {rep["in_dir"] for rep in reports}
-    if len(in_dirs) != 1:
-        raise UserError(f"the shards read different input folders: {', '.join(sorted(in_dirs))}")
-    in_dir = Path(in_dirs.pop())
-    if not in_dir.is_dir():
-        raise UserError(f"input folder {in_dir} not found (the merge checks every input against it)")
-    ext, follow = EXTENSIONS[reports[0]["format"]], bool(reports[0].get("follow_symlinks", False))
-    listing = read_listing(out_dir, in_dir, ext, follow)
-    entries = listing.entries if listing is not None else list_inputs(in_dir, ext, follow)
-    where = out_dir / LISTING if listing is not None else f"{in_dir} now"
-    for i, rep in enumerate(reports):
-        expected = sum(shard_of(e.rel, num_shards) == i for e in entries)
-        if rep["inputs_seen"] != expected:
-            raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {where} holds {expected} for it")
-    late = files_after_listing(listing) if listing is not None else []
-    skipped = {s["path"] for rep in reports for s in rep["skipped_files"]}
-    missing = [e.out for e in entries if e.out and e.rel not in skipped and not (out_dir / e.out).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} outputs are missing from {out_dir}, e.g. {missing[0]}")
-    merged = {k: sum(rep[k] for rep in reports) for k in COUNTS}
-    merged.update(
-        in_dir=str(in_dir),
-        out_dir=str(out_dir),
-        num_shards=num_shards,
-        skipped_files=sorted((s for rep in reports for s in rep["skipped_files"]), key=lambda s: s["path"]),
-        providers=sorted({rep.get("provider", "") for rep in reports}),
-        wall_s_max=max(rep.get("wall_s", 0.0) for rep in reports),
-        # files added to IN_DIR after the listing: not generated, named here (the first 1000)
-        after_listing=len(late),
-        after_listing_files=late[:1000],
-        shards=[
-            {k: rep.get(k) for k in ("shard_index", "inputs_seen", "written", "wall_s", "img_per_s", "provider")}
-            for rep in reports
-        ],
-    )
-    return merged
-
-
-def write_merged(out_dir: Path, num_shards: int) -> dict:
-    """merge_reports, then OUT/report.json written atomically."""
-    merged = merge_reports(out_dir, num_shards)
-    target = Path(out_dir) / "report.json"
-    write_json_atomic(target, merged)
-    return merged
-
-
-def _common_sbatch(time_limit: str, partition: str, account: str, sbatch_args: Sequence[str]) -> list[str]:
-    opts = [f"--time={time_limit}"] if time_limit else []
-    opts += [f"--partition={partition}"] if partition else []
-    opts += [f"--account={account}"] if account else []
-    return opts + list(sbatch_args)
+    def options(self, timed: bool = True) -> list[str]:
+        """The sbatch options; `timed` False for the short jobs (listing, merge) that keep their script's limit."""
+        opts = [f"--time={self.time_limit}"] if timed and self.time_limit else []
+        opts += [f"--partition={self.partition}"] if self.partition else []
+        opts += [f"--account={self.account}"] if self.account else []
+        return opts + list(self.sbatch_args)
 
 
 def train_sbatch_command(
@@ -352,11 +292,8 @@ def train_sbatch_command(
     cpu_processes: int = 1,
     cpus_per_task: int = 0,
     cpus_per_gpu: int = CPUS_PER_GPU,
-    time_limit: str = "",
-    partition: str = "",
-    account: str = "",
     signal_seconds: int = 300,
-    sbatch_args: Sequence[str] = (),
+    placement: Placement = Placement(),
 ) -> list[str]:
     """The `sbatch` line for train.sbatch: N nodes x G GPUs (or CPU ranks when G is 0).
 
@@ -375,15 +312,14 @@ def train_sbatch_command(
         cmd.append(f"--export=ALL,ARTSCALE_CPU_PROCESSES={cpu_processes}")
     cmd += [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
     cmd += [f"--signal=B:USR1@{signal_seconds}"] if signal_seconds else []
-    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    return [*cmd, str(SBATCH_DIR / "train.sbatch"), *train_args]
+    return [*cmd, *placement.options(), str(SBATCH_DIR / "train.sbatch"), *train_args]
 
 
 def _array(tasks: int, max_running: int, gpus_per_task: int, cpus_per_task: int, cpus_per_gpu: int) -> list[str]:
-    """`sbatch --array=0-(K-1)[%N]` and the resources of one task (gpus x cpus_per_gpu cores on a GPU)."""
+    """`--array=0-(K-1)[%N]` and the resources of one task (gpus x cpus_per_gpu cores on a GPU)."""
     if tasks < 1 or max_running < 0 or cpus_per_gpu < 1:
         raise UserError(f"--tasks {tasks}: need at least 1 task (and --max-running >= 0, --cpus-per-gpu >= 1)")
-    cmd = ["sbatch", f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")]
+    cmd = [f"--array=0-{tasks - 1}" + (f"%{max_running}" if max_running else "")]
     cmd += [f"--gpus-per-task={gpus_per_task}"] if gpus_per_task else []
     cpus_per_task = cpus_per_task or gpus_per_task * cpus_per_gpu
     return cmd + ([f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else [])
@@ -394,72 +330,42 @@ def _device(args: Sequence[str], gpus_per_task: int) -> list[str]:
     return [] if any(a.startswith("--device") for a in args) else ["--device", "cuda" if gpus_per_task else "auto"]
 
 
-def sample_sbatch_commands(
+def array_sbatch_commands(
+    what: Literal["generate", "sample"],
     model: str,
     out_dir: str,
     *,
-    count: int,
     tasks: int,
+    in_dir: str = "",
+    count: int = 0,
     max_running: int = 0,
     gpus_per_task: int = 0,
     cpus_per_task: int = 0,
     cpus_per_gpu: int = CPUS_PER_GPU,
-    time_limit: str = "",
-    partition: str = "",
-    account: str = "",
-    sbatch_args: Sequence[str] = (),
-    sample_args: Sequence[str] = (),
-) -> tuple[list[str], list[str]]:
-    """The array line for `artscale sample` (generate.sbatch sample ...) and the merge after it (`{array}`)."""
-    cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu) + ["--job-name=artscale-sample"]
-    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    args = [model, out_dir, "--count", str(count), *_device(sample_args, gpus_per_task), *sample_args]
-    cmd += [str(SBATCH_DIR / "generate.sbatch"), "sample", *args]
-    merge = ["sbatch", "--dependency=afterok:{array}", "--job-name=artscale-sample-merge"]
-    merge += [*_common_sbatch("", partition, account, sbatch_args), str(SBATCH_DIR / "generate-merge.sbatch")]
-    return cmd, [*merge, out_dir, str(tasks), "--sample"]
+    script_args: Sequence[str] = (),
+    placement: Placement = Placement(),
+) -> list[list[str]]:
+    """The sbatch lines of `artscale submit generate|sample`: K tasks of generate.sbatch (`artscale
+    generate MODEL IN_DIR OUT_DIR` or `artscale sample MODEL OUT_DIR --count N`, then script_args),
+    and the merge job after the array (`{array}`: its job id). A generation first runs a listing job
+    (one walk of IN_DIR) that the array waits for (`{listing}`).
 
-
-def generate_sbatch_commands(
-    model: str,
-    in_dir: str,
-    out_dir: str,
-    *,
-    tasks: int,
-    max_running: int = 0,
-    gpus_per_task: int = 0,
-    cpus_per_task: int = 0,
-    cpus_per_gpu: int = CPUS_PER_GPU,
-    time_limit: str = "",
-    partition: str = "",
-    account: str = "",
-    sbatch_args: Sequence[str] = (),
-    generate_args: Sequence[str] = (),
-) -> tuple[list[str], list[str], list[str]]:
-    """The sbatch lines of a generation: the listing job (one walk of IN_DIR), the array for
-    generate.sbatch after it (`{listing}`: its job id), the merge after the array (`{array}`).
-
-    A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders that keep one
-    GPU fed need several cores (about 150 images/s per core at 128 px)."""
-    cmd = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu)
-    cmd += _common_sbatch(time_limit, partition, account, sbatch_args)
-    args = [model, in_dir, out_dir, *_device(generate_args, gpus_per_task), *generate_args]
-    cmd = [*cmd[:1], "--dependency=afterok:{listing}", *cmd[1:], str(SBATCH_DIR / "generate.sbatch"), *args]
-    listing = [
-        "sbatch",
-        *_common_sbatch("", partition, account, sbatch_args),
-        str(SBATCH_DIR / "generate-list.sbatch"),
-        *args,
-    ]
-    merge = [
-        "sbatch",
-        "--dependency=afterok:{array}",
-        *_common_sbatch("", partition, account, sbatch_args),
-        str(SBATCH_DIR / "generate-merge.sbatch"),
-        out_dir,
-        str(tasks),
-    ]
-    return listing, cmd, merge
+    A task on a GPU asks for gpus x cpus_per_gpu cores: the decoders and encoders (PNG encoding for
+    sample) that keep one GPU fed need several cores."""
+    sample = what == "sample"
+    array = _array(tasks, max_running, gpus_per_task, cpus_per_task, cpus_per_gpu)
+    command = ["sample", model, out_dir, "--count", str(count)] if sample else [model, in_dir, out_dir]
+    args = [*command, *_device(script_args, gpus_per_task), *script_args]
+    after_listing = [] if sample else ["--dependency=afterok:{listing}"]
+    # the scripts name their jobs after generate; a sampling array says what it is
+    named, merge_named = (["--job-name=artscale-sample"], ["--job-name=artscale-sample-merge"]) if sample else ([], [])
+    common, untimed = placement.options(), placement.options(timed=False)
+    cmd = ["sbatch", *after_listing, *array, *named, *common, str(SBATCH_DIR / "generate.sbatch"), *args]
+    merge = ["sbatch", "--dependency=afterok:{array}", *merge_named, *untimed]
+    merge += [str(SBATCH_DIR / "generate-merge.sbatch"), out_dir, str(tasks), *(["--sample"] if sample else [])]
+    if sample:
+        return [cmd, merge]
+    return [["sbatch", *untimed, str(SBATCH_DIR / "generate-list.sbatch"), *args], cmd, merge]
 
 
 def _sbatch(cmd: list[str]) -> str:
@@ -486,14 +392,11 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
         ("train.sbatch", "--gpus-per-node") if what == "train" else ("generate.sbatch", "--gpus-per-task")
     )
     opts = fit_submission(opts, script=SBATCH_DIR / script, gpus_flag=gpus_flag, dry_run=dry_run)
+    placement = Placement.take(opts)
     if what == "train":
-        cmds = [train_sbatch_command(**opts)]
-    elif what == "sample":
-        opts = dict(opts)
-        cmds = list(sample_sbatch_commands(opts.pop("model"), opts.pop("out_dir"), **opts))
+        cmds = [train_sbatch_command(**opts, placement=placement)]
     else:
-        opts = dict(opts)
-        cmds = list(generate_sbatch_commands(opts.pop("model"), opts.pop("in_dir"), opts.pop("out_dir"), **opts))
+        cmds = array_sbatch_commands(what, **opts, placement=placement)
     if dry_run:
         for cmd in cmds:
             print(shlex.join(cmd))
@@ -531,14 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_node(args.train_args)
         if args.cmd == "finished":
             return 0 if run_finished(args.train_args) else 1
-        if args.sample:
-            from artscale.infer.sample import merge_reports as merge_sample
+        from artscale.infer.outputs import write_merged
 
-            merged = merge_sample(args.out_dir, args.num_shards)
-            write_json_atomic(Path(args.out_dir) / "report.json", merged)
+        merged = write_merged(args.out_dir, args.num_shards, sample=args.sample)
+        if args.sample:
             print(f"artscale: merged {args.num_shards} reports: {merged['images_in_run']} images, all present")
             return 0
-        merged = write_merged(args.out_dir, args.num_shards)
         print(
             f"artscale: merged {args.num_shards} reports: {merged['inputs_seen']} inputs, {merged['written']} written, "
             f"{merged['already_done']} already done, {merged['skipped']} skipped, {merged['ignored']} ignored"

@@ -27,7 +27,7 @@ FOLLOW_HINT = "follows"  # "--follow-symlinks follows it"
 
 
 @dataclass(frozen=True)
-class Entry:
+class InputFile:
     """One file of IN_DIR: its relative path, its output's relative path, or why it has none."""
 
     rel: str
@@ -43,7 +43,7 @@ class Listing:
     in_dir: str  # resolved
     ext: str
     follow_symlinks: bool
-    entries: list[Entry]
+    entries: list[InputFile]
     folders: dict[str, int] = field(default_factory=dict)  # folder -> st_mtime_ns when it was listed
     created: str = ""
 
@@ -70,7 +70,7 @@ def _walk(in_dir: Path, follow_symlinks: bool) -> TreeWalker:
     return walker
 
 
-def _entries(walker: TreeWalker, ext: str) -> list[Entry]:
+def _entries(walker: TreeWalker, ext: str) -> list[InputFile]:
     """The walker's files as entries, output names decided per folder over all its files.
     Plain string operations: pathlib here cost 6x the walk itself on 200,000 files."""
     split = [(rel, fate, *rel.rpartition("/")[::2]) for rel, fate, _, _ in walker.files]  # rel, fate, folder, name
@@ -85,19 +85,19 @@ def _entries(walker: TreeWalker, ext: str) -> list[Entry]:
     for rel, fate, folder, name in split:
         suffix = os.path.splitext(name)[1]
         if fate == "ignored":
-            entries.append(Entry(rel, ignored=True))
+            entries.append(InputFile(rel, ignored=True))
         elif fate:
-            entries.append(Entry(rel, reason=fate))
+            entries.append(InputFile(rel, reason=fate))
         elif suffix.lower() not in IMAGE_EXTENSIONS:
-            entries.append(Entry(rel, reason=f"not an image file name ({suffix or 'no extension'})"))
+            entries.append(InputFile(rel, reason=f"not an image file name ({suffix or 'no extension'})"))
         elif out := names[folder][name]:
-            entries.append(Entry(rel, f"{folder}/{out}" if folder else out))
+            entries.append(InputFile(rel, f"{folder}/{out}" if folder else out))
         else:
-            entries.append(Entry(rel, reason="its output name is a folder's name"))
+            entries.append(InputFile(rel, reason="its output name is a folder's name"))
     return entries
 
 
-def list_inputs(in_dir: Path, ext: str, follow_symlinks: bool = False) -> list[Entry]:
+def list_inputs(in_dir: Path, ext: str, follow_symlinks: bool = False) -> list[InputFile]:
     """Every file under in_dir in a stable order (sorted walk), named over the whole listing."""
     return _entries(_walk(Path(in_dir), follow_symlinks), ext)
 
@@ -107,7 +107,7 @@ def shard_of(rel: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha1(os.fsencode(rel)).digest()[:8], "big") % num_shards
 
 
-def _fate(e: Entry) -> str:
+def _fate(e: InputFile) -> str:
     return "ignored" if e.ignored else e.reason
 
 
@@ -155,7 +155,8 @@ def load_listing(out_dir: Path) -> Listing | None:
     if not isinstance(header, dict) or header.get("artscale_listing") != 1 or len(rows) != header.get("files"):
         raise UserError(f"{path} is not a whole artscale listing; {again}")
     entries = [
-        Entry(rel, ignored=True) if fate == "ignored" else Entry(rel, out, reason=fate) for rel, out, fate in rows
+        InputFile(rel, ignored=True) if fate == "ignored" else InputFile(rel, out, reason=fate)
+        for rel, out, fate in rows
     ]
     return Listing(
         str(header.get("in_dir", "")),

@@ -23,7 +23,7 @@ from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.images import SkipImage, load_image, resize_image
-from artscale.data.listing import LISTING, Entry, list_inputs, read_listing, shard_of, write_listing
+from artscale.data.listing import LISTING, InputFile, list_inputs, read_listing, shard_of, write_listing
 from artscale.infer.outputs import EXTENSIONS, write_image, write_report
 from artscale.infer.session import (
     BYTES_PER_PIXEL,
@@ -94,7 +94,7 @@ def _check_args(
 
 def shard_entries(
     in_dir: Path, out_dir: Path, ext: str, follow_symlinks: bool, num_shards: int, shard_index: int
-) -> list[Entry]:
+) -> list[InputFile]:
     """This shard's entries of IN_DIR: from OUT_DIR's listing when a sharded run has one (see
     `--list-only`), else from a walk of the tree."""
     listing = read_listing(out_dir, in_dir, ext, follow_symlinks) if num_shards > 1 else None
@@ -289,9 +289,9 @@ class _Pipeline:
         # images waiting per stage: every stream's batch, one more filling, and the workers' own
         self.limit = (streams + 1) * limit((side, side)) + workers
 
-    def __call__(self, todo: list[Entry], in_dir: Path, out_dir: Path, skipped: list[dict]) -> tuple[int, int]:
+    def __call__(self, todo: list[InputFile], in_dir: Path, out_dir: Path, skipped: list[dict]) -> tuple[int, int]:
         pending: dict[tuple, list] = {}  # shape -> [(entry, pixels, original)], native sizes batch apart
-        window: deque[tuple[Entry, Future]] = deque()
+        window: deque[tuple[InputFile, Future]] = deque()
         running: deque[Future] = deque()  # inference batches, each returning its write futures
         writes: deque[Future] = deque()
         batches = written = 0

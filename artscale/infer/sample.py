@@ -11,39 +11,26 @@ under a temporary name and renamed; a chunk whose files all exist is skipped.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from artscale.contracts.onnx import DENOISER_INPUTS, GPU_PROVIDERS
-from artscale.core.atomic import write_json_atomic
+from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT, GPU_PROVIDERS
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import usable_cores
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import Predict, sample, to_uint8, torch_predict
 from artscale.diffusion.schedulers import SAMPLERS, make_sampler
-from artscale.infer.outputs import EXTENSIONS, TMP_SUFFIX, write_image
+from artscale.infer.outputs import EXTENSIONS, plan, shard_chunks, write_image, write_report
 from artscale.infer.session import denoiser_bytes_per_pixel, gpu_budget, open_session, placement
 
-CPU_BATCH, GPU_BATCH = 16, 64  # images per chunk (x2 network rows with guidance)
-NAME_DIGITS = 8
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to make: its class label, its index within the class (the noise key) and its file."""
-
-    label: int
-    index: int
-    out: str
+CPU_CHUNK, GPU_CHUNK = 16, 64  # default images per chunk, --batch-size 0 (x2 network rows with guidance)
 
 
 # Rows per onnxruntime run on CPU: one run's activations stay in the core's cache. Measured with one
@@ -64,8 +51,8 @@ def onnx_predict(session, streams: int = 0) -> Predict:
     pool = ThreadPoolExecutor(streams, "denoise") if streams >= 1 else None
 
     def run(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-        feed = {"sample": x.contiguous().numpy(), "timestep": t.numpy(), "class_labels": labels.numpy()}
-        return session.run(["prediction"], feed)[0]
+        feed = dict(zip(DENOISER_INPUTS, (x.contiguous().numpy(), t.numpy(), labels.numpy())))
+        return session.run([DENOISER_OUTPUT], feed)[0]
 
     def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows = max(1, CPU_RUN_PIXELS // (x.shape[2] * x.shape[3]))
@@ -119,7 +106,7 @@ def bound_predict(session, device: torch.device, stream: torch.cuda.Stream | Non
                     dtype = np.float32 if part.dtype == torch.float32 else np.int64
                     binding.bind_input(name, kind, index, dtype, list(part.shape), part.data_ptr())
                 part = out[i : i + step]
-                binding.bind_output("prediction", kind, index, np.float32, list(part.shape), part.data_ptr())
+                binding.bind_output(DENOISER_OUTPUT, kind, index, np.float32, list(part.shape), part.data_ptr())
                 bindings.append(binding)
             cache[shape] = (tensors, out, bindings)
         return cache[shape]
@@ -255,22 +242,6 @@ def session_predict(
     return onnx_predict(session, streams=threads if used == "CPUExecutionProvider" else 0)
 
 
-def plan(classes: list[str], class_name: str, count: int, ext: str) -> list[Item]:
-    """Every image of the run in its fixed order: `all` is count images per class, in subfolders."""
-    if class_name == "all":
-        return [Item(c, i, f"{name}/{i:0{NAME_DIGITS}d}{ext}") for c, name in enumerate(classes) for i in range(count)]
-    if class_name not in classes:
-        raise UserError(f"--class {class_name}: not one of the model's classes ({', '.join(classes)}) or all")
-    label = classes.index(class_name)
-    return [Item(label, i, f"{i:0{NAME_DIGITS}d}{ext}") for i in range(count)]
-
-
-def shard_chunks(items: list[Item], batch_size: int, num_shards: int, shard_index: int) -> list[list[Item]]:
-    """This shard's chunks: chunk j (positions j*B .. j*B+B-1 of the whole run) belongs to shard j mod K."""
-    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    return chunks[shard_index::num_shards]
-
-
 def sample_images(
     model: str | Path,
     out_dir: str | Path,
@@ -306,7 +277,7 @@ def sample_images(
     predict, meta, used, where = opened.predict, opened.meta, opened.provider, opened.device
     schedule = make_sampler(sampler, meta["scheduler"])  # the training scheduler's betas and prediction type
     size, null_label = int(meta["image_size"]), int(meta["null_label"])
-    batch_size = batch_size or (CPU_BATCH if used in ("CPUExecutionProvider", "torch-cpu") else GPU_BATCH)
+    batch_size = batch_size or (CPU_CHUNK if used in ("CPUExecutionProvider", "torch-cpu") else GPU_CHUNK)
     items = plan(list(meta["classes"]), class_name, count, EXTENSIONS[image_format])
     chunks = shard_chunks(items, batch_size, num_shards, shard_index)
 
@@ -381,55 +352,9 @@ def sample_images(
         "img_per_s": round(written / wall, 3) if wall > 0 else 0.0,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "report.json" if num_shards == 1 else f"report-{shard_index}-of-{num_shards}.json"
-    write_json_atomic(out_dir / name, report, sort_keys=False, tmp=out_dir / f".{name}{TMP_SUFFIX}")
+    path = write_report(out_dir, report)
     print(
         f"sampled {written} images ({already} already there) in {wall:.1f} s, {report['img_per_s']} img/s "
-        f"on {used} ({sampler}, {steps} steps, guidance {guidance}); report: {out_dir / name}"
+        f"on {used} ({sampler}, {steps} steps, guidance {guidance}); report: {path}"
     )
     return report
-
-
-RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "guidance", "batch_size", "format")
-
-
-def merge_reports(out_dir: str | Path, num_shards: int) -> dict[str, Any]:
-    """OUT/report-I-of-K.json (I = 0..K-1) of one sampling run into one report, checked against the run's plan.
-
-    UserError when a shard's report is missing, when the shards ran different runs, when a shard did
-    not account for each index it owns (written or already there), or when an image file is missing."""
-    out_dir = Path(out_dir)
-    reports = []
-    for i in range(num_shards):
-        path = out_dir / ("report.json" if num_shards == 1 else f"report-{i}-of-{num_shards}.json")
-        if not path.is_file():
-            raise UserError(f"{path} is missing: shard {i} of {num_shards} did not finish")
-        rep = json.loads(path.read_text())
-        if (rep.get("shard_index"), rep.get("num_shards")) != (i, num_shards):
-            raise UserError(f"{path} says shard {rep.get('shard_index')} of {rep.get('num_shards')}")
-        if reports and any(rep.get(k) != reports[0].get(k) for k in RUN_KEYS):
-            raise UserError(f"{path} is a different run than shard 0 (one of {', '.join(RUN_KEYS)} differs)")
-        reports.append(rep)
-    first = reports[0]
-    items = plan(first["classes"], first["class"], first["count"], EXTENSIONS[first["format"]])
-    for i, rep in enumerate(reports):
-        mine = shard_chunks(items, first["batch_size"], num_shards, i)
-        owned = sum(map(len, mine))
-        if rep["written"] + rep["already_done"] != owned or rep["images_in_shard"] != owned:
-            raise UserError(
-                f"shard {i}: {rep['written']} written + {rep['already_done']} already there, but it owns {owned} images"
-            )
-    missing = [it.out for it in items if not (out_dir / it.out).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} images are missing from {out_dir}, e.g. {missing[0]}")
-    return {
-        **{k: first[k] for k in RUN_KEYS},
-        "out_dir": str(out_dir),
-        "images_in_run": len(items),
-        "written": sum(r["written"] for r in reports),
-        "already_done": sum(r["already_done"] for r in reports),
-        "num_shards": num_shards,
-        "providers": sorted({r["provider"] for r in reports}),
-        "wall_s_max": max(r["wall_s"] for r in reports),
-        "shards": [{k: r[k] for k in ("shard_index", "written", "wall_s", "img_per_s", "provider")} for r in reports],
-    }

@@ -17,12 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from artscale.contracts.onnx import cuda_options
+from artscale.contracts.onnx import DENOISER_INPUTS, GPU_PROVIDERS, IMAGE_INPUT, IMAGE_OUTPUT, cuda_options
 from artscale.core.errors import UserError
 
-INPUT, OUTPUT = "images", "generated"
-DENOISER_INPUTS = ("sample", "timestep", "class_labels")
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # A run of the article's model holds ~0.55 KB per pixel (measured on the CPU provider: 283 MB for
 # 2 x 512 x 512); tests/infer/test_gpu.py checks it against what a CUDA run holds.
 BYTES_PER_PIXEL = 560
@@ -33,7 +30,7 @@ DENOISER_BYTES_PER_PIXEL_CHANNEL = 96
 # CPU: large --native images go in smaller batches, so memory stays near 0.3 GB per inference
 # stream and a batch's activations stay in the core's cache.
 MAX_BATCH_PIXELS = 8 * 256 * 256
-CPU_BATCH = 2  # default images per run on CPU (--batch-size 0)
+CPU_BATCH = 2  # generate: default images per session run on CPU (--batch-size 0; sample has its CPU_CHUNK)
 # GPU: batches sized by memory, up to this many images (beyond it a GPU gains little).
 GPU_MAX_BATCH = 64
 GPU_STREAMS = 2  # batches in flight on a GPU: one computes while the other's copies run
@@ -131,9 +128,9 @@ def check_signature(session, model: Path) -> None:
     if is_denoiser(session):
         return
     inp = session.get_inputs()[0]
-    if inp.name != INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+    if inp.name != IMAGE_INPUT or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
         raise UserError(
-            f"{model} is not an artscale model (expected input {INPUT}: uint8 [N, H, W, 3]; see `artscale export`)"
+            f"{model} is not an artscale model (expected input {IMAGE_INPUT}: uint8 [N, H, W, 3]; see `artscale export`)"
         )
 
 
@@ -142,8 +139,8 @@ def warm_up(session, device: str | None) -> None:
     (cuDNN, cuBLAS) fails here, and the first real batch does not pay for the start."""
     if is_denoiser(session):  # H and W are fixed at the training size
         side = session.get_inputs()[0].shape[2]
-        feed = {"sample": np.zeros((1, 3, side, side), np.float32), "timestep": np.zeros(1, np.int64)}
-        session.run(None, {**feed, "class_labels": np.zeros(1, np.int64)})
+        x, t, labels = np.zeros((1, 3, side, side), np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64)
+        session.run(None, dict(zip(DENOISER_INPUTS, (x, t, labels))))
         return
     Runner(session, device)(np.zeros((1, 8, 8, 3), np.uint8))
 
@@ -299,11 +296,11 @@ class Runner:
 
     def __call__(self, batch: np.ndarray, entries: list | None = None) -> np.ndarray:
         if self.device is None:
-            return self.session.run([OUTPUT], {INPUT: batch})[0]
+            return self.session.run([IMAGE_OUTPUT], {IMAGE_INPUT: batch})[0]
         binding = getattr(self.local, "binding", None)
         if binding is None:
             binding = self.local.binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT, np.ascontiguousarray(batch))
-        binding.bind_output(OUTPUT, self.device)
+        binding.bind_cpu_input(IMAGE_INPUT, np.ascontiguousarray(batch))
+        binding.bind_output(IMAGE_OUTPUT, self.device)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

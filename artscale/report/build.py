@@ -25,6 +25,7 @@ from typing import Any
 from artscale import __version__
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
+from artscale.infer.outputs import EXTENSIONS, REPORT_NAME, SHARD_REPORT, SHARD_REPORT_GLOB, plan
 from artscale.report.html import GENERATOR, Tile, card, contact_sheet, esc, fmt, fmt_seconds, kpis, kv_table, note, page
 from artscale.report.html import table as html_table
 from artscale.report.images import Thumbs, select
@@ -38,7 +39,6 @@ MAX_LISTED = 1000  # skipped files named one by one
 SHARDS_OPEN = 12  # more shard reports than this go in a closed table
 SUMMED = ("inputs_seen", "written", "already_done", "skipped", "ignored")
 IN_KPIS = {"inputs_seen", "written", "already_done", "skipped", "ignored", "images_in_run", "wall_s", "img_per_s"}
-SHARD_REPORT = re.compile(r"^report-(\d+)-of-(\d+)\.json$")
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,14 @@ def _kind(path: Path, report: dict[str, Any]) -> str:
 def read_output(path: Path) -> Output | None:
     """The output dir at `path`, or None when it holds no report.json nor report-I-of-K.json."""
     shards = []
-    for p in sorted(path.glob("report-*-of-*.json")):
+    for p in sorted(path.glob(SHARD_REPORT_GLOB)):
         if m := SHARD_REPORT.match(p.name):
             shards.append(((int(m.group(2)), int(m.group(1))), p))
     shard_reports = [(p, _read_report(p)) for _, p in sorted(shards)]
-    report = _read_report(path / "report.json") if (path / "report.json").is_file() else None
+    report = _read_report(path / REPORT_NAME) if (path / REPORT_NAME).is_file() else None
     if report is None and not shard_reports:
         return None
-    first, where = (report, path / "report.json") if report is not None else shard_reports[0][::-1]
+    first, where = (report, path / REPORT_NAME) if report is not None else shard_reports[0][::-1]
     return Output(path, _kind(where, first), report, shard_reports)
 
 
@@ -260,7 +260,6 @@ def _generate_pairs(out: Output) -> tuple[dict[str, list[tuple[str, str]]], Path
     """Outputs by folder as (input rel, output rel), the input folder when it is here, and where the
     names came from: listing.jsonl, else a walk of the input tree, else of the output dir (no inputs)."""
     from artscale.data.listing import list_inputs, load_listing
-    from artscale.infer.outputs import EXTENSIONS
 
     reports = ([out.report] if out.report else []) + [r for _, r in out.shards]
     skipped = {s["path"] for r in reports for s in r.get("skipped_files", [])}
@@ -296,9 +295,6 @@ def _walk_outputs(root: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def _sample_items(out: Output) -> dict[str, list[tuple[str, str]]]:
-    from artscale.infer.outputs import EXTENSIONS
-    from artscale.infer.sample import plan
-
     rep = out.main
     groups: dict[str, list[tuple[str, str]]] = {}
     for it in plan(list(rep["classes"]), rep["class"], int(rep["count"]), EXTENSIONS[rep.get("format", "png")]):

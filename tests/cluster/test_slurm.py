@@ -20,10 +20,10 @@ from artscale.cluster.slurm import (
     accelerate_launch_command,
     gpus_on_node,
     main_port,
-    merge_reports,
     node_launch_command,
 )
 from artscale.core.errors import UserError
+from artscale.infer.outputs import merge_reports
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parents[1]
@@ -601,6 +601,26 @@ def test_first_host_and_a_broken_report_are_one_line(tmp_path):
     )
     assert merged.returncode == 2 and merged.stderr.count("\n") == 1, merged.stderr
     assert "report-0-of-2.json is not a readable JSON report" in merged.stderr
+
+
+def test_a_corrupt_or_missing_generate_shard_report_is_one_counted_line(tmp_path):
+    """Every unusable shard report is named in the merge's one line; no report.json is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report-0-of-5.json").write_bytes(b"\xff\xfe not UTF-8")
+    (out / "report-1-of-5.json").write_text("[1, 2]")
+    counts = dict.fromkeys(("inputs_seen", "written", "already_done", "skipped", "ignored"), 0)
+    good = {**counts, "in_dir": str(tmp_path), "format": "png", "skipped_files": [], "num_shards": 5}
+    (out / "report-3-of-5.json").write_text(json.dumps({**good, "shard_index": 4}))
+    (out / "report-4-of-5.json").write_text(json.dumps({**good, "shard_index": 4}))
+    with pytest.raises(UserError) as caught:
+        merge_reports(out, 5)
+    said = str(caught.value)
+    assert said.startswith("4 of 5 shard reports unusable: ") and said.endswith("; 1 more; run shards 0-3 again")
+    assert f"{out / 'report-0-of-5.json'} is not a readable JSON report" in said
+    assert "report-1-of-5.json is not a generation report (not a JSON object)" in said
+    assert "report-2-of-5.json is missing: shard 2 of 5 did not finish" in said
+    assert "\n" not in said and not (out / "report.json").exists()
 
 
 def test_ci_fails_instead_of_skipping_without_slurm(tmp_path):

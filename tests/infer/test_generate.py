@@ -447,8 +447,8 @@ def test_a_batch_job_prints_progress_lines(model16, tree, tmp_path, run_cli):
 def test_list_only_then_shards_read_the_listing(model16, tree, tmp_path, make_image, run_cli):
     """--list-only walks once; sharded tasks read OUT/listing.jsonl (a file added afterwards is not
     seen by them) and the merge names that file instead of missing it in silence."""
-    from artscale.cluster.slurm import merge_reports
     from artscale.data.listing import LISTING, read_listing
+    from artscale.infer.outputs import merge_reports
 
     src, out = tmp_path / "in", tmp_path / "out"
     for rel in ("a/one.jpg", "a/two.jpg", "b/c/three.jpg", ".hidden/x.jpg"):

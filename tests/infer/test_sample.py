@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ from PIL import Image
 
 from artscale.core.errors import UserError
 from artscale.export.article import export_onnx
-from artscale.infer.sample import merge_reports, sample_images
+from artscale.infer.outputs import merge_reports
+from artscale.infer.sample import sample_images
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -74,14 +76,14 @@ def test_batch_size_does_not_change_an_image_and_shards_give_one_runs_files(mode
     assert got == {k: v for k, v in files(tmp_path / "one").items() if k != "report.json"}
     again = sample_images(onnx, tmp_path / "one", batch_size=2, **kw)
     assert (one["written"], again["written"], again["already_done"]) == (7, 0, 7)
-    merged = merge_reports(tmp_path / "shards", 3)
+    merged = merge_reports(tmp_path / "shards", 3, sample=True)
     assert (merged["images_in_run"], merged["written"], merged["num_shards"]) == (7, 7, 3)
     (tmp_path / "shards" / "00000005.png").unlink()
     with pytest.raises(UserError, match="1 images are missing.*00000005.png"):
-        merge_reports(tmp_path / "shards", 3)
+        merge_reports(tmp_path / "shards", 3, sample=True)
     (tmp_path / "shards" / "report-1-of-3.json").unlink()
     with pytest.raises(UserError, match="shard 1 of 3 did not finish"):
-        merge_reports(tmp_path / "shards", 3)
+        merge_reports(tmp_path / "shards", 3, sample=True)
 
 
 @pytest.mark.slow
@@ -112,6 +114,27 @@ def test_unknown_class_and_a_non_diffusion_model_are_one_line(model, tmp_path, r
         sample_images(onnx, tmp_path / "x", class_name="baroque")
     result = run_cli("sample", tmp_path / "missing.onnx", tmp_path / "y")
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_a_corrupt_or_missing_shard_report_is_one_counted_line_in_the_merge(tmp_path):
+    """`python -m artscale.cluster merge OUT --num-shards 4 --sample` (the merge job) on a broken array."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report-0-of-4.json").write_text('{"shard_index": 0, "num_shards": 4, "writ')  # cut short
+    (out / "report-2-of-4.json").write_text('{"shard_index": 2, "num_shards": 4, "written": 1}')
+    good = dict(shard_index=3, num_shards=4, written=1, already_done=0, images_in_shard=1, count=4, batch_size=1)
+    (out / "report-3-of-4.json").write_text(json.dumps({**good, "class": "all", "classes": ["a"], "format": "png"}))
+    with pytest.raises(UserError, match="3 of 4 shard reports unusable: .*report-0-of-4.json is not a readable JSON"):
+        merge_reports(out, 4, sample=True)
+    merged = subprocess.run(
+        [sys.executable, "-m", "artscale.cluster", "merge", out, "--num-shards", "4", "--sample"],
+        capture_output=True,
+        text=True,
+    )
+    assert merged.returncode == 2 and merged.stderr.count("\n") == 1, merged.stderr
+    assert "report-1-of-4.json is missing: shard 1 of 4 did not finish" in merged.stderr
+    assert "report-2-of-4.json is not a sampling report (it lacks already_done, images_in_shard" in merged.stderr
+    assert merged.stderr.endswith("run shards 0-2 again\n") and not (out / "report.json").exists()
 
 
 def test_bound_predict_matches_session_run_and_reuses_its_output(model):

@@ -28,10 +28,10 @@ CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
 def runs(shards, tmp_path_factory, tiny, make_image) -> dict[str, Path]:
     """One tiny run of each objective (trained in this process), the outputs made from them: a
     generation, the same generation in 2 shards merged, and a sampling run."""
-    from artscale.cluster.slurm import write_merged
     from artscale.core.atomic import write_json_atomic
     from artscale.export.article import export_onnx
     from artscale.infer.generate import generate
+    from artscale.infer.outputs import write_merged
     from artscale.infer.sample import sample_images
     from artscale.train.config import load_config
     from artscale.train.loop import train
