@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from artscale import __version__
+from artscale.contracts.onnx import FLOAT_OUTPUT, IMAGE_INPUT, IMAGE_OUTPUT
 from artscale.contracts.run_dir import load_model
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
@@ -29,7 +30,6 @@ from artscale.data.shard_writer import sha256_file
 from artscale.export.skeleton import OPSET, gate, parity_images, parity_sessions, provider_tolerance
 from artscale.models.article import IMAGENET_MEAN, IMAGENET_STD, check_size
 
-INPUT, OUTPUT, FLOAT_OUTPUT = "images", "generated", "probabilities"
 ARTICLE_SIZE = 128  # the article trains at 128 px; an article .pth says nothing about its size
 # (float tolerance on the [0, 1] output, uint8 tolerance in levels)
 FP32_TOLERANCE = (1e-4, 1)
@@ -62,7 +62,7 @@ def _torch_reference(model: nn.Module, images: np.ndarray) -> tuple[np.ndarray, 
 
 def _compare(session, model: nn.Module, images: np.ndarray, float_output: bool) -> dict[str, float]:
     want_u8, want_f = _torch_reference(model, images)
-    outputs = session.run(None, {INPUT: images})
+    outputs = session.run(None, {IMAGE_INPUT: images})
     got_u8 = outputs[0]
     if got_u8.shape != want_u8.shape or got_u8.dtype != np.uint8:
         raise UserError(
@@ -88,9 +88,9 @@ def _export_graph(model: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
             buf,
             dynamo=False,
             opset_version=OPSET,  # the default dynamo exporter needs the onnxscript package
-            input_names=[INPUT],
-            output_names=[OUTPUT, FLOAT_OUTPUT],
-            dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (INPUT, OUTPUT, FLOAT_OUTPUT)},
+            input_names=[IMAGE_INPUT],
+            output_names=[IMAGE_OUTPUT, FLOAT_OUTPUT],
+            dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (IMAGE_INPUT, IMAGE_OUTPUT, FLOAT_OUTPUT)},
             training=torch.onnx.TrainingMode.EVAL,
             do_constant_folding=True,
         )

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from artscale import __version__
+from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT
 from artscale.contracts.run_dir import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, load_denoiser
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
@@ -32,7 +33,6 @@ from artscale.diffusion.sampling import to_model
 from artscale.diffusion.schedulers import train_scheduler
 from artscale.export.skeleton import OPSET, parity_images, parity_sessions, provider_tolerance
 
-INPUTS, OUTPUT = ("sample", "timestep", "class_labels"), "prediction"
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-2  # half precision through ~20 conv and norm layers: about 2 significant digits
 PARITY_TIMESTEPS = (999, 700, 400, 100, 0)
@@ -71,9 +71,9 @@ def _export_graph(unet: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
             buf,
             dynamo=False,
             opset_version=OPSET,
-            input_names=list(INPUTS),
-            output_names=[OUTPUT],
-            dynamic_axes={name: {0: "N"} for name in (*INPUTS, OUTPUT)},
+            input_names=list(DENOISER_INPUTS),
+            output_names=[DENOISER_OUTPUT],
+            dynamic_axes={name: {0: "N"} for name in (*DENOISER_INPUTS, DENOISER_OUTPUT)},
             do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
@@ -94,8 +94,8 @@ def parity(session, unet: nn.Module, images: np.ndarray, num_classes: int) -> di
         for batch in PARITY_BATCHES:
             for i in range(0, len(x0), batch):
                 j = slice(i, i + batch)
-                feed = {"sample": noisy[j].numpy(), "timestep": steps[j].numpy(), "class_labels": labels[j].numpy()}
-                got = session.run([OUTPUT], feed)[0]
+                feed = dict(zip(DENOISER_INPUTS, (noisy[j].numpy(), steps[j].numpy(), labels[j].numpy())))
+                got = session.run([DENOISER_OUTPUT], feed)[0]
                 if got.shape != want[j].shape:
                     raise UserError(
                         f"parity gate failed: ONNX output shape {list(got.shape)}, expected {list(want[j].shape)}"
