@@ -32,8 +32,8 @@ from artscale.models.article import IMAGENET_MEAN, IMAGENET_STD, check_size
 
 ARTICLE_SIZE = 128  # the article trains at 128 px; an article .pth says nothing about its size
 # (float tolerance on the [0, 1] output, uint8 tolerance in levels)
-FP32_TOLERANCE = (1e-4, 1)
-FP16_TOLERANCE = (1e-2, 3)  # half precision: ~3 significant digits through 6 conv layers
+IMAGE_FP32_TOLERANCE = (1e-4, 1)
+IMAGE_FP16_TOLERANCE = (1e-2, 3)  # half precision: ~3 significant digits through 6 conv layers
 
 
 class Uint8Model(nn.Module):
@@ -137,14 +137,14 @@ def export_onnx(
         )
 
     images, parity_source = parity_images(Path(shards) if shards else None, config, image_size)
-    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    tolerance = IMAGE_FP16_TOLERANCE if fp16 else IMAGE_FP32_TOLERANCE
     # export, parity gate, full ONNX check, dynamic-shape gate: minutes for a large model on CPU
     bar = Progress(4, "export", unit="step")
     proto = _export_graph(model, image_size, fp16)
     bar.update()
     by_provider = {}
     for provider, session in parity_sessions(proto.SerializeToString()):
-        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
+        allowed = provider_tolerance(provider, IMAGE_FP32_TOLERANCE, IMAGE_FP16_TOLERANCE, fp16)
         measured = _compare(session, model, images, float_output=True)
         gate(measured, allowed, f"{parity_source} ({provider})")
         by_provider[provider] = {**measured, "tolerance": list(allowed)}
@@ -171,7 +171,7 @@ def export_onnx(
     bar.update()
     data = final.SerializeToString()
     for provider, session in parity_sessions(data, quiet=True):
-        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
+        allowed = provider_tolerance(provider, IMAGE_FP32_TOLERANCE, IMAGE_FP16_TOLERANCE, fp16)
         measured = _compare(session, model, other, float_output=False)
         shape = f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]}"
         gate(measured, allowed, f"{shape} (dynamic shape, {provider})")

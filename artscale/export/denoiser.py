@@ -33,8 +33,8 @@ from artscale.diffusion.sampling import to_model
 from artscale.diffusion.schedulers import train_scheduler
 from artscale.export.skeleton import OPSET, parity_images, parity_sessions, provider_tolerance
 
-FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 5e-2  # half precision through ~20 conv and norm layers: about 2 significant digits
+DENOISER_FP32_TOLERANCE = 1e-4
+DENOISER_FP16_TOLERANCE = 5e-2  # half precision through ~20 conv and norm layers: about 2 significant digits
 PARITY_TIMESTEPS = (999, 700, 400, 100, 0)
 PARITY_BATCHES = (1, 3, 8)
 
@@ -132,12 +132,12 @@ def export_denoiser(
     config_path = Path(meta["path"]) / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     images, parity_source = parity_images(Path(shards) if shards else None, config, size)
-    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    tolerance = DENOISER_FP16_TOLERANCE if fp16 else DENOISER_FP32_TOLERANCE
 
     proto = _export_graph(unet, size, fp16)
     by_provider, measured = {}, {}
     for provider, session in parity_sessions(proto.SerializeToString()):
-        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
+        allowed = provider_tolerance(provider, DENOISER_FP32_TOLERANCE, DENOISER_FP16_TOLERANCE, fp16)
         found = parity(session, unet, images, len(classes))
         if not found["max_abs_diff"] <= allowed:
             raise UserError(
