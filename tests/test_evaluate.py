@@ -17,7 +17,7 @@ from torch_fidelity import KEY_METRIC_FID
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from artscale.core.errors import UserError
-from artscale.data.loader import SkipCounter, data_spec
+from artscale.data.loader import SkipCounter, data_spec, shard_images
 from artscale.data.pack import pack
 from artscale.metrics.fid import (
     RANDOM_INCEPTION_WARNING,
@@ -30,7 +30,6 @@ from artscale.metrics.fid import (
     generated_images,
     kernel_distance,
     load_inception,
-    shard_images,
 )
 
 CLASSES = ["ink", "oil"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,8 +141,10 @@ def _every_nth(src: Iterator, rank: int, world: int) -> Iterator:
     return itertools.islice(src, rank, None, world)
 
 
-def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torch.Tensor, int, str]:
-    """A shard sample to (uint8 CHW tensor, class index, key); a wrong size raises (the handler counts it)."""
+def decode_sample(sample: dict, size: int | None = None) -> tuple[np.ndarray, int, str]:
+    """A shard sample as (uint8 HWC RGB image, class index or -1 where the shard carries none, key).
+    Raises where the sample cannot be used (no image, bytes that do not decode, not size x size):
+    readers count that with a SkipCounter and go on (`decoded`)."""
     key = sample.get("__key__", "?")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
@@ -152,12 +154,35 @@ def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torc
         raise ValueError(
             f"sample {key} in {sample.get('__url__')} is {im.size[0]}x{im.size[1]}, expected {size}x{size}"
         )
-    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-    if (
-        flip_seed is not None and stable_seed(flip_seed, key) & 1
-    ):  # a coin per (key, epoch): position-free, so resume-exact
-        x = x.flip(-1)
-    return x.contiguous(), int(sample["cls"]) if "cls" in sample else -1, key
+    return np.array(im, dtype=np.uint8), int(sample["cls"]) if "cls" in sample else -1, key
+
+
+def decoded(samples: Iterable[dict], size: int | None, counter: SkipCounter) -> Iterator[tuple[np.ndarray, int, str]]:
+    """`decode_sample` of each sample; one that cannot be used (a truncated image, a wrong size) is counted, skipped."""
+    for sample in samples:
+        try:
+            yield decode_sample(sample, size)
+        except Exception as e:
+            counter(e)
+
+
+def shard_images(
+    urls: list[str], counter: SkipCounter, *, size: int | None = None, rank: int = 0, world: int = 1
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Every usable sample of these shards, in order, as (uint8 HWC image, class index); what cannot be
+    read goes to `counter`. With `world` > 1, only samples rank, rank + world, ... (the others are not decoded)."""
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter))
+    return ((image, label) for image, label, _ in decoded(_every_nth(samples, rank, world), size, counter))
+
+
+def _tensors(samples: Iterator, size: int | None, flip_seed: int | None, counter: SkipCounter) -> Iterator:
+    """Usable samples as (uint8 CHW tensor, class index, key), mirrored where the coin of (flip_seed, key)
+    says: position-free, so resume-exact."""
+    for image, label, key in decoded(samples, size, counter):
+        x = torch.from_numpy(image).permute(2, 0, 1)
+        if flip_seed is not None and stable_seed(flip_seed, key) & 1:
+            x = x.flip(-1)
+        yield x.contiguous(), label, key
 
 
 def _batched(src: Iterator, batch_size: int, counter: SkipCounter, partial: bool = False) -> Iterator:
@@ -167,14 +192,6 @@ def _batched(src: Iterator, batch_size: int, counter: SkipCounter, partial: bool
         if len(group) == batch_size or partial:
             images, labels, keys = zip(*group)
             yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys), counter.take()
-
-
-def _decoded(samples: Iterator, size: int | None, flip_seed: int | None, counter: SkipCounter) -> Iterator:
-    for sample in samples:
-        try:
-            yield _decode(sample, size, flip_seed)
-        except Exception as e:  # a truncated image, a wrong size: counted, skipped
-            counter(e)
 
 
 class _TrainStream(IterableDataset):
@@ -214,7 +231,7 @@ class _TrainStream(IterableDataset):
         samples = _shuffle(wds.tariterators.tarfile_samples(shards, handler=counter), self.bufsize, rng)
         samples = itertools.islice(samples, skip * self.batch_size, None)
         flip_seed = stable_seed(self.seed, epoch) if self.hflip else None
-        return _batched(_decoded(samples, self.spec.image_size, flip_seed, counter), self.batch_size, counter)
+        return _batched(_tensors(samples, self.spec.image_size, flip_seed, counter), self.batch_size, counter)
 
 
 def train_loader(
@@ -247,7 +264,7 @@ def val_loader(spec: DataSpec, *, batch_size: int, rank: int, world: int, num_wo
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter),
         wds.pipelinefilter(_every_nth)(rank, world),
-        wds.pipelinefilter(_decoded)(spec.image_size, None, counter),
+        wds.pipelinefilter(_tensors)(spec.image_size, None, counter),
         wds.pipelinefilter(_batched)(batch_size, counter, partial=True),
     )
     # Fewer shards than workers would leave workers empty (webdataset's empty_check raises): cap them.

@@ -3,9 +3,9 @@ the metadata written into the model, the atomic write and the report."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import onnx
 from artscale import __version__
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
+from artscale.data.loader import SkipCounter, shard_images
 from artscale.data.manifest import is_shards_dir, read_manifest, split_shards
 from artscale.data.shard_writer import sha256_file
 
@@ -23,28 +24,6 @@ OPSET = 17
 PARITY_IMAGES = 8
 CPU = "CPUExecutionProvider"
 REPORTED = ("step", "image_size", "source", "source_sha256", "precision")  # metadata in every report
-
-
-def _val_images(shards: Path, size: int, limit: int) -> list[np.ndarray]:
-    """Up to `limit` decoded val images of a shards dir (manifest.json from `artscale pack`)."""
-    from artscale.data.images import decode_bytes
-
-    names = [s["name"] for s in split_shards(read_manifest(shards), "val")]
-    found: list[np.ndarray] = []
-    for name in names:
-        try:
-            with tarfile.open(shards / name) as tar:
-                for member in tar:
-                    if len(found) >= limit:
-                        return found
-                    if not member.isfile() or member.name.rsplit(".", 1)[-1] not in ("jpg", "png"):
-                        continue
-                    arr = np.asarray(decode_bytes(tar.extractfile(member).read()))
-                    if arr.shape[:2] == (size, size):
-                        found.append(arr)
-        except (OSError, tarfile.TarError) as e:
-            raise UserError(f"cannot read val shard {shards / name}: {e}") from None
-    return found
 
 
 def _generated_images(size: int, count: int) -> list[np.ndarray]:
@@ -70,10 +49,14 @@ def parity_images(shards: Path | None, config: dict[str, Any] | None, size: int)
     if shards is None and config and config.get("data"):
         candidate = Path(config["data"])
         shards = candidate if is_shards_dir(candidate) else None
-    if shards is not None:
-        found = _val_images(shards, size, PARITY_IMAGES)
+    manifest = read_manifest(shards) if shards is not None else None
+    if manifest is not None and manifest["image_size"] == size:  # other sizes: none would fit the graph's
+        urls = [str(shards / s["name"]) for s in split_shards(manifest, "val")]
+        counter = SkipCounter()
+        found = [image for image, _ in itertools.islice(shard_images(urls, counter, size=size), PARITY_IMAGES)]
         if found:
-            return np.stack(found), f"{len(found)} val images from {shards}"
+            skipped = f" (skipped {counter.count} unreadable)" if counter.count else ""
+            return np.stack(found), f"{len(found)} val images from {shards}{skipped}"
     return np.stack(_generated_images(size, PARITY_IMAGES)), f"{PARITY_IMAGES} generated images"
 
 

@@ -35,7 +35,7 @@ import torch
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
-from artscale.data.loader import DataSpec, SkipCounter
+from artscale.data.loader import DataSpec, SkipCounter, shard_images
 from artscale.data.manifest import MANIFEST
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import sample, to_uint8, torch_predict
@@ -249,9 +249,9 @@ class Evals:
 
     def _val_batches(self) -> Iterator[tuple[np.ndarray, list[int]]]:
         """This rank's part of the val split (samples rank, rank + world, ...) in batches."""
-        from artscale.metrics.fid import shard_images
-
-        images = shard_images(self.spec.val_urls, SkipCounter(), self.acc.process_index, self.acc.num_processes)
+        images = shard_images(
+            self.spec.val_urls, SkipCounter(), rank=self.acc.process_index, world=self.acc.num_processes
+        )
         while group := list(itertools.islice(images, self.cfg.batch_size)):
             yield np.stack([im for im, _ in group]), [label for _, label in group]
 
