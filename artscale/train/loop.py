@@ -295,8 +295,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
         if done % cfg.sample_every == 0 or done == plan.total_steps:
             samples.write(done, averaged())
         evals.maybe(done, averaged)  # KID/FID every eval_every steps (off by default)
-        if done % cfg.checkpoint_every == 0:
-            ckpt.save(done, trainer_state())
+        ckpt.maybe_save(done, trainer_state)
     steps.close()
     if ckpt.last_saved != plan.total_steps:
         ckpt.save(plan.total_steps, trainer_state())
