@@ -243,7 +243,7 @@ def class_distances(
     return out
 
 
-def evaluate(
+def fid_kid(
     generated: Path,
     shards: Path,
     *,

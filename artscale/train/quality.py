@@ -1,6 +1,6 @@
 """Quality while training (`eval_every`): KID, and FID where the counts allow, of what the model makes
 against the val split, overall and per class, with `artscale eval`'s features and arithmetic
-(artscale/evaluate.py: torch-fidelity's Inception-v3, the same KID and FID functions).
+(artscale/metrics/fid.py: torch-fidelity's Inception-v3, the same KID and FID functions).
 
 - diffusion: the EMA model draws `eval_samples` images per class with the run's sampler, steps and
   guidance, from noise drawn from (seed, "eval/i"): the same noise at every eval, so the curve
@@ -15,7 +15,7 @@ features are gathered and the figures computed on the main process. Every rank e
 same step and runs the same number of batches; before each batch the ranks agree whether a stop
 was asked for, and a stop abandons the eval so that the loop goes on to its checkpoint. The val
 split's features are computed once per run, kept in memory and in run_dir/eval/ under a key of
-the manifest and the weights (a resumed run reads them back). evaluate.py, and torch-fidelity with it,
+the manifest and the weights (a resumed run reads them back). metrics/fid.py, and torch-fidelity with it,
 is imported only when eval_every > 0: a run without eval does not pay for the import.
 """
 
