@@ -120,23 +120,6 @@ class SkipCounter:
         return n
 
 
-def _shuffle(src: Iterator, bufsize: int, rng: random.Random, initial: int = 100) -> Iterator:
-    """A shuffle buffer driven by `rng` (webdataset's default seeds from the clock). It starts
-    yielding at `initial` samples and grows to `bufsize`, so the first batch comes quickly."""
-    src = iter(src)
-    buf: list = []
-    for sample in src:
-        buf.append(sample)
-        if len(buf) < bufsize:
-            buf.extend(itertools.islice(src, 1))
-        if len(buf) >= initial:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
 def _every_nth(src: Iterator, rank: int, world: int) -> Iterator:
     return itertools.islice(src, rank, None, world)
 
@@ -228,7 +211,9 @@ class _TrainStream(IterableDataset):
         rng = random.Random(stable_seed(self.seed, epoch, self.rank, role))
         urls = self.spec.train_urls
         shards = ({"url": urls[rng.randrange(len(urls))]} for _ in itertools.count())
-        samples = _shuffle(wds.tariterators.tarfile_samples(shards, handler=counter), self.bufsize, rng)
+        # webdataset's shuffle buffer (yields from 100 samples on, grows to bufsize), drawing from this role's rng
+        # (its default seeds from the clock): on this endless stream a pure function of the seeds, so resume is exact.
+        samples = wds.shuffle(self.bufsize, rng=rng)(wds.tariterators.tarfile_samples(shards, handler=counter))
         samples = itertools.islice(samples, skip * self.batch_size, None)
         flip_seed = stable_seed(self.seed, epoch) if self.hflip else None
         return _batched(_tensors(samples, self.spec.image_size, flip_seed, counter), self.batch_size, counter)
