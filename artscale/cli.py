@@ -432,12 +432,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             opts["script_args"] = shlex.split(getattr(args, f"{args.what}_args"))
         submit(args.what, opts, dry_run=args.dry_run)
     elif args.command == "eval":
-        from artscale.metrics.fid import evaluate
+        from artscale.metrics.fid import fid_kid
 
         opts = vars(args).copy()
         for k in ("command", "generated", "shards"):
             opts.pop(k)
-        evaluate(args.generated, args.shards, **opts)
+        fid_kid(args.generated, args.shards, **opts)
     elif args.command == "info":
         print(_info(args.path))
     elif args.command == "configs":

@@ -180,18 +180,23 @@ def unet_config(meta: dict[str, Any]) -> dict[str, Any]:
     return unet
 
 
-def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_denoiser(source: str | Path, weights: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A diffusion run's UNet2DModel (eval mode) and its denoiser.json + {step, weights, path}, from a
     run dir (final/, else the newest checkpoint), a checkpoint dir or final/ itself. The UNet is built
-    from the record, not from the run's preset name: a run keeps the structure it was trained with."""
+    from the record, not from the run's preset name: a run keeps the structure it was trained with.
+
+    `weights`: "ema" (an error where the run kept none), "raw", or None: the EMA where the run kept one
+    (ema_decay > 0), else the raw weights, as `load_weights`."""
     from diffusers import UNet2DModel
 
-    if weights not in ("ema", "raw"):
+    if weights not in (None, "ema", "raw"):
         raise UserError(f"weights={weights!r}: choose ema or raw")
     folder = _resolve(Path(source)).parent
     meta = read_json(folder / DENOISER_NAME)
     if meta is None:
         raise UserError(f"{source} is not a diffusion run (no {DENOISER_NAME}): train with objective=diffusion")
+    if weights is None:
+        weights = "ema" if (folder / EMA_NAME).is_file() else "raw"
     path = folder / (EMA_NAME if weights == "ema" else WEIGHTS_NAME)
     if not path.is_file():
         raise UserError(f"{folder} holds no EMA weights (trained with ema_decay=0): use --weights raw")

@@ -78,10 +78,6 @@ def is_ignored(path: Path) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES or path.suffix.lower() in JUNK_EXTENSIONS
 
 
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
 def _allow_pixels(max_pixels: int) -> None:
     """Raise Pillow's hard bomb limit when the caller allows more; it only ever grows, so
     threads racing here are harmless (the caller's own check is the one that counts)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,29 +120,14 @@ class SkipCounter:
         return n
 
 
-def _shuffle(src: Iterator, bufsize: int, rng: random.Random, initial: int = 100) -> Iterator:
-    """A shuffle buffer driven by `rng` (webdataset's default seeds from the clock). It starts
-    yielding at `initial` samples and grows to `bufsize`, so the first batch comes quickly."""
-    src = iter(src)
-    buf: list = []
-    for sample in src:
-        buf.append(sample)
-        if len(buf) < bufsize:
-            buf.extend(itertools.islice(src, 1))
-        if len(buf) >= initial:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
 def _every_nth(src: Iterator, rank: int, world: int) -> Iterator:
     return itertools.islice(src, rank, None, world)
 
 
-def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torch.Tensor, int, str]:
-    """A shard sample to (uint8 CHW tensor, class index, key); a wrong size raises (the handler counts it)."""
+def decode_sample(sample: dict, size: int | None = None) -> tuple[np.ndarray, int, str]:
+    """A shard sample as (uint8 HWC RGB image, class index or -1 where the shard carries none, key).
+    Raises where the sample cannot be used (no image, bytes that do not decode, not size x size):
+    readers count that with a SkipCounter and go on (`decoded`)."""
     key = sample.get("__key__", "?")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
@@ -152,12 +137,35 @@ def _decode(sample: dict, size: int | None, flip_seed: int | None) -> tuple[torc
         raise ValueError(
             f"sample {key} in {sample.get('__url__')} is {im.size[0]}x{im.size[1]}, expected {size}x{size}"
         )
-    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-    if (
-        flip_seed is not None and stable_seed(flip_seed, key) & 1
-    ):  # a coin per (key, epoch): position-free, so resume-exact
-        x = x.flip(-1)
-    return x.contiguous(), int(sample["cls"]) if "cls" in sample else -1, key
+    return np.array(im, dtype=np.uint8), int(sample["cls"]) if "cls" in sample else -1, key
+
+
+def decoded(samples: Iterable[dict], size: int | None, counter: SkipCounter) -> Iterator[tuple[np.ndarray, int, str]]:
+    """`decode_sample` of each sample; one that cannot be used (a truncated image, a wrong size) is counted, skipped."""
+    for sample in samples:
+        try:
+            yield decode_sample(sample, size)
+        except Exception as e:
+            counter(e)
+
+
+def shard_images(
+    urls: list[str], counter: SkipCounter, *, size: int | None = None, rank: int = 0, world: int = 1
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Every usable sample of these shards, in order, as (uint8 HWC image, class index); what cannot be
+    read goes to `counter`. With `world` > 1, only samples rank, rank + world, ... (the others are not decoded)."""
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter))
+    return ((image, label) for image, label, _ in decoded(_every_nth(samples, rank, world), size, counter))
+
+
+def _tensors(samples: Iterator, size: int | None, flip_seed: int | None, counter: SkipCounter) -> Iterator:
+    """Usable samples as (uint8 CHW tensor, class index, key), mirrored where the coin of (flip_seed, key)
+    says: position-free, so resume-exact."""
+    for image, label, key in decoded(samples, size, counter):
+        x = torch.from_numpy(image).permute(2, 0, 1)
+        if flip_seed is not None and stable_seed(flip_seed, key) & 1:
+            x = x.flip(-1)
+        yield x.contiguous(), label, key
 
 
 def _batched(src: Iterator, batch_size: int, counter: SkipCounter, partial: bool = False) -> Iterator:
@@ -167,14 +175,6 @@ def _batched(src: Iterator, batch_size: int, counter: SkipCounter, partial: bool
         if len(group) == batch_size or partial:
             images, labels, keys = zip(*group)
             yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys), counter.take()
-
-
-def _decoded(samples: Iterator, size: int | None, flip_seed: int | None, counter: SkipCounter) -> Iterator:
-    for sample in samples:
-        try:
-            yield _decode(sample, size, flip_seed)
-        except Exception as e:  # a truncated image, a wrong size: counted, skipped
-            counter(e)
 
 
 class _TrainStream(IterableDataset):
@@ -211,10 +211,12 @@ class _TrainStream(IterableDataset):
         rng = random.Random(stable_seed(self.seed, epoch, self.rank, role))
         urls = self.spec.train_urls
         shards = ({"url": urls[rng.randrange(len(urls))]} for _ in itertools.count())
-        samples = _shuffle(wds.tariterators.tarfile_samples(shards, handler=counter), self.bufsize, rng)
+        # webdataset's shuffle buffer (yields from 100 samples on, grows to bufsize), drawing from this role's rng
+        # (its default seeds from the clock): on this endless stream a pure function of the seeds, so resume is exact.
+        samples = wds.shuffle(self.bufsize, rng=rng)(wds.tariterators.tarfile_samples(shards, handler=counter))
         samples = itertools.islice(samples, skip * self.batch_size, None)
         flip_seed = stable_seed(self.seed, epoch) if self.hflip else None
-        return _batched(_decoded(samples, self.spec.image_size, flip_seed, counter), self.batch_size, counter)
+        return _batched(_tensors(samples, self.spec.image_size, flip_seed, counter), self.batch_size, counter)
 
 
 def train_loader(
@@ -247,7 +249,7 @@ def val_loader(spec: DataSpec, *, batch_size: int, rank: int, world: int, num_wo
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter),
         wds.pipelinefilter(_every_nth)(rank, world),
-        wds.pipelinefilter(_decoded)(spec.image_size, None, counter),
+        wds.pipelinefilter(_tensors)(spec.image_size, None, counter),
         wds.pipelinefilter(_batched)(batch_size, counter, partial=True),
     )
     # Fewer shards than workers would leave workers empty (webdataset's empty_check raises): cap them.

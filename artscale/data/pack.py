@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,44 +53,37 @@ def _init_worker(settings: dict[str, Any]) -> None:
     _SETTINGS.update(settings)
 
 
-def pack_settings(
-    size,
-    val_fraction,
-    classes,
-    resize,
-    image_format,
-    quality,
-    max_pixels,
-    min_size,
-    follow_symlinks,
-    shard_max_count,
-    shard_max_bytes,
-) -> dict[str, Any]:
-    if image_format not in ("jpg", "png"):
-        raise UserError(f"--format {image_format}: choose jpg or png")
-    if resize not in ("stretch", "center-crop"):
-        raise UserError(f"--resize {resize}: choose stretch or center-crop")
-    if not multiple_of_8(size):
-        raise UserError(f"--size {size}: must be a positive multiple of 8")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if shard_max_count < 1 or shard_max_bytes < 0:
-        raise UserError("--shard-max-count must be >= 1 and --shard-max-bytes >= 0")
-    if not 1 <= quality <= 100:
-        raise UserError(f"--quality {quality}: must be in 1..100")
-    return {
-        "size": size,
-        "val_fraction": val_fraction,
-        "classes": sorted(classes),
-        "resize": resize,
-        "image_format": image_format,
-        "quality": quality,
-        "max_pixels": max_pixels,
-        "min_size": min_size,
-        "follow_symlinks": follow_symlinks,
-        "shard_max_count": shard_max_count,
-        "shard_max_bytes": shard_max_bytes,
-    }
+@dataclass
+class PackSettings:
+    """What a pack's bytes depend on besides SRC, checked once here. The journal and manifest.json record
+    them (`asdict`), and a pack continues only into an OUT packed with equal ones."""
+
+    size: int = 128
+    val_fraction: float = 0.05
+    classes: list[str] = field(default_factory=list)  # class folders to pack (all: empty); kept sorted
+    resize: str = "stretch"
+    image_format: str = "jpg"
+    quality: int = 95
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_size: int = 0
+    follow_symlinks: bool = False
+    shard_max_count: int = 1000
+    shard_max_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_format not in ("jpg", "png"):
+            raise UserError(f"--format {self.image_format}: choose jpg or png")
+        if self.resize not in ("stretch", "center-crop"):
+            raise UserError(f"--resize {self.resize}: choose stretch or center-crop")
+        if not multiple_of_8(self.size):
+            raise UserError(f"--size {self.size}: must be a positive multiple of 8")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.shard_max_count < 1 or self.shard_max_bytes < 0:
+            raise UserError("--shard-max-count must be >= 1 and --shard-max-bytes >= 0")
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality {self.quality}: must be in 1..100")
+        self.classes = sorted(self.classes)
 
 
 def _our_files(out: Path) -> list[Path]:
@@ -184,41 +178,14 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
     return None, kept
 
 
-def pack(
-    src: Path,
-    out: Path,
-    *,
-    size: int = 128,
-    val_fraction: float = 0.05,
-    workers: int = 0,
-    classes: list[str] = (),
-    resize: str = "stretch",
-    image_format: str = "jpg",
-    quality: int = 95,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_size: int = 0,
-    follow_symlinks: bool = False,
-    shard_max_count: int = 1000,
-    shard_max_bytes: int = 0,
-    force: bool = False,
-) -> dict:
-    """Pack SRC's class folders into OUT's shards and manifest.json; returns the manifest."""
+def pack(src: Path, out: Path, *, workers: int = 0, force: bool = False, **settings: Any) -> dict:
+    """Pack SRC's class folders into OUT's shards and manifest.json; returns the manifest.
+    `settings`: PackSettings' fields (size, val_fraction, classes, ...), its defaults where left out."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
-    settings = pack_settings(
-        size,
-        val_fraction,
-        list(classes),
-        resize,
-        image_format,
-        quality,
-        max_pixels,
-        min_size,
-        follow_symlinks,
-        shard_max_count,
-        shard_max_bytes,
-    )
-    coll = scan_collection(src, list(classes), follow_symlinks, val_fraction)
+    chosen = PackSettings(**settings)
+    settings = asdict(chosen)
+    coll = scan_collection(src, chosen.classes, chosen.follow_symlinks, chosen.val_fraction)
     if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"OUT {out} lies inside SRC {src}: pick an OUT outside it")
     identity = {"source": str(src.resolve()), "settings": settings}

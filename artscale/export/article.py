@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
-import os
 import warnings
 from pathlib import Path
 
@@ -20,20 +18,18 @@ import onnx
 import torch
 from torch import nn
 
-from artscale import __version__
+from artscale.contracts.onnx import FLOAT_OUTPUT, IMAGE_INPUT, IMAGE_OUTPUT
 from artscale.contracts.run_dir import load_model
-from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
-from artscale.data.shard_writer import sha256_file
-from artscale.export.skeleton import OPSET, gate, parity_images, parity_sessions, provider_tolerance
+from artscale.export import skeleton
 from artscale.models.article import IMAGENET_MEAN, IMAGENET_STD, check_size
 
-INPUT, OUTPUT, FLOAT_OUTPUT = "images", "generated", "probabilities"
 ARTICLE_SIZE = 128  # the article trains at 128 px; an article .pth says nothing about its size
-# (float tolerance on the [0, 1] output, uint8 tolerance in levels)
-FP32_TOLERANCE = (1e-4, 1)
-FP16_TOLERANCE = (1e-2, 3)  # half precision: ~3 significant digits through 6 conv layers
+# (float tolerance on the [0, 1] output, uint8 tolerance in levels): the gate's limits on FIGURES
+FIGURES = ("max_float_diff", "max_uint8_diff")
+IMAGE_FP32_TOLERANCE = (1e-4, 1)
+IMAGE_FP16_TOLERANCE = (1e-2, 3)  # half precision: ~3 significant digits through 6 conv layers
 
 
 class Uint8Model(nn.Module):
@@ -62,7 +58,7 @@ def _torch_reference(model: nn.Module, images: np.ndarray) -> tuple[np.ndarray, 
 
 def _compare(session, model: nn.Module, images: np.ndarray, float_output: bool) -> dict[str, float]:
     want_u8, want_f = _torch_reference(model, images)
-    outputs = session.run(None, {INPUT: images})
+    outputs = session.run(None, {IMAGE_INPUT: images})
     got_u8 = outputs[0]
     if got_u8.shape != want_u8.shape or got_u8.dtype != np.uint8:
         raise UserError(
@@ -87,10 +83,10 @@ def _export_graph(model: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
             (example,),
             buf,
             dynamo=False,
-            opset_version=OPSET,  # the default dynamo exporter needs the onnxscript package
-            input_names=[INPUT],
-            output_names=[OUTPUT, FLOAT_OUTPUT],
-            dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (INPUT, OUTPUT, FLOAT_OUTPUT)},
+            opset_version=skeleton.OPSET,  # the default dynamo exporter needs the onnxscript package
+            input_names=[IMAGE_INPUT],
+            output_names=[IMAGE_OUTPUT, FLOAT_OUTPUT],
+            dynamic_axes={name: {0: "N", 1: "H", 2: "W"} for name in (IMAGE_INPUT, IMAGE_OUTPUT, FLOAT_OUTPUT)},
             training=torch.onnx.TrainingMode.EVAL,
             do_constant_folding=True,
         )
@@ -136,67 +132,49 @@ def export_onnx(
             f"{weights.path}: no training config, assuming the article's {ARTICLE_SIZE} px (pass --size to say otherwise)"
         )
 
-    images, parity_source = parity_images(Path(shards) if shards else None, config, image_size)
-    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    images, parity_source = skeleton.parity_images(Path(shards) if shards else None, config, image_size)
+    tolerance = IMAGE_FP16_TOLERANCE if fp16 else IMAGE_FP32_TOLERANCE
+
+    def limits(provider: str) -> dict[str, float]:
+        return dict(
+            zip(FIGURES, skeleton.provider_tolerance(provider, IMAGE_FP32_TOLERANCE, IMAGE_FP16_TOLERANCE, fp16))
+        )
+
     # export, parity gate, full ONNX check, dynamic-shape gate: minutes for a large model on CPU
     bar = Progress(4, "export", unit="step")
     proto = _export_graph(model, image_size, fp16)
     bar.update()
-    by_provider = {}
-    for provider, session in parity_sessions(proto.SerializeToString()):
-        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
-        measured = _compare(session, model, images, float_output=True)
-        gate(measured, allowed, f"{parity_source} ({provider})")
-        by_provider[provider] = {**measured, "tolerance": list(allowed)}
-    parity = {k: v for k, v in by_provider["CPUExecutionProvider"].items() if k != "tolerance"}
+    gated = skeleton.gate_providers(
+        proto.SerializeToString(), lambda s: _compare(s, model, images, float_output=True), limits, parity_source
+    )
+    by_provider = {p: {**m, "tolerance": list(allowed.values())} for p, (m, allowed) in gated.items()}
+    parity = gated[skeleton.CPU][0]
+    bar.update()
+    recorded = {**parity, "images": parity_source, "tolerance": list(tolerance), "providers": by_provider}
+    meta = skeleton.metadata(
+        {},
+        step=weights.step,
+        image_size=image_size,
+        source=weights.path,
+        fp16=fp16,
+        config=config,
+        parity=recorded,
+    )
+    data = skeleton.seal(_drop_float_output(proto), meta)
     bar.update()
     # Dynamic shapes: another batch size and a non-square size must work and agree too.
     other = np.ascontiguousarray(np.concatenate([images[:3], images[:3, ::-1]], axis=2)[:, :, : image_size * 2 - 8])
-    final = _drop_float_output(proto)
-    checked = {"images": parity_source, "tolerance": list(tolerance), "providers": by_provider}
-    meta = {
-        "artscale_version": __version__,
-        "step": "" if weights.step is None else str(weights.step),
-        "image_size": str(image_size),
-        "source": str(weights.path),
-        "source_sha256": sha256_file(weights.path),
-        "precision": "fp16" if fp16 else "fp32",
-        "config": json.dumps(config or {}, sort_keys=True),
-        "parity": json.dumps({**parity, **checked}),
-    }
-    for key, value in meta.items():
-        final.metadata_props.add(key=key, value=value)
-    final.producer_name, final.producer_version = "artscale", __version__
-    onnx.checker.check_model(final, full_check=True)
-    bar.update()
-    data = final.SerializeToString()
-    for provider, session in parity_sessions(data, quiet=True):
-        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
-        measured = _compare(session, model, other, float_output=False)
-        shape = f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]}"
-        gate(measured, allowed, f"{shape} (dynamic shape, {provider})")
-        if provider == "CPUExecutionProvider":
-            dynamic = measured
+    shape = f"{other.shape[0]} images of {other.shape[1]}x{other.shape[2]}, dynamic shape"
+    dynamic = skeleton.gate_providers(
+        data, lambda s: _compare(s, model, other, float_output=False), limits, shape, quiet=True
+    )
     bar.update()
     bar.close()
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, data, tmp=out.with_name(f".{out.name}.tmp-{os.getpid()}"))
-    except OSError as e:  # a full disk or a read-only place: nothing half-written stays
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    report = {
-        "path": str(out),
-        "bytes": len(data),
-        **{k: meta[k] for k in ("step", "image_size", "source", "source_sha256", "precision")},
-        "parity": {**parity, **checked},
-        "dynamic_parity": dynamic,
-    }
-    also = "".join(
-        f"; on {p}: {m['max_float_diff']:.2g}, {m['max_uint8_diff']}"
-        for p, m in by_provider.items()
-        if p != "CPUExecutionProvider"
+    report = skeleton.publish(
+        out, data, meta, skeleton.REPORTED, parity=recorded, dynamic_parity=dynamic[skeleton.CPU][0]
     )
+    also = skeleton.on_other_providers(by_provider, lambda m: f"{m['max_float_diff']:.2g}, {m['max_uint8_diff']}")
     print(
         f"exported {out} ({report['precision']}, {image_size} px, step {meta['step'] or '?'}): parity on {parity_source}: "
         f"max float diff {parity['max_float_diff']:.2g}, max uint8 diff {parity['max_uint8_diff']}{also}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,16 @@ import onnx
 import torch
 from torch import nn
 
-from artscale import __version__
+from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT
 from artscale.contracts.run_dir import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, load_denoiser
-from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
-from artscale.data.shard_writer import sha256_file
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import to_model
 from artscale.diffusion.schedulers import train_scheduler
-from artscale.export.skeleton import OPSET, parity_images, parity_sessions, provider_tolerance
+from artscale.export import skeleton
 
-INPUTS, OUTPUT = ("sample", "timestep", "class_labels"), "prediction"
-FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 5e-2  # half precision through ~20 conv and norm layers: about 2 significant digits
+DENOISER_FP32_TOLERANCE = 1e-4
+DENOISER_FP16_TOLERANCE = 5e-2  # half precision through ~20 conv and norm layers: about 2 significant digits
 PARITY_TIMESTEPS = (999, 700, 400, 100, 0)
 PARITY_BATCHES = (1, 3, 8)
 
@@ -70,10 +66,10 @@ def _export_graph(unet: nn.Module, size: int, fp16: bool) -> onnx.ModelProto:
             example,
             buf,
             dynamo=False,
-            opset_version=OPSET,
-            input_names=list(INPUTS),
-            output_names=[OUTPUT],
-            dynamic_axes={name: {0: "N"} for name in (*INPUTS, OUTPUT)},
+            opset_version=skeleton.OPSET,
+            input_names=list(DENOISER_INPUTS),
+            output_names=[DENOISER_OUTPUT],
+            dynamic_axes={name: {0: "N"} for name in (*DENOISER_INPUTS, DENOISER_OUTPUT)},
             do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
@@ -94,8 +90,8 @@ def parity(session, unet: nn.Module, images: np.ndarray, num_classes: int) -> di
         for batch in PARITY_BATCHES:
             for i in range(0, len(x0), batch):
                 j = slice(i, i + batch)
-                feed = {"sample": noisy[j].numpy(), "timestep": steps[j].numpy(), "class_labels": labels[j].numpy()}
-                got = session.run([OUTPUT], feed)[0]
+                feed = dict(zip(DENOISER_INPUTS, (noisy[j].numpy(), steps[j].numpy(), labels[j].numpy())))
+                got = session.run([DENOISER_OUTPUT], feed)[0]
                 if got.shape != want[j].shape:
                     raise UserError(
                         f"parity gate failed: ONNX output shape {list(got.shape)}, expected {list(want[j].shape)}"
@@ -119,38 +115,31 @@ def export_denoiser(
     from diffusers import DDPMScheduler
 
     out = Path(out)
-    try:
-        unet, meta = load_denoiser(source, weights or "ema")
-    except UserError:
-        if weights:
-            raise
-        unet, meta = load_denoiser(source, "raw")  # trained with ema_decay=0
+    unet, meta = load_denoiser(source, weights)
     weights = meta["weights"]
     size = int(meta["image_size"])
     classes = list(meta["classes"])
     scheduler = DDPMScheduler.from_config(meta["scheduler"])
     config_path = Path(meta["path"]) / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    images, parity_source = parity_images(Path(shards) if shards else None, config, size)
-    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    images, parity_source = skeleton.parity_images(Path(shards) if shards else None, config, size)
+    tolerance = DENOISER_FP16_TOLERANCE if fp16 else DENOISER_FP32_TOLERANCE
+
+    def limits(provider: str) -> dict[str, float]:
+        allowed = skeleton.provider_tolerance(provider, DENOISER_FP32_TOLERANCE, DENOISER_FP16_TOLERANCE, fp16)
+        return {"max_abs_diff": allowed}
 
     proto = _export_graph(unet, size, fp16)
-    by_provider, measured = {}, {}
-    for provider, session in parity_sessions(proto.SerializeToString()):
-        allowed = provider_tolerance(provider, FP32_TOLERANCE, FP16_TOLERANCE, fp16)
-        found = parity(session, unet, images, len(classes))
-        if not found["max_abs_diff"] <= allowed:
-            raise UserError(
-                f"parity gate failed on {parity_source} ({provider}): max abs diff {found['max_abs_diff']:.3g} "
-                f"(allowed {allowed:g}); nothing written"
-            )
-        by_provider[provider] = {"max_abs_diff": found["max_abs_diff"], "tolerance": allowed}
-        if provider == "CPUExecutionProvider":
-            measured = found
-    checked = {"images": parity_source, "tolerance": tolerance, "providers": by_provider}
-    weights_file = Path(meta["path"]) / (EMA_NAME if weights == "ema" else WEIGHTS_NAME)
-    props = {
-        "artscale_version": __version__,
+    gated = skeleton.gate_providers(
+        proto.SerializeToString(), lambda s: parity(s, unet, images, len(classes)), limits, parity_source
+    )
+    by_provider = {
+        p: {"max_abs_diff": m["max_abs_diff"], "tolerance": allowed["max_abs_diff"]}
+        for p, (m, allowed) in gated.items()
+    }
+    measured = gated[skeleton.CPU][0]
+    recorded = {**measured, "images": parity_source, "tolerance": tolerance, "providers": by_provider}
+    own = {
         "objective": "diffusion",
         "prediction_type": str(meta["prediction_type"]),
         "scheduler": json.dumps(json.loads(scheduler.to_json_string()), sort_keys=True),  # one line
@@ -158,38 +147,24 @@ def export_denoiser(
         "classes": json.dumps(classes),
         "null_label": str(meta["null_label"]),
         "weights": weights,
-        "step": "" if meta.get("step") is None else str(meta["step"]),
-        "image_size": str(size),
-        "source": str(weights_file),
-        "source_sha256": sha256_file(weights_file),
-        "precision": "fp16" if fp16 else "fp32",
-        "config": json.dumps(config, sort_keys=True),
-        "parity": json.dumps({**measured, **checked}),
     }
-    for key, value in props.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.producer_name, proto.producer_version = "artscale", __version__
-    onnx.checker.check_model(proto, full_check=True)
-    data = proto.SerializeToString()
-
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, data, tmp=out.with_name(f".{out.name}.tmp-{os.getpid()}"))
-    except OSError as e:  # a full disk or a read-only place: nothing half-written stays
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    also = "".join(
-        f"; on {p}: {m['max_abs_diff']:.2g} (allowed {m['tolerance']:g})"
-        for p, m in by_provider.items()
-        if p != "CPUExecutionProvider"
+    weights_file = Path(meta["path"]) / (EMA_NAME if weights == "ema" else WEIGHTS_NAME)
+    props = skeleton.metadata(
+        own,
+        step=meta.get("step"),
+        image_size=size,
+        source=weights_file,
+        fp16=fp16,
+        config=config,
+        parity=recorded,
     )
+    data = skeleton.seal(proto, props)
+
+    report = skeleton.publish(out, data, props, (*skeleton.REPORTED, "weights"), parity=recorded)
+    also = skeleton.on_other_providers(by_provider, lambda m: f"{m['max_abs_diff']:.2g} (allowed {m['tolerance']:g})")
     print(
         f"exported {out} (diffusion denoiser, {props['precision']}, {weights} weights, {size} px, "
         f"step {props['step'] or '?'}): parity on {parity_source} at timesteps {list(PARITY_TIMESTEPS)}, "
         f"batch sizes {list(PARITY_BATCHES)}: max abs diff {measured['max_abs_diff']:.2g} (allowed {tolerance:g}){also}"
     )
-    return {
-        "path": str(out),
-        "bytes": len(data),
-        **{k: props[k] for k in ("step", "image_size", "source", "source_sha256", "precision", "weights")},
-        "parity": {**measured, **checked},
-    }
+    return report

@@ -274,12 +274,7 @@ def export_diffusers(
     if grid_count < 0:
         raise UserError(f"--grid-count {grid_count}: must be >= 0 (0: no sample grid)")
     _check_out(out)
-    try:
-        unet, meta = load_denoiser(source, weights or "ema")
-    except UserError:
-        if weights:
-            raise
-        unet, meta = load_denoiser(source, "raw")  # trained with ema_decay=0
+    unet, meta = load_denoiser(source, weights)
     folder = Path(meta["path"])
     config = _run_config(folder)
     scheduler = DDPMScheduler.from_config(meta["scheduler"])

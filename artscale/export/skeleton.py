@@ -1,40 +1,29 @@
-"""What both exporters share: the parity images, the onnxruntime sessions the gate runs on, the gate itself."""
+"""What both exporters share: the parity images, the onnxruntime sessions the gate runs on, the gate itself,
+the metadata written into the model, the atomic write and the report."""
 
 from __future__ import annotations
 
-import tarfile
+import itertools
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
+from artscale import __version__
+from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
+from artscale.data.loader import SkipCounter, shard_images
 from artscale.data.manifest import is_shards_dir, read_manifest, split_shards
+from artscale.data.shard_writer import sha256_file
 
 OPSET = 17
 PARITY_IMAGES = 8
-
-
-def _val_images(shards: Path, size: int, limit: int) -> list[np.ndarray]:
-    """Up to `limit` decoded val images of a shards dir (manifest.json from `artscale pack`)."""
-    from artscale.data.images import decode_bytes
-
-    names = [s["name"] for s in split_shards(read_manifest(shards), "val")]
-    found: list[np.ndarray] = []
-    for name in names:
-        try:
-            with tarfile.open(shards / name) as tar:
-                for member in tar:
-                    if len(found) >= limit:
-                        return found
-                    if not member.isfile() or member.name.rsplit(".", 1)[-1] not in ("jpg", "png"):
-                        continue
-                    arr = np.asarray(decode_bytes(tar.extractfile(member).read()))
-                    if arr.shape[:2] == (size, size):
-                        found.append(arr)
-        except (OSError, tarfile.TarError) as e:
-            raise UserError(f"cannot read val shard {shards / name}: {e}") from None
-    return found
+CPU = "CPUExecutionProvider"
+REPORTED = ("step", "image_size", "source", "source_sha256", "precision")  # metadata in every report
 
 
 def _generated_images(size: int, count: int) -> list[np.ndarray]:
@@ -60,10 +49,14 @@ def parity_images(shards: Path | None, config: dict[str, Any] | None, size: int)
     if shards is None and config and config.get("data"):
         candidate = Path(config["data"])
         shards = candidate if is_shards_dir(candidate) else None
-    if shards is not None:
-        found = _val_images(shards, size, PARITY_IMAGES)
+    manifest = read_manifest(shards) if shards is not None else None
+    if manifest is not None and manifest["image_size"] == size:  # other sizes: none would fit the graph's
+        urls = [str(shards / s["name"]) for s in split_shards(manifest, "val")]
+        counter = SkipCounter()
+        found = [image for image, _ in itertools.islice(shard_images(urls, counter, size=size), PARITY_IMAGES)]
         if found:
-            return np.stack(found), f"{len(found)} val images from {shards}"
+            skipped = f" (skipped {counter.count} unreadable)" if counter.count else ""
+            return np.stack(found), f"{len(found)} val images from {shards}{skipped}"
     return np.stack(_generated_images(size, PARITY_IMAGES)), f"{PARITY_IMAGES} generated images"
 
 
@@ -72,7 +65,7 @@ def parity_session(model_bytes: bytes, providers: list | None = None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, opts, providers=providers or [CPU])
 
 
 def parity_sessions(model_bytes: bytes, quiet: bool = False) -> list[tuple[str, Any]]:
@@ -83,14 +76,14 @@ def parity_sessions(model_bytes: bytes, quiet: bool = False) -> list[tuple[str, 
 
     from artscale.contracts.onnx import cuda_devices, cuda_options
 
-    sessions = [("CPUExecutionProvider", parity_session(model_bytes))]
+    sessions = [(CPU, parity_session(model_bytes))]
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_devices():
         return sessions
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, as generate does
     why = ""
     try:
-        cuda = parity_session(model_bytes, [("CUDAExecutionProvider", cuda_options()), "CPUExecutionProvider"])
+        cuda = parity_session(model_bytes, [("CUDAExecutionProvider", cuda_options()), CPU])
         if cuda.get_providers()[0] == "CUDAExecutionProvider":
             return [*sessions, ("CUDAExecutionProvider", cuda)]
     except Exception as e:  # a CUDA or cuDNN library that cannot load
@@ -103,14 +96,78 @@ def parity_sessions(model_bytes: bytes, quiet: bool = False) -> list[tuple[str, 
 def provider_tolerance(provider: str, fp32: Any, fp16: Any, is_fp16: bool) -> Any:
     """The gate's tolerance on `provider`. The CUDA provider runs fp32 convolutions in TF32 on Ampere and
     newer (its default, as torch's for convolutions): fp16's 10-bit mantissa, so fp16's tolerance."""
-    return fp16 if is_fp16 or provider != "CPUExecutionProvider" else fp32
+    return fp16 if is_fp16 or provider != CPU else fp32
 
 
-def gate(measured: dict[str, float], tolerance: tuple[float, int], what: str) -> None:
-    float_tol, u8_tol = tolerance
-    diff = measured.get("max_float_diff", 0.0)
-    if not diff <= float_tol or measured["max_uint8_diff"] > u8_tol:
-        raise UserError(
-            f"parity gate failed on {what}: max float diff {diff:.3g} (allowed {float_tol:g}), max uint8 diff "
-            f"{measured['max_uint8_diff']} (allowed {u8_tol}); nothing written"
-        )
+def gate(measured: dict[str, float], limits: dict[str, float], what: str) -> None:
+    """Refuse the export where a figure `measured` holds is over its limit (NaN, an fp16 overflow, never passes)."""
+    limits = {k: v for k, v in limits.items() if k in measured}
+    if not all(measured[k] <= v for k, v in limits.items()):
+        figures = ", ".join(f"{k.replace('_', ' ')} {measured[k]:.3g} (allowed {v:g})" for k, v in limits.items())
+        raise UserError(f"parity gate failed on {what}: {figures}; nothing written")
+
+
+def gate_providers(
+    model_bytes: bytes,
+    measure: Callable[[Any], dict[str, Any]],
+    limits: Callable[[str], dict[str, float]],
+    what: str,
+    quiet: bool = False,
+) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
+    """`measure(session)` on every parity session, held to `limits(provider)` ({figure: the most allowed}):
+    {provider: (figures, limits)}, the CPU's first; a figure over its limit refuses the export."""
+    found = {}
+    for provider, session in parity_sessions(model_bytes, quiet):
+        measured, allowed = measure(session), limits(provider)
+        gate(measured, allowed, f"{what} ({provider})")
+        found[provider] = measured, allowed
+    return found
+
+
+def on_other_providers(by_provider: dict[str, dict], brief: Callable[[dict], str]) -> str:
+    """What the gate measured beyond the CPU's provider, for the export's last line ("" on the CPU only)."""
+    return "".join(f"; on {p}: {brief(m)}" for p, m in by_provider.items() if p != CPU)
+
+
+def metadata(
+    extra: dict[str, str],
+    *,
+    step: int | None,
+    image_size: int,
+    source: Path,
+    fp16: bool,
+    config: dict[str, Any] | None,
+    parity: dict[str, Any],
+) -> dict[str, str]:
+    """The model's metadata: what both exporters record, with the exporter's own keys (`extra`) after the version."""
+    return {
+        "artscale_version": __version__,
+        **extra,
+        "step": "" if step is None else str(step),
+        "image_size": str(image_size),
+        "source": str(source),
+        "source_sha256": sha256_file(source),
+        "precision": "fp16" if fp16 else "fp32",
+        "config": json.dumps(config or {}, sort_keys=True),
+        "parity": json.dumps(parity),
+    }
+
+
+def seal(proto: onnx.ModelProto, meta: dict[str, str]) -> bytes:
+    """`meta` into the model, then onnx's full check: the bytes to write."""
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name, proto.producer_version = "artscale", __version__
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def publish(out: Path, data: bytes, meta: dict[str, str], keys: tuple[str, ...], **extra: Any) -> dict[str, Any]:
+    """Write `data` to OUT atomically (a full disk or a read-only place: one line, nothing half-written
+    stays); the export's report: where, how many bytes, the metadata's `keys`, and `extra`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, data, tmp=out.with_name(f".{out.name}.tmp-{os.getpid()}"))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    return {"path": str(out), "bytes": len(data), **{k: meta[k] for k in keys}, **extra}

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch import nn
 from torch_fidelity import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, FeatureExtractorInceptionV3
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
@@ -29,9 +28,9 @@ from artscale import __version__
 from artscale.core.atomic import write_json_atomic
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
-from artscale.data.images import SkipImage, decode_bytes, load_image
+from artscale.data.images import SkipImage, load_image
 from artscale.data.listing import list_inputs
-from artscale.data.loader import IMAGE_KEYS, SkipCounter, data_spec
+from artscale.data.loader import SkipCounter, data_spec, shard_images
 from artscale.data.manifest import read_manifest
 from artscale.models.state_dict import read_state_dict
 
@@ -208,25 +207,6 @@ def generated_images(root: Path, classes: list[str], scan: FolderScan) -> Iterat
         yield np.asarray(im, dtype=np.uint8), index.get(top, -1)
 
 
-def shard_images(
-    urls: list[str], counter: SkipCounter, rank: int = 0, world: int = 1
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Every sample of these shards as (uint8 image, class index); bad samples go to `counter`.
-    With `world` > 1, only samples rank, rank + world, ... (decoded: the others are passed over)."""
-    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter))
-    for sample in itertools.islice(samples, rank, None, world):
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if data is None or "cls" not in sample:
-            counter(ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image or class"))
-            continue
-        try:
-            im = decode_bytes(data)
-        except Exception as e:  # corrupt bytes in a shard: counted and logged by the handler
-            counter(e)
-            continue
-        yield np.asarray(im, dtype=np.uint8), int(sample["cls"])
-
-
 def distances(
     real: torch.Tensor,
     fake: torch.Tensor,
@@ -263,7 +243,7 @@ def class_distances(
     return out
 
 
-def evaluate(
+def fid_kid(
     generated: Path,
     shards: Path,
     *,

@@ -232,8 +232,9 @@ class CheckpointManager:
         self.last_saved = state.get("step")
         return state
 
-    def maybe_save(self, step: int, state: dict[str, Any]) -> Path | None:
-        return self.save(step, state) if step % self.every == 0 else None
+    def maybe_save(self, step: int, state: Callable[[], dict[str, Any]]) -> Path | None:
+        """`save` at every `every`th step. `state` is called only then: gathering it reduces across ranks."""
+        return self.save(step, state()) if step % self.every == 0 else None
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Every rank calls this at the same step. A failed write (disk full) keeps the previous checkpoint."""

@@ -236,9 +236,3 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raise UserError(f"unknown config key {', '.join(unknown)}; valid keys: {', '.join(hints)}")
     cfg = TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
     return _validate(cfg)
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A config saved as config.json (in a run dir or a checkpoint), ignoring keys that no longer exist."""
-    hints = get_type_hints(TrainConfig)
-    return TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items() if k in hints})

@@ -157,7 +157,7 @@ class StepLog:
         self.progress.close()
 
 
-def evaluate(
+def validate(
     net: torch.nn.Module, objective: Any, spec: DataSpec, cfg: TrainConfig, acc: Any
 ) -> dict[str, float] | None:
     """The objective's val figures (artscale.train.objectives), each rank its own part, summed across ranks, per image."""

@@ -30,7 +30,7 @@ from artscale.models.state_dict import read_state_dict
 from artscale.train.checkpoint import CheckpointManager, check_run_dir, save_final, shared_resume_point
 from artscale.train.config import TrainConfig, load_config
 from artscale.train.ema import Ema
-from artscale.train.log import Samples, StepLog, evaluate, rewind_metrics, to_device
+from artscale.train.log import Samples, StepLog, rewind_metrics, to_device, validate
 from artscale.train.losses import HybridLoss
 from artscale.train.objectives import Diffusion, Reconstruct
 from artscale.train.quality import Evals
@@ -290,13 +290,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
             acc.end_training()
             return EXIT_PREEMPTED
         if done % cfg.val_every == 0 or done == plan.total_steps:
-            if metrics := evaluate(averaged(), objective, spec, cfg, acc):
+            if metrics := validate(averaged(), objective, spec, cfg, acc):
                 steps.log(done, metrics)
         if done % cfg.sample_every == 0 or done == plan.total_steps:
             samples.write(done, averaged())
         evals.maybe(done, averaged)  # KID/FID every eval_every steps (off by default)
-        if done % cfg.checkpoint_every == 0:
-            ckpt.save(done, trainer_state())
+        ckpt.maybe_save(done, trainer_state)
     steps.close()
     if ckpt.last_saved != plan.total_steps:
         ckpt.save(plan.total_steps, trainer_state())

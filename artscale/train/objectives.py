@@ -121,11 +121,14 @@ class Diffusion:
         return (x_t - (1 - a).sqrt() * pred) / a.sqrt().clamp_min(1e-8)
 
     def _weights(self, t: torch.Tensor) -> torch.Tensor:
-        """min-SNR-gamma (https://arxiv.org/abs/2303.09556): min(snr, gamma) / snr for epsilon, / (snr + 1) for v."""
+        """min-SNR-gamma (https://arxiv.org/abs/2303.09556): min(snr, gamma) / snr for epsilon, / (snr + 1) for v.
+        diffusers' compute_snr reads only `alphas_cumprod`: this objective's copy, on the device already
+        (the scheduler's lives on the CPU: a blocking copy of it at every step would be a host sync)."""
         if not self.min_snr_gamma:
             return torch.ones(t.shape, device=t.device)
-        a = self.alphas_cumprod[t]
-        snr = a / (1 - a).clamp_min(1e-12)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self, t)
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / (snr + 1) if self.v else clipped / snr.clamp_min(1e-12)
 

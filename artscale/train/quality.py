@@ -1,6 +1,6 @@
 """Quality while training (`eval_every`): KID, and FID where the counts allow, of what the model makes
 against the val split, overall and per class, with `artscale eval`'s features and arithmetic
-(artscale/evaluate.py: torch-fidelity's Inception-v3, the same KID and FID functions).
+(artscale/metrics/fid.py: torch-fidelity's Inception-v3, the same KID and FID functions).
 
 - diffusion: the EMA model draws `eval_samples` images per class with the run's sampler, steps and
   guidance, from noise drawn from (seed, "eval/i"): the same noise at every eval, so the curve
@@ -15,7 +15,7 @@ features are gathered and the figures computed on the main process. Every rank e
 same step and runs the same number of batches; before each batch the ranks agree whether a stop
 was asked for, and a stop abandons the eval so that the loop goes on to its checkpoint. The val
 split's features are computed once per run, kept in memory and in run_dir/eval/ under a key of
-the manifest and the weights (a resumed run reads them back). evaluate.py, and torch-fidelity with it,
+the manifest and the weights (a resumed run reads them back). metrics/fid.py, and torch-fidelity with it,
 is imported only when eval_every > 0: a run without eval does not pay for the import.
 """
 
@@ -35,7 +35,7 @@ import torch
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
-from artscale.data.loader import DataSpec, SkipCounter
+from artscale.data.loader import DataSpec, SkipCounter, shard_images
 from artscale.data.manifest import MANIFEST
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import sample, to_uint8, torch_predict
@@ -249,9 +249,9 @@ class Evals:
 
     def _val_batches(self) -> Iterator[tuple[np.ndarray, list[int]]]:
         """This rank's part of the val split (samples rank, rank + world, ...) in batches."""
-        from artscale.metrics.fid import shard_images
-
-        images = shard_images(self.spec.val_urls, SkipCounter(), self.acc.process_index, self.acc.num_processes)
+        images = shard_images(
+            self.spec.val_urls, SkipCounter(), rank=self.acc.process_index, world=self.acc.num_processes
+        )
         while group := list(itertools.islice(images, self.cfg.batch_size)):
             yield np.stack([im for im, _ in group]), [label for _, label in group]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from artscale.core.errors import UserError
-from artscale.data.loader import data_spec, train_loader, val_loader
+from artscale.data.loader import SkipCounter, data_spec, shard_images, train_loader, val_loader
 
 
 def keys(loader, n: int | None = None) -> list[list[str]]:
@@ -93,6 +93,34 @@ def test_a_corrupt_shard_is_skipped_and_counted_not_fatal(shards, tmp_path, mani
     spec = data_spec(str(bad), 16)
     batches = list(itertools.islice(train_loader(spec, batch_size=4, epoch_batches=12, seed=0, rank=0), 12))
     assert sum(b[3] for b in batches) > 0
+
+
+def test_shard_images_skips_and_counts_what_training_would_skip(tmp_path):
+    """The one decoder behind training, FID and export's parity images: a sample that does not decode,
+    one of another size and one without an image are counted, the rest read in order with their class."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    def png(size: int, value: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    members = [("a.png", png(16, 10)), ("a.cls", b"1"), ("b.png", b"not an image"), ("c.png", png(8, 0))]
+    members += [("d.json", b"{}"), ("e.png", png(16, 20))]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    counter = SkipCounter()
+    found = list(shard_images([str(tmp_path / "s.tar")], counter, size=16))
+    assert [(int(im[0, 0, 0]), label) for im, label in found] == [(10, 1), (20, -1)] and counter.count == 3
+    evens = shard_images([str(tmp_path / "s.tar")], SkipCounter(), size=16, rank=0, world=2)  # a, c, e
+    assert [label for _, label in evens] == [1, -1]
 
 
 def test_bad_data_is_one_clear_error(shards, tmp_path):

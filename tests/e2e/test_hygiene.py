@@ -40,7 +40,7 @@ def test_every_size_check_agrees_with_multiple_of_8(size):
     import argparse
 
     from artscale.cli import positive_multiple_of_8
-    from artscale.data.pack import pack_settings
+    from artscale.data.pack import PackSettings
     from artscale.models.article import check_size
     from artscale.train.config import load_config
 
@@ -51,7 +51,7 @@ def test_every_size_check_agrees_with_multiple_of_8(size):
         lambda: positive_multiple_of_8(str(size)),
         lambda: load_config(None, [f"image_size={size}"]),
         lambda: check_size(size, size),
-        lambda: pack_settings(size, 0.1, [], "stretch", "jpg", 95, 1, 0, False, 10, 0),
+        lambda: PackSettings(size, 0.1, [], "stretch", "jpg", 95, 1, 0, False, 10, 0),
     ):
         try:
             check()

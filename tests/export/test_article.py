@@ -16,7 +16,9 @@ import torch
 from artscale import __version__
 from artscale.contracts.onnx import cuda_devices, describe_onnx
 from artscale.core.errors import UserError
-from artscale.export.article import FP16_TOLERANCE, FP32_TOLERANCE, export_onnx
+from artscale.export.article import IMAGE_FP16_TOLERANCE as FP16_TOLERANCE
+from artscale.export.article import IMAGE_FP32_TOLERANCE as FP32_TOLERANCE
+from artscale.export.article import export_onnx
 from artscale.export.skeleton import provider_tolerance
 
 VENV_BIN = Path(sys.executable).parent

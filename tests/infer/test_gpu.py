@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from artscale.export.article import export_onnx
-from artscale.export.denoiser import FP16_TOLERANCE as DENOISER_FP16_TOLERANCE
+from artscale.export.denoiser import DENOISER_FP16_TOLERANCE
 from artscale.infer.generate import generate
 from artscale.infer.img2img import Variations
 from artscale.infer.sample import bound_predict, onnx_predict, open_denoiser, sample_images

@@ -16,20 +16,19 @@ from torch_fidelity import KEY_METRIC_FID
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from artscale.core.errors import UserError
-from artscale.data.loader import SkipCounter, data_spec
+from artscale.data.loader import SkipCounter, data_spec, shard_images
 from artscale.data.pack import pack
 from artscale.metrics.fid import (
     RANDOM_INCEPTION_WARNING,
     FolderScan,
     class_distances,
     distances,
-    evaluate,
     extract_features,
+    fid_kid,
     frechet_distance,
     generated_images,
     kernel_distance,
     load_inception,
-    shard_images,
 )
 
 CLASSES = ["ink", "oil"]
@@ -215,13 +214,13 @@ def test_an_empty_or_image_free_folder_is_a_clear_error(eval_shards, tmp_path, m
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="holds no readable images"):
-        evaluate(empty, eval_shards, split="train", inception_weights="random")
+        fid_kid(empty, eval_shards, split="train", inception_weights="random")
     (empty / "a.png").write_bytes(b"\x89PNG truncated")
     (empty / "readme.md").write_text("ignored")
     with pytest.raises(UserError, match="holds no readable images .*; skipped 1 files, e.g. a.png: not an image"):
-        evaluate(empty, eval_shards, split="train", inception_weights="random")
+        fid_kid(empty, eval_shards, split="train", inception_weights="random")
     with pytest.raises(UserError, match="is not a folder"):
-        evaluate(tmp_path / "nope", eval_shards, split="train")
+        fid_kid(tmp_path / "nope", eval_shards, split="train")
     make_image(empty / "b.png", (16, 16), seed=0)
     with pytest.raises(UserError, match="no val samples: use --split train"):
-        evaluate(empty, eval_shards, inception_weights="random")
+        fid_kid(empty, eval_shards, inception_weights="random")

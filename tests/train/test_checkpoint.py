@@ -43,7 +43,7 @@ def test_keeps_exactly_the_last_k_complete_checkpoints_and_no_temporaries(setup)
     acc, net, model, opt, run = setup
     mgr = CheckpointManager(acc, run, {"lr": 1e-3}, net, every=2, keep=2)
     (run / "checkpoints" / "step-000001.tmp").mkdir(parents=True)  # a save killed half-way
-    saved = [mgr.maybe_save(step, {"skipped_samples": 0}) for step in range(1, 8)]
+    saved = [mgr.maybe_save(step, lambda: {"skipped_samples": 0}) for step in range(1, 8)]
     assert [p.name if p else None for p in saved] == [
         None,
         "step-000002",
