@@ -1,5 +1,6 @@
-"""`artscale demo | pack | verify | train | export | generate | sample | info | submit | report | configs | doctor`:
-parse, then dispatch.
+"""This module is the `artscale` command line: it parses, then dispatches to the stage that does the work.
+
+Commands: demo, pack, verify, train, export, generate, sample, info, submit, eval, report, configs, doctor.
 
 A UserError anywhere becomes one line on stderr and exit code 2. Heavy imports (torch,
 onnxruntime) happen inside the command that needs them, so `--help` is instant.

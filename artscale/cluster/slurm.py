@@ -1,5 +1,7 @@
-"""SLURM glue: the per-node `accelerate launch` line, signal forwarding, and the merge job's entry
-(the merge itself is artscale.infer.outputs's, for generate's shards and sample's alike).
+"""This module is the SLURM glue: launch lines, signal forwarding, sbatch lines and the node-side entry.
+
+The per-node `accelerate launch` line, the signal relay, and the merge job's entry (the merge itself
+is artscale.infer.outputs's, for generate's shards and sample's alike).
 
 The sbatch scripts (artscale/cluster/sbatch/, shipped with the package) stay thin and call
 `python -m artscale.cluster ...` for anything a test should check: the launch line is a pure

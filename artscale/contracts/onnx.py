@@ -1,6 +1,7 @@
-"""The ONNX files artscale writes, as both sides see them: input and output names, the metadata a
-sampler reads, what `artscale info` prints, and the CUDA provider options that export's parity gate
-and inference share."""
+"""This module is the contract of the ONNX files artscale writes, read by export and inference alike.
+
+It holds the input and output names, the metadata a sampler reads, what `artscale info` prints,
+and the CUDA provider options that export's parity gate and inference share."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checkpoint I/O, the one place for it: final weights, checkpoint discovery, loading any source.
+"""This module reads run dirs, checkpoints and weight files: the one place that does, for every stage.
+
+Training writes them (artscale.train.checkpoint); export, sample, report and info read them here.
 
 Layout of a run dir:
     runs/NAME/config.json

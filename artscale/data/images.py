@@ -131,7 +131,7 @@ def load_image(
     Returns the image and the original oriented size. Raises SkipImage with the reason for any
     file that is not a whole, decodable image, has more than `max_pixels` pixels, or a shorter
     side below `min_side`. JPEGs are decoded at reduced scale with
-    `draft()` when a smaller size is asked for (DCT scaling: about 2.5x faster).
+    `draft()` when a smaller size is asked for (DCT scaling: less to decode).
     """
     path = Path(path)
     try:

@@ -1,5 +1,6 @@
-"""Write one split's shards so that a kill at any moment loses nothing finished and leaves no
-half-written file under a final name; the journal says which shards are finished and verified.
+"""This module writes one split's shards so that a kill at any moment loses nothing finished.
+
+No half-written file is left under a final name; the journal says which shards are finished and verified.
 """
 
 from __future__ import annotations

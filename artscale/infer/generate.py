@@ -204,7 +204,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # CPU: each core runs its own small batch, whose activations stay in that core's cache
-    # (bench/generate.py: batch 2 gave 80-91 img/s on 2 cores, batch 8 72). A GPU wants big
+    # (bench/generate.py compares batch sizes). A GPU wants big
     # batches, sized by the memory free once the session is open, two in flight.
     budget = gpu_budget() if on_gpu and not batch_size else 0
 

@@ -45,9 +45,8 @@ def onnx_predict(session, streams: int = 0) -> Predict:
     With `streams` >= 1 (a CPU session of one thread) the rows go in runs of CPU_RUN_PIXELS, `streams`
     runs at once on the one session (Run is thread-safe and releases the GIL), each on its own core
     with no cross-thread hand-off between onnxruntime's many small ops. The runs depend on the batch
-    alone, not on the core count, so every machine computes the same pixels. On 2 cores `artscale
-    sample` went from 7.1 to 8.1 img/s (tiny, 32 px) and from 0.083 to 0.107 (small, 128 px) against one
-    2-thread run of the whole batch."""
+    alone, not on the core count, so every machine computes the same pixels (bench/sample.py compares
+    it with one multi-threaded run of the whole batch)."""
     pool = ThreadPoolExecutor(streams, "denoise") if streams >= 1 else None
 
     def run(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -295,7 +294,7 @@ def sample_images(
 
     torch_threads = torch.get_num_threads()
     if not used.startswith("torch"):  # the scheduler's few small ops; torch's idle OpenMP threads would spin
-        torch.set_num_threads(1)  # on the cores onnxruntime runs on (measured: 25-40% more CPU per image)
+        torch.set_num_threads(1)  # the cores belong to onnxruntime's runs; torch's own threads would contend
     # Files are encoded and written by a pool while the next chunk samples: the device does not wait
     # for PNG encoders. A chunk's writes are collected after the next chunk, so at most two chunks of
     # images wait in memory, and a failed write (a full disk) stops the run within a chunk.

@@ -1,5 +1,7 @@
-"""onnxruntime sessions for generation: opened on the device asked for and warmed up, a batch
-run through IO binding on a GPU, and how many images go in one run.
+"""This module opens the onnxruntime sessions of generation and sampling and runs batches through them.
+
+A session is opened on the device asked for and warmed up, a batch runs through IO binding on a GPU,
+and the module says how many images go in one run.
 
 No torch here: an array task starts in well under a second.
 """
@@ -20,12 +22,11 @@ import numpy as np
 from artscale.contracts.onnx import DENOISER_INPUTS, GPU_PROVIDERS, IMAGE_INPUT, IMAGE_OUTPUT, cuda_options
 from artscale.core.errors import UserError
 
-# A run of the article's model holds ~0.55 KB per pixel (measured on the CPU provider: 283 MB for
-# 2 x 512 x 512); tests/infer/test_gpu.py checks it against what a CUDA run holds.
+# What a run of the article's model holds per pixel, from the CPU provider's memory for a large batch;
+# tests/infer/test_gpu.py checks it against what a CUDA run holds.
 BYTES_PER_PIXEL = 560
-# A denoiser run holds this much per pixel of a row, per channel of the UNet's first level (about
-# 1.5-2x what the CPU provider holds for the tiny and small presets: convolutions on a GPU add their
-# workspace; tests/infer/test_gpu.py checks it on CUDA).
+# A denoiser run holds this much per pixel of a row, per channel of the UNet's first level (above what
+# the CPU provider holds: convolutions on a GPU add their workspace; tests/infer/test_gpu.py checks it on CUDA).
 DENOISER_BYTES_PER_PIXEL_CHANNEL = 96
 # CPU: large --native images go in smaller batches, so memory stays near 0.3 GB per inference
 # stream and a batch's activations stay in the core's cache.

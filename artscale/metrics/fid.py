@@ -155,7 +155,9 @@ def extract_features(
     Images of one size are batched together (the network resizes each batch to 299 px). `device`:
     the current CUDA device if there is one, else the CPU, unless given (a training rank's own)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = net.to(device, memory_format=torch.channels_last).eval()  # channels_last: ~2x on CPU
+    net = net.to(
+        device, memory_format=torch.channels_last
+    ).eval()  # channels_last: the faster layout for its convolutions on CPU
     feats, labels = [], []
     groups: dict[tuple, list] = {}
 

@@ -78,7 +78,7 @@ class TrainConfig:
     channels_last: Literal["auto", True, False] = "auto"
     compile: bool = False  # torch.compile, applied by accelerate to the DDP-wrapped model (see train_setup.py)
     num_workers: int = -1  # DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from
-    # the step (about 20% on 2 cores, bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
+    # the step (bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
     hflip: bool = False  # random horizontal flip of training images
     # policies, in optimizer steps
     log_every: int = 10

@@ -1,6 +1,7 @@
-"""Training on accelerate: one code path for `artscale train`, `python -m artscale.train`,
-`accelerate launch -m artscale.train` and `accelerate launch launch/train.py`, on one CPU, one GPU,
-many GPUs or many nodes.
+"""This module is the training loop on accelerate, one code path for every way training starts.
+
+`artscale train`, `python -m artscale.train`, `accelerate launch -m artscale.train` and
+`accelerate launch launch/train.py` run it, on one CPU, one GPU, many GPUs or many nodes.
 
 A step is an optimizer step everywhere: logs, lr schedule, checkpoints, resume. Rank checks live
 in the helpers (StepLog, Samples, CheckpointManager: train_log.py, checkpoint.py), not in the loop;

@@ -1,5 +1,6 @@
-"""Training objectives: what a step computes from (model, images, labels), so that one loop in
-train.py drives the article's reconstruction and diffusion alike.
+"""This module holds the training objectives: what a step computes from (model, images, labels).
+
+One loop (artscale.train.loop) drives the article's reconstruction and diffusion alike.
 
 Both have `loss(model, images, labels) -> (loss, {name: float tensor})` for training and
 `val_sums(model, images, labels, keys) -> {name: sum over the batch}` for validation (summed over
@@ -133,8 +134,8 @@ class Diffusion:
         return clipped / (snr + 1) if self.v else clipped / snr.clamp_min(1e-12)
 
     def _attention(self) -> contextlib.AbstractContextManager:
-        """On CPU, attention by plain matmul + softmax: torch's CPU flash-attention backward took 28 ms of a
-        bf16 step's ~280 ms on the tiny UNet's 8x8 middle block (steps 12% faster without it; fp32 the same)."""
+        """On CPU, attention by plain matmul + softmax: torch's CPU flash-attention backward is slow on the
+        tiny UNet's small middle block (bench/train_step.py, README "Benchmarks"); GPUs keep their default."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel

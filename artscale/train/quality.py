@@ -1,6 +1,7 @@
-"""Quality while training (`eval_every`): KID, and FID where the counts allow, of what the model makes
-against the val split, overall and per class, with `artscale eval`'s features and arithmetic
-(artscale/metrics/fid.py: torch-fidelity's Inception-v3, the same KID and FID functions).
+"""This module measures sample quality while training (`eval_every`): KID, and FID where counts allow.
+
+What the model makes is compared with the val split, overall and per class, with `artscale eval`'s
+features and arithmetic (artscale/metrics/fid.py: torch-fidelity's Inception-v3, the same KID and FID).
 
 - diffusion: the EMA model draws `eval_samples` images per class with the run's sampler, steps and
   guidance, from noise drawn from (seed, "eval/i"): the same noise at every eval, so the curve

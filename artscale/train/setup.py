@@ -1,5 +1,7 @@
-"""What training checks and sets up before its first step: the device it was promised, the world
-size, loader workers, W&B credentials, trackers, and glibc's memory setting on CPU."""
+"""This module checks and sets up what training needs before its first step.
+
+The device it was promised, the world size, loader workers, W&B credentials, trackers, and glibc's
+memory setting on CPU."""
 
 from __future__ import annotations
 
@@ -158,9 +160,9 @@ def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the kernel.
 
-    A CPU step frees and reallocates activations of 30-130 MB. glibc serves those with mmap and
-    unmaps them on free, so every step faults them in again, zeroed, page by page: measured here
-    as 19% of a bf16 step's CPU time spent in the kernel, and 12 -> 14.7 img/s once kept.
+    A CPU step frees and reallocates activations of tens of MB. glibc serves those with mmap and
+    unmaps them on free, so every step faults them in again, zeroed, page by page, in the kernel
+    (bench/train_step.py shows the difference).
     Returns False where the C library is not glibc (nothing to tune)."""
     if not sys.platform.startswith("linux"):
         return False
