@@ -335,7 +335,7 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="artscale", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="artscale", description="an art collection to a trained model, to ONNX, to generated images")
     parser.add_argument("--version", action="version", version=f"artscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info, _add_submit):

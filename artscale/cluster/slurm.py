@@ -420,7 +420,9 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry for the sbatch scripts: `python -m artscale.cluster node|finished|merge ...`."""
-    p = argparse.ArgumentParser(prog="python -m artscale.cluster", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m artscale.cluster", description="what the sbatch scripts run on the nodes"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     node = sub.add_parser("node", help="run this machine's accelerate launch (one srun task per machine)")
     node.add_argument("train_args", nargs=argparse.REMAINDER)
