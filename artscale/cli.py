@@ -58,23 +58,23 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack an image folder (class subfolders) into WebDataset shards")
+    # The settings' defaults are PackSettings' (artscale/data/pack.py): a flag not given is not passed.
+    p.argument_default = argparse.SUPPRESS
     p.add_argument("src", type=Path, help="image folder with one subfolder per class")
     p.add_argument("out", type=Path, help="shards directory to write")
-    p.add_argument("--size", type=positive_multiple_of_8, default=128, help="training image size (default 128)")
-    p.add_argument(
-        "--val-fraction", type=_fraction, default=0.05, help="share of files in the val split (default 0.05)"
-    )
+    p.add_argument("--size", type=positive_multiple_of_8, help="training image size (default 128)")
+    p.add_argument("--val-fraction", type=_fraction, help="share of files in the val split (default 0.05)")
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: all cores)")
-    p.add_argument("--classes", default="", help="comma-separated class folders to pack (default: all)")
-    p.add_argument("--resize", choices=["stretch", "center-crop"], default="stretch")
-    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--max-pixels", type=int, default=178_956_970, help="skip larger images (decompression bombs)")
-    p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller (default: off)")
+    p.add_argument("--classes", help="comma-separated class folders to pack (default: all)")
+    p.add_argument("--resize", choices=["stretch", "center-crop"], help="(default stretch)")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], help="(default jpg)")
+    p.add_argument("--quality", type=int, help="JPEG quality (default 95)")
+    p.add_argument("--max-pixels", type=int, help="skip larger images (default: Pillow's decompression-bomb limit)")
+    p.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default: off)")
     p.add_argument("--follow-symlinks", action="store_true", help="pack symlinks that lead outside SRC")
-    p.add_argument("--shard-max-count", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--shard-max-bytes", type=int, default=0, help="bytes per shard (default: no limit)")
-    p.add_argument("--force", action="store_true", help="start over, discarding shards already in OUT")
+    p.add_argument("--shard-max-count", type=int, help="samples per shard (default 1000)")
+    p.add_argument("--shard-max-bytes", type=int, help="bytes per shard (default: no limit)")
+    p.add_argument("--force", action="store_true", default=False, help="start over, discarding shards already in OUT")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -375,7 +375,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         opts = vars(args).copy()
         for k in ("command", "src", "out"):
             opts.pop(k)
-        opts["classes"] = [c for c in opts["classes"].split(",") if c]
+        if "classes" in opts:
+            opts["classes"] = [c for c in opts["classes"].split(",") if c]
         pack(args.src, args.out, **opts)
     elif args.command == "verify":
         from artscale.data.pack import verify
