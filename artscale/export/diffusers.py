@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from artscale import __version__
 from artscale.contracts.run_dir import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, is_diffusion_source, load_denoiser
 from artscale.core.errors import UserError
+from artscale.data.grids import grid_image
 from artscale.data.shard_writer import sha256_file
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import sample, to_uint8, torch_predict
@@ -38,7 +38,6 @@ from artscale.diffusion.schedulers import make_sampler
 MARKER = "artscale.json"
 GRID_NAME = "samples.png"
 GRID_BATCH = 16  # images per sampling batch: `artscale sample`'s on CPU, so the grid matches its images
-GRID_TILE = 64  # smaller images are enlarged (nearest neighbour) to at least this many pixels in the grid
 
 
 def _check_out(out: Path) -> None:
@@ -120,20 +119,6 @@ def draw_grid(
         for (c, i), pixels in zip(chunk, to_uint8(x)):
             out[c, i] = pixels
     return out
-
-
-def grid_image(images: np.ndarray) -> np.ndarray:
-    """[rows, columns, H, W, 3] -> one uint8 picture, small images enlarged by nearest neighbour, 2 px white gaps."""
-    rows, columns, h, w, _ = images.shape
-    scale = max(1, math.ceil(GRID_TILE / max(h, w)))
-    tiles = images.repeat(scale, axis=2).repeat(scale, axis=3)
-    h, w, pad = h * scale, w * scale, 2
-    canvas = np.full((pad + rows * (h + pad), pad + columns * (w + pad), 3), 255, dtype=np.uint8)
-    for r in range(rows):
-        for c in range(columns):
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[y : y + h, x : x + w] = tiles[r, c]
-    return canvas
 
 
 def _usage(info: dict[str, Any]) -> str:
@@ -331,9 +316,9 @@ def export_diffusers(
                 guidance=g["guidance"],
                 seed=seed,
             )
-            from PIL import Image
-
-            (tmp / GRID_NAME).write_bytes(encode_image(Image.fromarray(grid_image(images)), "png"))
+            (tmp / GRID_NAME).write_bytes(
+                encode_image(grid_image(images.reshape(-1, *images.shape[2:]), grid_count), "png")
+            )
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(info, dict(loaded.config)))
         _readable(tmp)

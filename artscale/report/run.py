@@ -12,12 +12,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from artscale.data.grids import PAD, tile_size
 from artscale.report.html import Series, card, esc, fmt, fmt_seconds, grid_figure, kpis, kv_table, line_plot, note
 from artscale.report.html import table as html_table
 from artscale.report.images import Thumbs, spread
 
 MAX_GRIDS = 30  # sample grids shown: the first, the last and an even spread between
-GRID_SIDE = 1024  # a grid is kept up to this size; larger ones are shrunk
+GRID_SIDE = 1280  # a grid is kept up to this size (8 columns of 128 px pieces, grids.py); larger ones are shrunk
 GRID_BOX = 560  # and drawn up to this wide, small ones enlarged by a whole factor
 LOG_WHEN = ("loss", "mse", "perceptual", "grad_norm", "fid", "kid")  # plotted on a log scale when positive
 SKIP_KEYS = {"step", "epoch"}
@@ -188,9 +189,10 @@ def _grids_card(run: Any, thumbs: Thumbs, classes: list[str], size: int, objecti
         row_h = pad = 0.0
         source = thumbs.source_size(s)
         if source and size:
-            n_rows = (source[1] - 2) // (size + 2)
+            tile = tile_size(size)  # pieces were enlarged in the grid (grids.py)
+            n_rows = (source[1] - PAD) // (tile + PAD)
             scale = s.height / source[1]
-            row_h, pad = (size + 2) * scale, 2 * scale
+            row_h, pad = (tile + PAD) * scale, PAD * scale
             rows = classes if objective == "diffusion" and len(classes) == n_rows else []
         figures.append(grid_figure(s, f"step {step:,}", rows, row_h, pad))
     head = note(f"{len(picked)} of {len(run.samples)} grids (the first, the last and an even spread); {what}")

@@ -71,6 +71,8 @@ RUN_DEFINING_KEYS = (
     "scale_lr",
     "lr_step_epochs",
     "lr_gamma",
+    "lr_schedule",
+    "warmup_steps",
     "grad_accum",
     "max_grad_norm",
     "perceptual_weight",

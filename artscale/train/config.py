@@ -32,6 +32,10 @@ class TrainConfig:
     scale_lr: bool = False  # multiply lr by processes x grad_accum (never done silently)
     lr_step_epochs: float = 30  # StepLR period, in epochs, applied per optimizer step
     lr_gamma: float = 0.1
+    # step: the article's StepLR above; cosine: from lr down to 0 at the last step (lr_step_epochs and
+    # lr_gamma unused), which a short run (the diffusion-cpu preset) ends better with
+    lr_schedule: Literal["step", "cosine"] = "step"
+    warmup_steps: int = 0  # lr rises linearly over the first steps, then the schedule; 0: none
     epochs: float = 150  # an epoch is the manifest's train count / global batch
     max_steps: int = 0  # > 0 overrides epochs
     grad_accum: int = 1
@@ -176,6 +180,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             raise UserError(f"config {name}={getattr(cfg, name)}: must be > 0")
     if cfg.lr <= 0:
         raise UserError(f"config lr={cfg.lr}: must be > 0")
+    if cfg.warmup_steps < 0:
+        raise UserError(f"config warmup_steps={cfg.warmup_steps}: must be >= 0 (0: no warm-up)")
     if cfg.max_steps < 0 or cfg.epochs < 0 or (cfg.max_steps == 0 and cfg.epochs == 0):
         raise UserError("config: set epochs > 0 or max_steps > 0")
     if cfg.eval_every < 0 or cfg.eval_samples < 2:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from artscale.contracts.run_dir import read_metrics
 from artscale.core.atomic import write_atomic
 from artscale.core.progress import Progress
+from artscale.data.grids import grid_image
 from artscale.data.images import encode_image
 from artscale.data.loader import DataSpec, train_loader, val_loader
 from artscale.models.article import normalize
@@ -211,8 +211,6 @@ class Samples:
     def write(self, step: int, net: torch.nn.Module) -> Path | None:
         if not self.acc.is_main_process or (self.images is None and self.grid is None):
             return None
-        from torchvision.utils import make_grid
-
         was_training = net.training
         net.eval()
         if self.grid is not None:
@@ -223,8 +221,7 @@ class Samples:
                 out = net(normalize(self.images.to(self.acc.device))).float().clamp(0, 1).cpu()
             images, columns, caption = torch.stack([self.images, out], 1).flatten(0, 1), 2, "input | output"
         net.train(was_training)
-        grid = make_grid(images, nrow=columns, padding=2, pad_value=1.0)
-        im = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        im = grid_image(images, columns)  # small pieces enlarged (grids.py): judged by eye
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:06d}.png"
         write_atomic(path, encode_image(im, "png"))

@@ -64,6 +64,8 @@ class Plan:
     lr: float
     lr_step: int  # steps between lr drops: the article's StepLR(30 epochs), in optimizer steps
     gamma: float
+    schedule: str = "step"  # step | cosine (config lr_schedule)
+    warmup: int = 0  # steps of linear warm-up before the schedule
 
     @classmethod
     def make(cls, cfg: TrainConfig, spec: DataSpec, world: int) -> Plan:
@@ -76,12 +78,34 @@ class Plan:
             per_epoch = max(1, spec.train_count // global_batch)
         total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
         lr = cfg.lr * (world * cfg.grad_accum if cfg.scale_lr else 1)
-        return cls(
-            world, global_batch, per_epoch, total, lr, max(1, round(cfg.lr_step_epochs * per_epoch)), cfg.lr_gamma
-        )
+        lr_step = max(1, round(cfg.lr_step_epochs * per_epoch))
+        return cls(world, global_batch, per_epoch, total, lr, lr_step, cfg.lr_gamma, cfg.lr_schedule, cfg.warmup_steps)
+
+    def factor(self, step: int) -> float:
+        """lr_at(step) / lr: what torch's LambdaLR multiplies the base lr by at optimizer step `step`."""
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0  # step 0 already moves
+        if self.schedule == "cosine":
+            progress = min(1.0, max(0, step - self.warmup) / max(1, self.total_steps - self.warmup))
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm * self.gamma ** (step // self.lr_step)
 
     def lr_at(self, step: int) -> float:
-        return self.lr * self.gamma ** (step // self.lr_step)
+        return self.lr * self.factor(step)
+
+    def describe(self) -> str:
+        """The schedule in the start line's words."""
+        warm = f" after {self.warmup} warm-up steps" if self.warmup else ""
+        if self.schedule == "cosine":
+            return f"lr {self.lr:g}, cosine to 0 at step {self.total_steps}{warm}"
+        return f"lr {self.lr:g} x{self.gamma:g} every {self.lr_step} steps{warm}"
+
+    def scheduler(self, optimizer: Any, start: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """The schedule on the optimizer, positioned at `start`: its lr is a pure function of the step, so a
+        resumed run rebuilds it from the checkpoint's step instead of saving it (the optimizer's state holds
+        the last lr used, not the base)."""
+        for group in optimizer.param_groups:
+            group["initial_lr"] = self.lr
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor, last_epoch=start - 1)
 
 
 class StopSignals:
@@ -208,7 +232,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
         loss_fn = HybridLoss(cfg.vgg_weights, cfg.perceptual_weight).to(acc.device)
     fmt = torch.channels_last if cfg.use_channels_last() else torch.contiguous_format
     net, loss_fn = net.to(memory_format=fmt), loss_fn.to(memory_format=fmt)
-    optimizer = adam(net.parameters(), plan.lr_at(0), acc.device)
+    optimizer = adam(net.parameters(), plan.lr, acc.device)
     model, optimizer = acc.prepare(net, optimizer)  # DDP, then torch.compile when compile=true (train_setup.py)
     ema = Ema(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = CheckpointManager(acc, run_dir, cfg.to_dict(), net, cfg.checkpoint_every, cfg.keep_checkpoints)
@@ -233,7 +257,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     acc.print(
         f"world size {plan.world}, global batch {plan.global_batch} ({cfg.batch_size} per process x {plan.world} "
         f"processes x grad_accum {cfg.grad_accum}); steps {start} -> {plan.total_steps} ({plan.steps_per_epoch} per epoch), "
-        f"lr {plan.lr:g} x{plan.gamma:g} every {plan.lr_step} steps; device {acc.device}"
+        f"{plan.describe()}; device {acc.device}"
     )
     acc.print(f"{'warning: ' if precision.warning else ''}mixed precision: {precision.mode} ({precision.reason})")
     acc.print(f"channels_last: {'on' if fmt == torch.channels_last else 'off'} ({cfg.channels_last})".lower())
@@ -260,11 +284,10 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
             hflip=cfg.hflip,
         )
     )
+    schedule = plan.scheduler(optimizer, start)
     model.train()
     for step in range(start, plan.total_steps):
-        lr = plan.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule.get_last_lr()[0]
         for _ in range(cfg.grad_accum):
             images, labels = steps.next_batch(data)
             images, labels = to_device(images, acc.device, fmt), labels.to(acc.device, non_blocking=True)
@@ -281,6 +304,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
             if ema is not None and acc.sync_gradients:  # an optimizer step, not an accumulation micro-step
                 ema.update()
             steps.add(loss, parts)
+        schedule.step()  # once per optimizer step, not per micro-batch
         done = step + 1
         if steps.end_step(done, stop.requested, lr, grad_norm):  # save first: SLURM's warning is minutes
             path = ckpt.save(done, trainer_state())

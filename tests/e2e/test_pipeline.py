@@ -58,8 +58,10 @@ def test_demo_runs_end_to_end_and_says_vgg_is_random(tmp_path, run_cli):
     assert report["written"] == 24 and report["skipped"] == 0
     assert (demo / "exports" / "demo.onnx").is_file() and (demo / "before-after.png").is_file()
     assert "loss" in r.stdout and "parity vs PyTorch" in r.stdout
-    with Image.open(demo / "new-pieces.png") as im:  # diffusion: 5 classes x 8 new pieces of 32 px, 2 px padding
-        assert im.size == (8 * 34 + 2, 5 * 34 + 2)
+    with Image.open(demo / "new-pieces.png") as im:  # diffusion: 5 classes x 8 new pieces of 32 px shown at 128 px
+        assert im.size == (8 * 130 + 2, 5 * 130 + 2)
+    with Image.open(demo / "before-after.png") as im:  # 10 inputs over their outputs, 64 px shown at 128 px
+        assert im.size == (10 * 130 + 2, 2 * 130 + 2)
     assert "new pieces" in r.stdout and "diffusion" in r.stdout.split("time ")[-1]
     last = r.stdout.strip().splitlines()[-1]  # the report's path, last
     assert last == f"report: {demo / 'report' / 'index.html'}  (open it in a browser)"

@@ -15,10 +15,11 @@ from PIL import Image
 
 from artscale.contracts.run_dir import load_denoiser
 from artscale.core.errors import UserError
+from artscale.data.grids import enlarge_factor
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import sample, to_uint8, torch_predict
 from artscale.diffusion.schedulers import make_sampler
-from artscale.export.diffusers import GRID_TILE, export_diffusers
+from artscale.export.diffusers import export_diffusers
 
 
 def card_classes(card: str) -> dict[int, str]:
@@ -58,7 +59,7 @@ def test_a_trained_run_round_trips_through_diffusers(art_shards, tmp_path, monke
     x = sample(torch_predict(unet), make_sampler("dpm++", scheduler.config), noise, labels, len(classes), steps=4)
     ours = to_uint8(x).astype(int)
     grid = png(out / "samples.png")
-    scale = -(-GRID_TILE // 16)
+    scale = enlarge_factor(16)
     for k, (c, i) in enumerate((c, i) for c in range(len(classes)) for i in range(2)):
         theirs = png(tmp_path / "s" / classes[c] / f"{i:08d}.png")
         assert np.abs(ours[k] - theirs).max() <= 1, (classes[c], i)

@@ -125,7 +125,7 @@ def test_a_reconstruct_run_dir(runs, tmp_path):
         Image.open(index.parent / thumbs_of(html)[0]) as im,
         Image.open(runs["run"] / "samples/step-000002.png") as grid,
     ):
-        assert im.format == "PNG" and im.size == grid.size and grid.width == 2 * 18 + 2  # kept whole, lossless
+        assert im.format == "PNG" and im.size == grid.size and grid.width == 2 * 130 + 2  # kept whole, lossless
         assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(grid.convert("RGB")))
 
 

@@ -17,6 +17,7 @@ def test_defaults_are_the_articles():
         150,
     )
     assert cfg.vgg_weights == "imagenet" and cfg.perceptual_weight == 1.0
+    assert cfg.lr_schedule == "step" and cfg.warmup_steps == 0  # the article's StepLR, no warm-up
 
 
 def test_file_then_overrides(tmp_path):
@@ -38,6 +39,8 @@ def test_file_then_overrides(tmp_path):
         ("batch_size=two", "expected int"),
         ("num_workers=-2", r"must be >= 0, or -1"),
         ("lr", "expected key=value"),
+        ("lr_schedule=linear", r"^config lr_schedule='linear': choose one of step, cosine$"),
+        ("warmup_steps=-1", r"^config warmup_steps=-1: must be >= 0"),
     ],
 )
 def test_bad_values_are_rejected_with_the_reason(override, message):

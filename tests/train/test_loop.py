@@ -112,7 +112,7 @@ def test_sample_grids_are_written_as_png(two_ranks):
     run, _, _ = two_ranks
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
     with Image.open(run / "samples" / "step-000006.png") as im:
-        assert im.size[0] == 2 * 16 + 3 * 2  # input | output, 2 px padding
+        assert im.size[0] == 2 * 128 + 3 * 2 and (im.size[1] - 2) % 130 == 0  # input | output, 16 px shown at 128
 
 
 @pytest.mark.slow
@@ -304,6 +304,45 @@ def test_the_plan_counts_steps_and_lr_by_optimizer_step(shards):
     scaled = Plan.make(load_config(None, ["batch_size=4", "grad_accum=2", "scale_lr=true"]), spec, world=2)
     assert scaled.global_batch == 16 and scaled.lr == pytest.approx(4e-3)
     assert Plan.make(load_config(None, ["batch_size=4", "max_steps=7"]), spec, world=3).total_steps == 7
+
+
+def test_cosine_after_a_warm_up_rises_linearly_then_falls_to_zero_at_the_last_step(shards):
+    spec = data_spec(str(shards), 16)
+    keys = ["lr=0.002", "lr_schedule=cosine", "warmup_steps=20", "max_steps=420"]
+    plan = Plan.make(load_config(None, keys), spec, world=1)
+    assert plan.lr_at(0) == pytest.approx(0.002 / 20)  # the first step already moves
+    assert plan.lr_at(9) == pytest.approx(0.001)
+    assert plan.lr_at(19) == plan.lr_at(20) == pytest.approx(0.002)  # the end of the warm-up: the full lr
+    assert plan.lr_at(220) == pytest.approx(0.001)  # half-way through the cosine
+    assert plan.lr_at(420) == 0 and 0 < plan.lr_at(419) < 1e-7
+    steps = Plan.make(load_config(None, ["batch_size=8", *LR_KEYS, "warmup_steps=4"]), spec, world=1)
+    per_epoch = steps.steps_per_epoch  # the warm-up scales the article's StepLR
+    expected = [min(1, (s + 1) / 4) * article_lr(s, per_epoch) for s in range(12)]
+    assert [steps.lr_at(s) for s in range(12)] == pytest.approx(expected)
+    assert steps.lr_at(2) == pytest.approx(7.5e-4) and len(set(expected[4:])) > 1
+
+
+def test_the_lambda_lr_built_at_a_resumed_step_continues_the_one_stepped_from_zero(shards):
+    """What a resumed run does: the optimizer comes back holding the last lr used, the scheduler is rebuilt
+    at the checkpoint's step and sets the lr of the next one, as a scheduler stepped all along would."""
+    keys = ["lr=0.002", "lr_schedule=cosine", "warmup_steps=20", "max_steps=100"]
+    plan = Plan.make(load_config(None, keys), data_spec(str(shards), 16), world=1)
+    whole = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=plan.lr)
+    schedule = plan.scheduler(whole, 0)
+    used = []
+    for _ in range(60):
+        used.append(whole.param_groups[0]["lr"])
+        whole.step()
+        schedule.step()
+    resumed = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=plan.lr)
+    resumed.load_state_dict(whole.state_dict())  # as accelerate's load_state does
+    again = plan.scheduler(resumed, 60)
+    assert used == [plan.lr_at(s) for s in range(60)]
+    assert resumed.param_groups[0]["lr"] == again.get_last_lr()[0] == whole.param_groups[0]["lr"] == plan.lr_at(60)
+    resumed.step()
+    again.step()
+    schedule.step()
+    assert again.get_last_lr() == schedule.get_last_lr() == [plan.lr_at(61)]
 
 
 @pytest.mark.parametrize("name,processes", [("cpu", 1), ("gpu1", 1), ("gpu8", 8), ("nodes2x8", 16)])
