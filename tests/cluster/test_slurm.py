@@ -646,3 +646,10 @@ def test_ci_fails_instead_of_skipping_without_slurm(tmp_path):
     assert run.returncode == 1 and "1 error" in run.stdout and "CI=true but sbatch is not installed" in run.stdout, (
         run.stdout[-2000:]
     )
+
+
+@pytest.mark.parametrize("module", ["artscale.cluster", "artscale.slurm"])
+def test_the_node_entry_answers_under_its_name_and_the_name_older_scripts_ran(module):
+    """A job queued with an sbatch script from before the layout runs `python -m artscale.slurm` after an upgrade."""
+    r = subprocess.run([sys.executable, "-m", module, "finished", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m artscale.cluster finished"), r.stderr
