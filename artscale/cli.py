@@ -1,5 +1,6 @@
-"""`artscale demo | pack | verify | train | export | generate | sample | info | submit | report | configs | doctor`:
-parse, then dispatch.
+"""This module is the `artscale` command line: it parses, then dispatches to the stage that does the work.
+
+Commands: demo, pack, verify, train, export, generate, sample, info, submit, eval, report, configs, doctor.
 
 A UserError anywhere becomes one line on stderr and exit code 2. Heavy imports (torch,
 onnxruntime) happen inside the command that needs them, so `--help` is instant.
@@ -9,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
-from artscale import __version__, multiple_of_8
-from artscale.errors import UserError
-from artscale.manifest import is_shards_dir
-from artscale.slurm import CPUS_PER_GPU
+from artscale import __version__
+from artscale.cluster.slurm import CPUS_PER_GPU
+from artscale.core.entry import run_command
+from artscale.core.errors import UserError
+from artscale.core.system import multiple_of_8
+from artscale.data.manifest import is_shards_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_multiple_of_8(text: str) -> int:
+def positive_multiple_of_8(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -56,23 +58,23 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack an image folder (class subfolders) into WebDataset shards")
+    # The settings' defaults are PackSettings' (artscale/data/pack.py): a flag not given is not passed.
+    p.argument_default = argparse.SUPPRESS
     p.add_argument("src", type=Path, help="image folder with one subfolder per class")
     p.add_argument("out", type=Path, help="shards directory to write")
-    p.add_argument("--size", type=_positive_multiple_of_8, default=128, help="training image size (default 128)")
-    p.add_argument(
-        "--val-fraction", type=_fraction, default=0.05, help="share of files in the val split (default 0.05)"
-    )
+    p.add_argument("--size", type=positive_multiple_of_8, help="training image size (default 128)")
+    p.add_argument("--val-fraction", type=_fraction, help="share of files in the val split (default 0.05)")
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: all cores)")
-    p.add_argument("--classes", default="", help="comma-separated class folders to pack (default: all)")
-    p.add_argument("--resize", choices=["stretch", "center-crop"], default="stretch")
-    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--max-pixels", type=int, default=178_956_970, help="skip larger images (decompression bombs)")
-    p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller (default: off)")
+    p.add_argument("--classes", help="comma-separated class folders to pack (default: all)")
+    p.add_argument("--resize", choices=["stretch", "center-crop"], help="(default stretch)")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], help="(default jpg)")
+    p.add_argument("--quality", type=int, help="JPEG quality (default 95)")
+    p.add_argument("--max-pixels", type=int, help="skip larger images (default: Pillow's decompression-bomb limit)")
+    p.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default: off)")
     p.add_argument("--follow-symlinks", action="store_true", help="pack symlinks that lead outside SRC")
-    p.add_argument("--shard-max-count", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--shard-max-bytes", type=int, default=0, help="bytes per shard (default: no limit)")
-    p.add_argument("--force", action="store_true", help="start over, discarding shards already in OUT")
+    p.add_argument("--shard-max-count", type=int, help="samples per shard (default 1000)")
+    p.add_argument("--shard-max-bytes", type=int, help="bytes per shard (default: no limit)")
+    p.add_argument("--force", action="store_true", default=False, help="start over, discarding shards already in OUT")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +108,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--fp16", action="store_true", help="half precision weights and compute (I/O stays uint8)")
     p.add_argument(
-        "--size", type=_positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)"
+        "--size", type=positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)"
     )
     p.add_argument(
         "--shards", type=Path, default=None, help="val shards for the parity check (default: the run's data)"
@@ -128,23 +130,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, help="an .onnx file from `artscale export`")
     p.add_argument("in_dir", type=Path, help="folder of images, walked recursively")
     p.add_argument("out_dir", type=Path, help="where the mirrored tree and report.json go (not inside IN_DIR)")
-    p.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs"
-    )
-    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
+    _add_run_flags(p)
     p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
-    _add_shard_flags(p)
-    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
-    p.add_argument("--quality", type=int, default=95)
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--size",
-        type=_positive_multiple_of_8,
+        type=positive_multiple_of_8,
         default=0,
         help="resize to this size (default: the model's training size)",
     )
     size.add_argument("--native", action="store_true", help="each image at its own size, rounded to a multiple of 8")
-    p.add_argument("--max-side", type=_positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
+    p.add_argument("--max-side", type=positive_multiple_of_8, default=1024, help="cap for --native (default 1024)")
     p.add_argument("--restore-size", action="store_true", help="resize outputs back to each input's size")
     p.add_argument(
         "--batch-size",
@@ -203,13 +199,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=["ddim", "dpm++"], default="dpm++")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off; default 3)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise of (seed, i) alone")
-    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
-    p.add_argument("--quality", type=int, default=95)
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: 16 on CPU, 64 on a GPU)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA runs")
-    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for a run dir: EMA (default) or raw")
-    _add_shard_flags(p)
+    _add_run_flags(p)
 
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
@@ -231,7 +223,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_shard_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What `generate` and `sample` share: the device, the output format, the shard of the work."""
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs"
+    )
+    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
+    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument("--quality", type=int, default=95, help="JPEG and WebP quality (default 95)")
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
     p.add_argument(
         "--shard-index",
@@ -336,7 +335,7 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="artscale", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="artscale", description="an art collection to a trained model, to ONNX, to generated images")
     parser.add_argument("--version", action="version", version=f"artscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_demo, _add_pack, _add_verify, _add_train, _add_export, _add_generate, _add_info, _add_submit):
@@ -353,14 +352,14 @@ def _info(path: Path) -> str:
     if not path.exists():
         raise UserError(f"{path} not found")
     if path.suffix == ".onnx":
-        from artscale.export import describe_onnx
+        from artscale.contracts.onnx import describe_onnx
 
         return describe_onnx(path)
     if path.is_dir() and is_shards_dir(path):
-        from artscale.shards import describe_shards
+        from artscale.data.pack import describe_shards
 
         return describe_shards(path)
-    from artscale.checkpoint import describe
+    from artscale.contracts.run_dir import describe
 
     return describe(path)
 
@@ -371,15 +370,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_demo(args.out, steps=args.steps)
     elif args.command == "pack":
-        from artscale.shards import pack
+        from artscale.data.pack import pack
 
         opts = vars(args).copy()
         for k in ("command", "src", "out"):
             opts.pop(k)
-        opts["classes"] = [c for c in opts["classes"].split(",") if c]
+        if "classes" in opts:
+            opts["classes"] = [c for c in opts["classes"].split(",") if c]
         pack(args.src, args.out, **opts)
     elif args.command == "verify":
-        from artscale.shards import verify
+        from artscale.data.pack import verify
 
         problems = verify(args.shards)
         for line in problems:
@@ -388,23 +388,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{args.shards}: every shard matches manifest.json")
         return 1 if problems else 0
     elif args.command == "train":
-        from artscale.train import main as train_main
+        from artscale.train.loop import main as train_main
 
         return train_main(args.args)
     elif args.command == "export" and args.export_format == "diffusers":
-        from artscale.export_diffusers import export_diffusers
+        from artscale.export.diffusers import export_diffusers
 
         if args.fp16 or args.size or args.shards:
             raise UserError("--fp16, --size and --shards are for --format onnx (diffusers users pick a dtype at load)")
         export_diffusers(args.source, args.out, weights=args.weights, grid_count=args.grid_count)
     elif args.command == "export":
-        from artscale.export import export_onnx
+        from artscale.export.article import export_onnx
 
         export_onnx(
             args.source, args.out, fp16=args.fp16, size=args.size or None, shards=args.shards, weights=args.weights
         )
     elif args.command == "generate":
-        from artscale.generate import generate
+        from artscale.infer.generate import generate
 
         num_shards, shard_index = _shard(args)
         opts = vars(args).copy()
@@ -413,7 +413,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         opts["variation"] = {k: opts.pop(k) for k in VARIATION_KEYS if k in opts}
         generate(args.model, args.in_dir, args.out_dir, num_shards=num_shards, shard_index=shard_index, **opts)
     elif args.command == "sample":
-        from artscale.sample import sample_images
+        from artscale.infer.sample import sample_images
 
         num_shards, shard_index = _shard(args)
         opts = {
@@ -423,29 +423,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "submit":
         import shlex
 
-        from artscale.slurm import submit
+        from artscale.cluster.slurm import submit
 
         opts = vars(args).copy()
-        for k in ("command", "what", "dry_run", "config", "overrides", "generate_args"):
+        for k in ("command", "what", "dry_run", "config", "overrides", "generate_args", "sample_args"):
             opts.pop(k, None)
         if args.what == "train":
             opts["train_args"] = (["--config", args.config] if args.config else []) + args.overrides
-        elif args.what == "sample":
-            opts["sample_args"] = shlex.split(args.sample_args)
-        else:
-            opts["generate_args"] = shlex.split(args.generate_args)
+        else:  # --generate-args / --sample-args: more flags for each task's command
+            opts["script_args"] = shlex.split(getattr(args, f"{args.what}_args"))
         submit(args.what, opts, dry_run=args.dry_run)
     elif args.command == "eval":
-        from artscale.evaluate import evaluate
+        from artscale.metrics.fid import fid_kid
 
         opts = vars(args).copy()
         for k in ("command", "generated", "shards"):
             opts.pop(k)
-        evaluate(args.generated, args.shards, **opts)
+        fid_kid(args.generated, args.shards, **opts)
     elif args.command == "info":
         print(_info(args.path))
     elif args.command == "configs":
-        from artscale.presets import describe_presets, show_preset
+        from artscale.train.presets import describe_presets, show_preset
 
         if args.what == "show":
             print(show_preset(args.name), end="")
@@ -457,18 +455,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return doctor(need=args.need, as_json=args.json)
     elif args.command == "report":
-        from artscale.report import write_report
+        from artscale.report.build import write_report
 
         write_report([args.path], args.out)
     return 0
-
-
-class _Terminated(BaseException):
-    """Raised in the main thread by SIGTERM (BaseException: no `except Exception` swallows it)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,22 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         args = argparse.Namespace(command="train", args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: finally blocks remove temporary files
-    # and shut worker pools down, instead of leaving orphaned decode processes behind.
-    # Training replaces this with its own checkpoint-then-exit handler while it runs.
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        code = _dispatch(args)
-    except UserError as e:
-        print(f"artscale: error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("artscale: interrupted", file=sys.stderr)
-        code = 130
-    except _Terminated:
-        print("artscale: terminated", file=sys.stderr)
-        code = 143
-    sys.exit(code)
+    run_command(lambda: _dispatch(args))
 
 
 if __name__ == "__main__":

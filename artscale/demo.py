@@ -129,8 +129,9 @@ def make_collection(root: Path, per_class: int = 40, held_out: int = 24, seed: i
 
 def _before_after(held: Path, generated: Path, report: dict, size: int, path: Path, count: int = 10) -> Path | None:
     """A grid of held-out inputs (top) and what the model made of them (bottom)."""
-    from artscale.grids import grid_image
-    from artscale.images import load_image
+
+    from artscale.data.grids import grid_image
+    from artscale.data.images import load_image
 
     by_class: dict[str, list[Path]] = {}
     for out in sorted(generated.rglob("*.png")):
@@ -155,9 +156,9 @@ def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
     its last grid of new pieces."""
     import shutil
 
-    from artscale.config import load_config
-    from artscale.shards import pack
-    from artscale.train import EXIT_PREEMPTED, train
+    from artscale.data.pack import pack
+    from artscale.train.config import load_config
+    from artscale.train.loop import EXIT_PREEMPTED, train
 
     pack(collection, out / "shards-32", size=32, val_fraction=0.1, shard_max_count=16)
     run_dir = out / "diffusion"
@@ -174,13 +175,13 @@ def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
 def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     """The whole pipeline on a generated collection; rerunning continues where it stopped.
     `steps` (0: a few minutes on CPU each) sets both training runs: the article's and diffusion's."""
-    from artscale.config import load_config
-    from artscale.export import export_onnx
-    from artscale.generate import generate
-    from artscale.losses import RANDOM_VGG_WARNING
-    from artscale.report import write_report
-    from artscale.shards import pack
-    from artscale.train import EXIT_PREEMPTED, train
+    from artscale.data.pack import pack
+    from artscale.export.article import export_onnx
+    from artscale.infer.generate import generate
+    from artscale.report.build import write_report
+    from artscale.train.config import load_config
+    from artscale.train.loop import EXIT_PREEMPTED, train
+    from artscale.train.losses import RANDOM_VGG_WARNING
 
     out = Path(out)
     started = time.perf_counter()

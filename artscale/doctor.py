@@ -21,9 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
-from artscale import __version__, usable_cores
-from artscale.doctor_probes import PROBES, first_line
-from artscale.hardware import (
+from artscale import __version__
+from artscale.core.hardware import (
     MINOR_COMPAT_DRIVER,
     choose_precision,
     cpu_model,
@@ -32,6 +31,8 @@ from artscale.hardware import (
     driver_verdict,
     nvidia_driver,
 )
+from artscale.core.system import usable_cores
+from artscale.doctor_probes import PROBES, first_line
 
 PROBE_TIMEOUT_S = 120.0  # importing torch from a busy shared file system can take a minute
 ENV_KEYS = (

@@ -1,5 +1,6 @@
-"""What `artscale doctor` runs in subprocesses, one per probe: `python -m artscale.doctor_probes NAME`
-prints one JSON line. torch (its CUDA, cuDNN, devices, and where the weight files are looked for)
+"""This module holds the probes `artscale doctor` runs, each in its own subprocess.
+
+`python -m artscale.doctor_probes NAME` prints one JSON line. torch (its CUDA, cuDNN, devices, and where the weight files are looked for)
 and onnxruntime (its providers, and a tiny graph run on CPU and on CUDA with the CPU fallback
 disabled) each run apart, so that a crash or a hang in either is only that probe's failure.
 """
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from artscale.hardware import choose_precision
+from artscale.core.hardware import choose_precision
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
@@ -28,7 +29,7 @@ def _probe_torch() -> dict:
 
     import torch
 
-    from artscale.hardware import cuda_bf16
+    from artscale.core.hardware import cuda_bf16
 
     facts: dict[str, Any] = {"version": torch.__version__, "cuda": torch.version.cuda}
     facts["hip"] = getattr(torch.version, "hip", None)
@@ -134,8 +135,8 @@ def _weights() -> dict:
     """Where training and `artscale eval` look for their weights (the code they use) and whether a file is there."""
     import torch
 
-    from artscale.evaluate import inception_cache
-    from artscale.losses import VGG_FILE
+    from artscale.metrics.fid import inception_cache
+    from artscale.train.losses import VGG_FILE
 
     vgg = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
     inception = inception_cache()

@@ -35,10 +35,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artscale import usable_cores  # noqa: E402
-from artscale.generate import GPU_STREAMS, generate  # noqa: E402
-from artscale.images import encode_image, load_image  # noqa: E402
-from artscale.session import CPU_BATCH, Runner, batch_limit, gpu_budget, open_session  # noqa: E402
+from artscale.core.system import usable_cores  # noqa: E402
+from artscale.data.images import encode_image, load_image  # noqa: E402
+from artscale.infer.generate import GPU_STREAMS, generate  # noqa: E402
+from artscale.infer.session import CPU_BATCH, Runner, batch_limit, gpu_budget, open_session  # noqa: E402
 
 
 def make_collection(root: Path, count: int, min_side: int, max_side: int) -> list[Path]:
@@ -81,10 +81,10 @@ def export_random_model(root: Path, size: int):
     """Speed does not depend on the weights: a random model, exported the usual way."""
     import torch
 
-    from artscale.checkpoint import save_final
-    from artscale.config import TrainConfig
-    from artscale.export import export_onnx
-    from artscale.model import ConvDiffusionModel
+    from artscale.export.article import export_onnx
+    from artscale.models.article import ConvDiffusionModel
+    from artscale.train.checkpoint import save_final
+    from artscale.train.config import TrainConfig
 
     torch.manual_seed(0)
     model = ConvDiffusionModel().eval()

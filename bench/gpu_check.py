@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
 WEIGHT_PERIOD = 1021  # values in each tensor's repeated random stretch (a prime: rows do not line up)
@@ -101,12 +101,12 @@ def periodic_weights(state: dict, seed: int = 0) -> dict:
 
 def make_small_run(root: Path, preset: str, size: int) -> list[Path]:
     """A diffusion run dir with periodic random weights (raw and EMA alike) and its fp32 and fp16 exports."""
-    from _diffusion_helpers import make_diffusion_run
     from safetensors.torch import load_file, save_file
+    from sample import random_diffusion_run  # bench/sample.py
 
-    from artscale.export import export_onnx
+    from artscale.export.article import export_onnx
 
-    run = make_diffusion_run(root / "run", size=size, preset=preset, classes=CLASSES)
+    run = random_diffusion_run(root / "run", preset, size, CLASSES)
     weights = periodic_weights(load_file(run / "final" / "model.safetensors"))
     for name in ("model.safetensors", "ema.safetensors"):
         save_file(weights, str(run / "final" / name))
@@ -117,7 +117,7 @@ def make_small_run(root: Path, preset: str, size: int) -> list[Path]:
 
 def prepare(out: Path, toy: bool) -> dict:
     """Everything the check's sections read, made on this CPU; returns prepared.json's content."""
-    from artscale.shards import pack
+    from artscale.data.pack import pack
 
     spec = TOY if toy else FULL
     started = time.perf_counter()

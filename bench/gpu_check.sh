@@ -66,7 +66,7 @@ if [ "$mode" = smoke ]; then
     data=$work/data
     section prepare 240 "$PY" "$HELPER" prepare "$data" --toy
     limits=(doctor=60 pytest_gpu=120 train=240 ddp=180 generate=180 sample=180)
-    variants=article:4,tiny:4:cl,tiny:4:nocl
+    variants=article:4,tiny:4:cl  # the GPU run's variants, one of each model; nocl is the same path
     train_args=(--steps 1 --warmup 1 --precision no)
     ddp_args=(--batch-size 4 --signal-at 3)
     gen_args=(--repeat 2 --article-images 4 --device cpu)

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pack import make_collection  # noqa: E402  the same art-like JPEGs (300-2400 px) as bench/pack.py
 
-from artscale.loader import data_spec, train_loader  # noqa: E402
-from artscale.shards import pack  # noqa: E402
+from artscale.data.loader import data_spec, train_loader  # noqa: E402
+from artscale.data.pack import pack  # noqa: E402
 
 
 def article_way(paths: list[Path], batch: int, size: int) -> float:

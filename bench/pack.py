@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artscale.shards import pack  # noqa: E402
+from artscale.data.pack import pack  # noqa: E402
 
 CLASSES = ["drawings", "engraving", "iconography", "painting", "sculpture"]
 

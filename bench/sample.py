@@ -35,18 +35,51 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from _diffusion_helpers import make_diffusion_run  # noqa: E402
-
-from artscale import usable_cores  # noqa: E402
-from artscale.checkpoint import load_denoiser  # noqa: E402
-from artscale.diffusion import make_sampler, noise_for, to_uint8  # noqa: E402
-from artscale.export import export_onnx  # noqa: E402
-from artscale.generate import open_session  # noqa: E402
-from artscale.sample import onnx_predict, sample_images  # noqa: E402
+from artscale.contracts.run_dir import DENOISER_NAME, EMA_NAME, load_denoiser  # noqa: E402
+from artscale.core.atomic import write_json_atomic  # noqa: E402
+from artscale.core.system import usable_cores  # noqa: E402
+from artscale.diffusion.noise import noise_for  # noqa: E402
+from artscale.diffusion.sampling import to_uint8  # noqa: E402
+from artscale.diffusion.schedulers import make_sampler, train_scheduler  # noqa: E402
+from artscale.export.article import export_onnx  # noqa: E402
+from artscale.infer.generate import open_session  # noqa: E402
+from artscale.infer.sample import onnx_predict, sample_images  # noqa: E402
+from artscale.models.denoiser import preset_denoiser  # noqa: E402
+from artscale.train.checkpoint import save_final  # noqa: E402
+from artscale.train.config import TrainConfig  # noqa: E402
 
 CLASSES = ["a", "b", "c", "d", "e"]
+
+
+def random_diffusion_run(run_dir: Path, preset: str, size: int, classes: list[str], seed: int = 0) -> Path:
+    """A diffusion run dir of `preset` at `size` px with random-init weights (its EMA weights the same),
+    saved as training saves one: final/ by `save_final`, with ema.safetensors and denoiser.json."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    unet = preset_denoiser(preset, size, len(classes))
+    weights = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    cfg = TrainConfig(
+        objective="diffusion", denoiser=preset, image_size=size, run_dir=str(run_dir), data=str(run_dir / "no-shards")
+    )
+    scheduler = train_scheduler(cfg.prediction_type, cfg.beta_schedule).config
+    record = {
+        "unet": dict(unet.config),
+        "scheduler": {k: v for k, v in scheduler.items() if not k.startswith("_")},
+        "classes": list(classes),
+        "null_label": len(classes),
+        "prediction_type": cfg.prediction_type,
+        "image_size": size,
+    }
+
+    def ema_and_record(folder: Path) -> None:
+        save_file(weights, str(folder / EMA_NAME))
+        write_json_atomic(folder / DENOISER_NAME, record)
+
+    save_final(weights, run_dir, cfg.to_dict(), 0, ema_and_record)
+    return run_dir
 
 
 def timed(fn, *args, **kw) -> tuple[float, float]:
@@ -97,7 +130,7 @@ def ceiling(onnx: Path, size: int, batch: int, steps: int, calls: int) -> tuple[
 
 def bench(root: Path, preset: str, size: int, count: int, batch: int, steps: int, guidance: float, rounds: int) -> dict:
     """Each round measures all three in turn; the best round of each counts (the machine may be shared)."""
-    run = make_diffusion_run(root / f"run-{preset}", size=size, preset=preset, classes=CLASSES)
+    run = random_diffusion_run(root / f"run-{preset}", preset, size, CLASSES)
     onnx = root / f"{preset}.onnx"
     export_onnx(run, onnx)
     kw = dict(count=count // len(CLASSES), steps=steps, guidance=guidance, seed=0, batch_size=batch, device="cpu")
@@ -173,8 +206,8 @@ def first_class(models: list[Path]) -> str:
 
 def device_bench(args: argparse.Namespace) -> int:
     """--onnx/--run: one JSON line per model and a comparison; exit 1 when a model could not be measured."""
-    import artscale.sample as sampling
-    from artscale.errors import UserError
+    import artscale.infer.sample as sampling
+    from artscale.core.errors import UserError
 
     opened: dict = {}
     real_open = sampling.open_session

@@ -54,9 +54,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from artscale.hardware import cpu_native_bf16  # noqa: E402
-from artscale.losses import load_vgg_features  # noqa: E402
-from artscale.model import ConvDiffusionModel, normalize  # noqa: E402
+from artscale.core.hardware import cpu_native_bf16  # noqa: E402
+from artscale.models.article import ConvDiffusionModel, normalize  # noqa: E402
+from artscale.train.losses import load_vgg_features  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -101,7 +101,7 @@ def diffusers_loop(steps: int, batch: int, size: int, device: torch.device, warm
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from artscale.diffusion import DENOISER_PRESETS, build_denoiser
+    from artscale.models.denoiser import DENOISER_PRESETS, build_denoiser
 
     torch.manual_seed(0)
     model = build_denoiser(size, 2, *DENOISER_PRESETS["tiny"]).to(device)
@@ -129,7 +129,7 @@ def diffusers_loop(steps: int, batch: int, size: int, device: torch.device, warm
 
 
 def make_shards(root: Path, n: int, size: int) -> Path:
-    from artscale.shards import pack
+    from artscale.data.pack import pack
 
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -246,10 +246,10 @@ def measure_variant(
     """One in-process `artscale train` run of `spec` fed by `source` (loader | device): its JSON record."""
     from accelerate.state import AcceleratorState
 
-    import artscale.train as trainer
-    from artscale.config import load_config
-    from artscale.loader import data_spec
-    from artscale.train_setup import precision_for
+    import artscale.train.loop as trainer
+    from artscale.data.loader import data_spec
+    from artscale.train.config import load_config
+    from artscale.train.setup import precision_for
 
     label, batch, keys = variant_overrides(spec)
     run_dir = work / f"{label}-{source}"

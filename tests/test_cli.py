@@ -1,7 +1,11 @@
 """Bad CLI input: exit code 2 and exactly one line on stderr, never a traceback."""
 
+import sys
+from pathlib import Path
+
 import pytest
-from conftest import run_cli
+
+VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.mark.parametrize(
@@ -20,7 +24,7 @@ from conftest import run_cli
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(tmp_path, args, expected):
+def test_bad_input_exits_2_with_one_line(tmp_path, args, expected, run_cli):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
     result = run_cli(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
@@ -29,7 +33,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, expected):
     assert expected in lines[0] and "Traceback" not in result.stderr
 
 
-def test_help_and_version():
+def test_help_and_version(run_cli):
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("artscale ")
     result = run_cli("--help")
@@ -57,13 +61,11 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_unwinds_pack_and_leaves_no_worker_processes(tmp_path):
+def test_sigterm_unwinds_pack_and_leaves_no_worker_processes(tmp_path, make_image, run_cli):
     import os
     import signal
     import subprocess
     import time
-
-    from conftest import VENV_BIN, make_image
 
     for i in range(160):
         make_image(tmp_path / "src" / ("a", "b")[i % 2] / f"{i:03d}.jpg", (900, 700), seed=i)

@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, VENV_BIN
 
+from artscale.core.hardware import cpu_native_bf16, driver_verdict, parse_nvidia_smi, parse_proc_driver
 from artscale.doctor import ORT_CUDA12, ORT_CUDA13, PYTORCH_CU126, cuda_fix, ort_log_reason, run_probe
-from artscale.hardware import cpu_native_bf16, driver_verdict, parse_nvidia_smi, parse_proc_driver
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
 
 SMI_R535 = (
     "NVIDIA A100-SXM4-80GB, 535.104.05, 81920 MiB, Disabled\nNVIDIA A100-SXM4-80GB, 535.104.05, 81920 MiB, Disabled\n"

@@ -1,0 +1,1 @@
+"""SLURM: launch lines, the signal relay, sbatch building and submission; the sbatch scripts."""

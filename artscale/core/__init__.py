@@ -1,0 +1,1 @@
+"""What every stage uses and nothing of artscale's: errors, atomic writes, progress, the machine."""

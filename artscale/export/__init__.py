@@ -1,0 +1,1 @@
+"""A trained run to ONNX (parity-gated) or to diffusers' format."""

@@ -1,0 +1,1 @@
+"""Inference with onnxruntime: generate over directory trees, sample from noise, img2img, their outputs."""

@@ -1,0 +1,1 @@
+"""Sample quality: FID and KID against real images, for `artscale eval` and training alike."""

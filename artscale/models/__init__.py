@@ -1,0 +1,1 @@
+"""The networks: the article's ConvDiffusionModel and the class-conditional UNet denoiser."""

@@ -1,0 +1,1 @@
+"""`artscale report`: a static HTML page of a run dir or an output dir."""

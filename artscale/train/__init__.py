@@ -1,0 +1,1 @@
+"""Training on accelerate: config and presets, the loop, objectives, losses, EMA, logging, checkpoints."""
