@@ -1,3 +1,5 @@
+"""This module makes `python -m artscale` the `artscale` command."""
+
 from artscale.cli import main
 
 main()

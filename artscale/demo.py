@@ -1,5 +1,7 @@
-"""The bundled demo: a procedural art collection, then pack -> train -> export -> generate, and a
-diffusion model trained on the same collection that draws new pieces of each class from noise.
+"""This module is `artscale demo`: the whole pipeline on a procedural art collection it draws itself.
+
+Pack -> train -> export -> generate, and a diffusion model trained on the same collection that draws
+new pieces of each class from noise.
 
 The collection is drawn here (no download): the article's five Kaggle classes, about 200 images
 of mixed sizes, formats and colour modes, and a few broken files so the skip path shows.

@@ -1,5 +1,7 @@
-"""What both exporters share: the parity images, the onnxruntime sessions the gate runs on, the gate itself,
-the metadata written into the model, the atomic write and the report."""
+"""This module is what both ONNX exporters share, so each holds only its own graph.
+
+The parity images, the onnxruntime sessions the gate runs on, the gate itself, the metadata written
+into the model, the atomic write and the report."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Output files of generate and sample: image formats, written whole or not at all, the names a
-sampling run gives its images, and the reports: one per shard, then merged into one.
+"""This module writes the output files of generate and sample, and their reports.
+
+Image formats, written whole or not at all; the names a sampling run gives its images; the reports:
+one per shard, then merged into one.
 
 Both commands' merges live here, on one reader of the shard reports: a missing, unreadable or
 foreign shard report is one line naming each such file, never a traceback, and no report.json
