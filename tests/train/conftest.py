@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import subprocess
 import sys
@@ -139,3 +140,15 @@ def tensorboard_scalars() -> Callable[[Path, str], list[tuple[int, float]]]:
         return [(e.step, e.value) for e in acc.Scalars(tag)]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A TCP port free now on 127.0.0.1, for a 2-rank launch's rendezvous."""
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return port

@@ -244,11 +244,12 @@ def fake_checkpoint(run, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_from_rank_0s_checkpoint_and_compile_the_ddp_wrapped_model(tmp_path, accelerate_cmd, env):
+def test_two_ranks_resume_from_rank_0s_checkpoint_and_compile_the_ddp_wrapped_model(
+    tmp_path, accelerate_cmd, env, free_port
+):
     """Two real gloo ranks, each pointed at its own run dir, as ranks on two nodes of a lagging shared
     filesystem see one run dir: rank 1 sees a newer checkpoint (a), or checkpoints rank 0 does not (b).
     Both take rank 0's choice, its refusal too; compile=true compiles the DDP-wrapped model."""
-    import socket
 
     for rank, steps in ((0, (2, 4)), (1, (2, 4, 6))):
         for step in steps:
@@ -256,10 +257,7 @@ def test_two_ranks_resume_from_rank_0s_checkpoint_and_compile_the_ddp_wrapped_mo
     fake_checkpoint(tmp_path / "b" / "rank1", 2)
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [*accelerate_cmd(2, port)[:-1], str(script), str(tmp_path)]
+    cmd = [*accelerate_cmd(2, free_port())[:-1], str(script), str(tmp_path)]
     proc = subprocess.run(
         cmd, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=240, cwd=ROOT
     )

@@ -9,7 +9,6 @@ import math
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,12 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def article_lr(step: int, steps_per_epoch: int, lr: float = 1e-3, gamma: float = 0.5, step_epochs: int = 1) -> float:
     """The article's StepLR, stepped once per epoch, read at optimizer step `step`."""
     return lr * gamma ** ((step // steps_per_epoch) // step_epochs)
@@ -44,7 +37,7 @@ LR_KEYS = ["lr_step_epochs=1", "lr_gamma=0.5"]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(shards, tmp_path_factory, launch, tiny):
+def two_ranks(shards, tmp_path_factory, launch, tiny, free_port):
     """One 2-rank run over uneven shards: wandb, val, samples, checkpoints every 2 steps, keep 2."""
     run = tmp_path_factory.mktemp("two") / "run"
     t = time.monotonic()
@@ -210,7 +203,7 @@ def sigterm_at(env, wait_for_step):
 
 @pytest.mark.slow
 def test_a_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_finishes(
-    shards, tmp_path, tiny, accelerate_cmd, env, wait_for_step, children, launch
+    shards, tmp_path, tiny, accelerate_cmd, env, wait_for_step, children, launch, free_port
 ):
     run = tmp_path / "run"
     overrides = tiny(run, shards, "max_steps=200", "batch_size=2")

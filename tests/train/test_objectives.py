@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -26,12 +25,6 @@ from artscale.diffusion.sampling import sample, torch_predict
 from artscale.diffusion.schedulers import make_sampler, train_scheduler
 
 QUALITY_STEPS = 400
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -218,7 +211,9 @@ def test_ema_equals_a_hand_computed_ema_after_k_steps():
 
 
 @pytest.mark.slow
-def test_ema_is_identical_on_two_ranks_and_checkpoints_hold_the_contract(art_shards, tmp_path, launch, diffusion):
+def test_ema_is_identical_on_two_ranks_and_checkpoints_hold_the_contract(
+    art_shards, tmp_path, launch, diffusion, free_port
+):
     run = tmp_path / "run"
     proc = launch(2, diffusion(run, art_shards, "max_steps=4", "checkpoint_every=2"), port=free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]

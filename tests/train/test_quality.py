@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -26,12 +25,6 @@ from artscale.train.quality import RANDOM_EVAL_WARNING
 
 VENV_BIN = Path(sys.executable).parent
 EVAL = ["eval_every=2", "eval_samples=2", "eval_inception=random"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +94,7 @@ def test_eval_every_logs_kid_overall_and_per_class_at_its_steps(
 
 @pytest.mark.slow
 def test_two_ranks_split_the_eval_gather_every_image_and_log_the_same_entries(
-    one_rank, shards, tmp_path, launch, diffusion, evals
+    one_rank, shards, tmp_path, launch, diffusion, evals, free_port
 ):
     run = tmp_path / "run"
     proc = launch(2, diffusion(run, shards), port=free_port())
