@@ -221,6 +221,13 @@ from artscale.train.config import load_config
 from artscale.core.errors import UserError
 from artscale.train.setup import accelerator, precision_for
 
+def say(line: str) -> None:
+    # One write per line: under PYTHONUNBUFFERED=1 print's text and its newline are two writes, and the
+    # other rank's line can land between them.
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
+
 root = Path(sys.argv[1])
 cfg = load_config(None, ["compile=true", "tracker=none"])
 acc = accelerator(cfg, root, precision_for(cfg))
@@ -230,9 +237,9 @@ for case, resume in (("a", "latest"), ("a", ""), ("b", "")):
         found = shared_resume_point(acc, root / case / f"rank{rank}", resume, wait_s=5)
     except UserError as e:
         found = f"refused: {e}"
-    print(f"rank {rank} {case} {resume!r}: {found}", flush=True)
+    say(f"rank {rank} {case} {resume!r}: {found}")
 model, _ = acc.prepare(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
-print(f"rank {rank} model: {type(model).__name__} of {type(model._orig_mod).__name__}", flush=True)
+say(f"rank {rank} model: {type(model).__name__} of {type(model._orig_mod).__name__}")
 """
 
 
