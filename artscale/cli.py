@@ -19,6 +19,7 @@ from artscale.core.entry import run_command
 from artscale.core.errors import UserError
 from artscale.core.system import multiple_of_8
 from artscale.data.manifest import is_shards_dir
+from artscale.data.store import check_url, is_url
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +35,16 @@ def positive_multiple_of_8(text: str) -> int:
     if not multiple_of_8(value):
         raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 8 (the model pools 3 times)")
     return value
+
+
+def _location(text: str) -> str | Path:
+    """A folder, or a URL (s3://, gs://, https://, ...) checked here: a login in it is refused before it is used."""
+    if not is_url(text):
+        return Path(text)
+    try:
+        return check_url(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fraction(text: str) -> float:
@@ -61,7 +72,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     # The settings' defaults are PackSettings' (artscale/data/pack.py): a flag not given is not passed.
     p.argument_default = argparse.SUPPRESS
     p.add_argument("src", type=Path, help="image folder with one subfolder per class")
-    p.add_argument("out", type=Path, help="shards directory to write")
+    p.add_argument("out", type=_location, help="shards directory to write, or a URL: s3://bucket/prefix, gs://...")
     p.add_argument("--size", type=positive_multiple_of_8, help="training image size (default 128)")
     p.add_argument("--val-fraction", type=_fraction, help="share of files in the val split (default 0.05)")
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: all cores)")
@@ -79,7 +90,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-check every shard against manifest.json")
-    p.add_argument("shards", type=Path)
+    p.add_argument("shards", type=_location, help="a shards dir, or its URL")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +122,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--size", type=positive_multiple_of_8, default=0, help="training image size (needed for an article .pth)"
     )
     p.add_argument(
-        "--shards", type=Path, default=None, help="val shards for the parity check (default: the run's data)"
+        "--shards", type=_location, default=None, help="val shards for the parity check (default: the run's data)"
     )
     p.add_argument(
         "--weights",
@@ -175,7 +186,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "generated", type=Path, help="folder of images, walked recursively (class subfolders: per class too)"
     )
-    p.add_argument("shards", type=Path, help="a shards dir from `artscale pack`")
+    p.add_argument("shards", type=_location, help="a shards dir from `artscale pack`, or its URL")
     p.add_argument("--split", choices=["val", "train"], default="val", help="the real images (default val)")
     p.add_argument("--out", type=Path, default=None, help="the JSON result (default GENERATED/eval.json)")
     p.add_argument(
@@ -252,8 +263,8 @@ def _shard(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="what a shards dir, run dir, checkpoint or .onnx holds")
-    p.add_argument("path", type=Path)
+    p = sub.add_parser("info", help="what a shards dir (or its URL), run dir, checkpoint or .onnx holds")
+    p.add_argument("path", type=_location)
 
 
 def _add_submit(sub: argparse._SubParsersAction) -> None:
@@ -348,7 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _info(path: Path) -> str:
+def _info(path: str | Path) -> str:
+    if is_url(path):
+        if not is_shards_dir(path):
+            raise UserError(f"{path}: no manifest.json there (a URL is read as a shards dir from `artscale pack`)")
+        from artscale.data.pack import describe_shards
+
+        return describe_shards(path)
     if not path.exists():
         raise UserError(f"{path} not found")
     if path.suffix == ".onnx":

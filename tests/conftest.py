@@ -13,13 +13,18 @@ and CUDA generators, and pass or fail differently than on CPU.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -425,3 +430,112 @@ def onnx_run() -> Callable:
         return session.run(None, {"images": images})[0]
 
     return run
+
+
+# --- object storage and HTTP on the loopback --------------------------------------------------
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "artscale-test-key", "AWS_SECRET_ACCESS_KEY": "artscale-test-secret-0123"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (what s3fs's own CI runs) for the whole session: its endpoint URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> SimpleNamespace:
+    """The S3 server emptied (POST /moto-api/reset) with one bucket, `artscale`; its credentials and
+    endpoint set in this process's environment, which subprocesses inherit (`.env` holds them).
+    `.fs`: an s3fs client of its own to look at what artscale wrote."""
+    import urllib.request
+
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST"), timeout=30).read()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("artscale")
+    return SimpleNamespace(endpoint=s3_server, env=env, fs=fs, url="s3://artscale")
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch) -> None:
+    """This process's environment (which subprocesses inherit) without AWS credentials: no AWS_* keys or
+    profile, an empty HOME (no ~/.aws), no instance metadata. After `s3` where a test takes both."""
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "none"))
+
+
+class _FaultyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; the first GET of each .tar fails (alternately: the connection dropped halfway
+    through the body, or a 503), and a .tar named in `broken` fails every time."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        faults = self.server.faults
+        name = self.path.rsplit("/", 1)[-1]
+        with faults.lock:
+            first = name.endswith(".tar") and faults.on and name not in faults.seen
+            faults.seen.add(name)
+            drop = name in faults.broken or (first and len(faults.seen) % 2 == 1)
+            busy = first and not drop
+            faults.dropped += drop
+            faults.unavailable += busy
+        if busy:
+            self.send_error(503, "busy")
+        elif drop:
+            data = (Path(self.directory) / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-tar")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        else:
+            super().do_GET()
+
+
+@pytest.fixture
+def http_server() -> Iterator[Callable[..., SimpleNamespace]]:
+    """`serve(folder, faults=False, broken=())` starts a standard-library HTTP server for `folder` on
+    127.0.0.1 (port 0): `.url`, and `.dropped` / `.unavailable`, what its faults did (see _FaultyHandler)."""
+    servers = []
+
+    def serve(folder: Path, faults: bool = False, broken: tuple[str, ...] = ()) -> SimpleNamespace:
+        handler = functools.partial(_FaultyHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        server.faults = SimpleNamespace(on=faults, broken=set(broken), seen=set(), dropped=0, unavailable=0)
+        server.faults.lock = threading.Lock()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        state = server.faults
+        state.url = f"http://127.0.0.1:{server.server_address[1]}"
+        return state
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -36,6 +36,7 @@ from artscale.core.errors import UserError
 from artscale.core.seeds import stable_seed
 from artscale.data.images import decode_bytes
 from artscale.data.manifest import read_manifest
+from artscale.data.store import check_url, fetch, is_url, join, listing
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,22 @@ class DataSpec:
     val_count: int | None
     image_size: int | None
     classes: list[str] = field(default_factory=list)  # the manifest's, in label order; [] for a URL pattern
+    shard_bytes: dict[str, int] = field(default_factory=dict)  # url -> the manifest's size: a short read is read again
+
+
+def _is_pattern(data: str) -> bool:
+    """A webdataset URL pattern (no manifest) rather than a shards dir at a URL."""
+    return "{" in data or "::" in data or data.endswith(".tar")
 
 
 def data_spec(data: str, image_size: int) -> DataSpec:
-    """Check `data` (a shards dir with manifest.json, or a webdataset URL pattern) before training starts."""
-    root = Path(data).expanduser()
-    if root.is_dir():
+    """Check `data` (a shards dir with manifest.json, local or at a URL, or a webdataset URL pattern)
+    before training starts."""
+    url = is_url(data)
+    if url:
+        check_url(data)  # before anything is written: a login in the URL never reaches config.json
+    root = data.rstrip("/") if url else Path(data).expanduser()
+    if (url and not _is_pattern(data)) or (not url and root.is_dir()):
         manifest = read_manifest(root)
         if manifest["image_size"] != image_size:
             raise UserError(
@@ -72,21 +83,25 @@ def data_spec(data: str, image_size: int) -> DataSpec:
             raise UserError(
                 f"data={data}: no train samples in its manifest (pack more images, or a smaller --val-fraction)"
             )
-        for s in shards["train"] + shards["val"]:
-            if not (root / s["name"]).is_file():
-                raise UserError(
-                    f"data={data}: shard {s['name']} listed in manifest.json is missing (run artscale verify {data})"
-                )
+        present = listing(root)  # one listing, not a request per shard; None over HTTP (no listing)
+        missing = [
+            s["name"] for s in shards["train"] + shards["val"] if present is not None and s["name"] not in present
+        ]
+        if missing:
+            raise UserError(
+                f"data={data}: shard {missing[0]} listed in manifest.json is missing (run artscale verify {data})"
+            )
         count = {split: sum(s["count"] for s in shards[split]) for split in shards}
         return DataSpec(
-            [str(root / s["name"]) for s in shards["train"]],
-            [str(root / s["name"]) for s in shards["val"]],
+            [str(join(root, s["name"])) for s in shards["train"]],
+            [str(join(root, s["name"])) for s in shards["val"]],
             count["train"],
             count["val"],
             image_size,
             list(manifest["classes"]),
+            {str(join(root, s["name"])): s["bytes"] for s in shards["train"] + shards["val"]},
         )
-    if "{" not in data and "::" not in data and "://" not in data and not data.startswith("pipe:"):
+    if "{" not in data and "::" not in data and not url and not data.startswith("pipe:"):
         raise UserError(f"data={data}: not a shards directory (make one with: artscale pack SRC {data})")
     urls = wds.shardlists.expand_urls(data)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
@@ -118,6 +133,29 @@ class SkipCounter:
         """Skips since the last batch (a batch came: the run is making progress)."""
         n, self.count, self.in_a_row = self.count, 0, 0
         return n
+
+
+def _open_shards(src: Iterable[dict], handler: SkipCounter, sizes: dict[str, int]) -> Iterator[dict]:
+    """webdataset's url_opener for paths (and `pipe:`); a URL is fetched whole through fsspec first and read
+    again from its start after a transient error, so a connection lost mid-shard never yields a sample twice.
+    A shard that keeps failing goes to `handler`, counted like a corrupt one."""
+    for sample in src:
+        url = sample["url"]
+        if not is_url(url):
+            yield from wds.tariterators.url_opener([sample], handler=handler)
+            continue
+        try:
+            stream = fetch(url, sizes.get(url))
+        except Exception as e:
+            handler(e)
+            continue
+        yield {**sample, "stream": stream}
+
+
+def shard_samples(src: Iterable[dict], handler: SkipCounter, sizes: dict[str, int] | None = None) -> Iterator[dict]:
+    """webdataset's tarfile_samples over `_open_shards`: {"url": ...} records in, grouped samples out."""
+    files = wds.tariterators.tar_file_expander(_open_shards(src, handler, sizes or {}), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def _every_nth(src: Iterator, rank: int, world: int) -> Iterator:
@@ -154,7 +192,7 @@ def shard_images(
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Every usable sample of these shards, in order, as (uint8 HWC image, class index); what cannot be
     read goes to `counter`. With `world` > 1, only samples rank, rank + world, ... (the others are not decoded)."""
-    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter))
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.pipelinefilter(shard_samples)(counter))
     return ((image, label) for image, label, _ in decoded(_every_nth(samples, rank, world), size, counter))
 
 
@@ -213,7 +251,7 @@ class _TrainStream(IterableDataset):
         shards = ({"url": urls[rng.randrange(len(urls))]} for _ in itertools.count())
         # webdataset's shuffle buffer (yields from 100 samples on, grows to bufsize), drawing from this role's rng
         # (its default seeds from the clock): on this endless stream a pure function of the seeds, so resume is exact.
-        samples = wds.shuffle(self.bufsize, rng=rng)(wds.tariterators.tarfile_samples(shards, handler=counter))
+        samples = wds.shuffle(self.bufsize, rng=rng)(shard_samples(shards, counter, self.spec.shard_bytes))
         samples = itertools.islice(samples, skip * self.batch_size, None)
         flip_seed = stable_seed(self.seed, epoch) if self.hflip else None
         return _batched(_tensors(samples, self.spec.image_size, flip_seed, counter), self.batch_size, counter)
@@ -247,7 +285,7 @@ def val_loader(spec: DataSpec, *, batch_size: int, rank: int, world: int, num_wo
             spec.val_urls
         ),  # no node splitter: every rank reads every shard, `_every_nth` splits samples
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=counter),
+        wds.pipelinefilter(shard_samples)(counter, spec.shard_bytes),
         wds.pipelinefilter(_every_nth)(rank, world),
         wds.pipelinefilter(_tensors)(spec.image_size, None, counter),
         wds.pipelinefilter(_batched)(batch_size, counter, partial=True),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 import tarfile
 import time
@@ -19,17 +20,17 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from artscale import __version__
-from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.collection import Collection, Entry, scan_collection
 from artscale.data.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
 from artscale.data.manifest import MANIFEST, read_manifest, split_shards
-from artscale.data.shard_writer import Journal, SplitWriter, sha256_file
+from artscale.data.shard_writer import Journal, SplitWriter
+from artscale.data.store import Folder, LocalDir, RemoteDir, is_url, open_dir, sha256_stream
 
 JOURNAL = ".pack-journal.jsonl"
 SPLITS = ("train", "val")
@@ -86,22 +87,22 @@ class PackSettings:
         self.classes = sorted(self.classes)
 
 
-def _our_files(out: Path) -> list[Path]:
+def _our_files(out: Folder) -> list[str]:
     names = (MANIFEST, MANIFEST + ".tmp", JOURNAL, JOURNAL + ".tmp")
     return [
-        p
-        for p in out.iterdir()
-        if p.name in names or p.name.endswith(".partial") or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)
+        n
+        for n in out.names()
+        if n in names or n.endswith(".partial") or (n.endswith(".tar") and n.split("-")[0] in SPLITS)
     ]
 
 
-def _clean(out: Path, keep: set[str] = frozenset()) -> None:
-    for p in _our_files(out):
-        if p.name not in keep:
-            p.unlink()
+def _clean(out: Folder, keep: set[str] = frozenset()) -> None:
+    for name in _our_files(out):
+        if name not in keep:
+            out.remove(name)
 
 
-def _refuse(out: Path, old: dict, new: dict) -> None:
+def _refuse(out: str, old: dict, new: dict) -> None:
     if old.get("source") != new["source"]:
         why = f"shards of {old.get('source')}"
     else:
@@ -114,60 +115,48 @@ def _refuse(out: Path, old: dict, new: dict) -> None:
     raise UserError(f"{out} holds {why}; use --force to replace them, or another OUT")
 
 
-def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[dict | None, list[dict]]:
+def _resume(out: Folder, identity: dict, fingerprint: str, force: bool) -> tuple[dict | None, list[dict]]:
     """Decide what OUT already holds: (a finished manifest to keep, or None; journal records to keep)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"OUT {out} is a file; pick a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create OUT {out}: {e.strerror or e}") from None
+    out.prepare()
     if force:
         _clean(out)
         return None, []
-    journal = Journal(out / JOURNAL)
-    if (out / MANIFEST).is_file():
-        old = read_manifest(out)
+    journal = Journal(out, JOURNAL)
+    sizes = out.sizes()
+    if MANIFEST in sizes:
+        old = read_manifest(out.label)
         if {"source": old.get("source"), "settings": old.get("settings")} != identity:
-            _refuse(out, old, identity)
-        intact = all(
-            (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in old["shards"]
-        )
+            _refuse(out.label, old, identity)
+        intact = all(sizes.get(s["name"]) == s["bytes"] for s in old["shards"])
         if old.get("fingerprint") == fingerprint and intact:
-            if journal.path.exists():
-                journal.path.unlink()
+            if JOURNAL in sizes:
+                journal.remove()
             return old, []
         print(
-            f"artscale: {'SRC changed' if intact else 'shards are missing'} since {out} was packed: packing again",
+            f"artscale: {'SRC changed' if intact else 'shards are missing'} since {out.label} was packed: packing again",
             file=sys.stderr,
         )
         _clean(out)
         return None, []
     records = journal.read()
     if not records:
-        foreign = [p.name for p in out.iterdir() if p not in _our_files(out)]
+        foreign = [n for n in out.names() if n not in _our_files(out)]
         if foreign:
             raise UserError(
-                f"{out} is not empty and holds no artscale shards ({foreign[0]}, ...); pick an empty or new OUT"
+                f"{out.label} is not empty and holds no artscale shards ({foreign[0]}, ...); pick an empty or new OUT"
             )
         _clean(out)
         return None, []
     header = records[0]
     if header.get("identity") != identity:
-        _refuse(out, header.get("identity", {}), identity)
+        _refuse(out.label, header.get("identity", {}), identity)
     if header.get("fingerprint") != fingerprint:
-        print(f"artscale: SRC changed since the interrupted pack into {out}: starting over", file=sys.stderr)
+        print(f"artscale: SRC changed since the interrupted pack into {out.label}: starting over", file=sys.stderr)
         _clean(out)
         return None, []
     kept, broken = [], set()
     for r in records[1:]:
-        path = out / r["name"]
-        if (
-            r["split"] in broken
-            or not path.is_file()
-            or path.stat().st_size != r["bytes"]
-            or sha256_file(path) != r["sha256"]
-        ):
+        if r["split"] in broken or sizes.get(r["name"]) != r["bytes"] or _sha256(out, r["name"]) != r["sha256"]:
             broken.add(r["split"])
             continue
         kept.append(r)
@@ -178,39 +167,56 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
     return None, kept
 
 
-def pack(src: Path, out: Path, *, workers: int = 0, force: bool = False, **settings: Any) -> dict:
-    """Pack SRC's class folders into OUT's shards and manifest.json; returns the manifest.
+def _sha256(out: Folder, name: str) -> str:
+    with out.open(name) as f:
+        return sha256_stream(f)
+
+
+def pack(src: Path, out: str | Path, *, workers: int = 0, force: bool = False, **settings: Any) -> dict:
+    """Pack SRC's class folders into OUT's shards and manifest.json; returns the manifest. OUT: a folder,
+    or a URL (s3://bucket/prefix, ...) where each shard is uploaded once complete.
     `settings`: PackSettings' fields (size, val_fraction, classes, ...), its defaults where left out."""
     started = time.perf_counter()
-    src, out = Path(src), Path(out)
+    src = Path(src)
+    folder = open_dir(out if is_url(out) else Path(out))
     chosen = PackSettings(**settings)
     settings = asdict(chosen)
     coll = scan_collection(src, chosen.classes, chosen.follow_symlinks, chosen.val_fraction)
-    if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()):
-        raise UserError(f"OUT {out} lies inside SRC {src}: pick an OUT outside it")
+    if isinstance(folder, LocalDir):
+        out = folder.path
+        if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()):
+            raise UserError(f"OUT {out} lies inside SRC {src}: pick an OUT outside it")
     identity = {"source": str(src.resolve()), "settings": settings}
+    try:
+        return _pack(src, coll, folder, identity, workers, force, started)
+    finally:
+        if isinstance(folder, RemoteDir):
+            folder.close()
+
+
+def _pack(src: Path, coll: Collection, out: Folder, identity: dict, workers: int, force: bool, started: float) -> dict:
     done, kept = _resume(out, identity, coll.fingerprint, force)
     if done is not None:
-        print(f"{out} already holds this collection's shards: nothing to do")
+        print(f"{out.label} already holds this collection's shards: nothing to do")
         return done
-    journal = Journal(out / JOURNAL)
+    journal = Journal(out, JOURNAL)
     if not kept:
         journal.start({"kind": "header", "identity": identity, "fingerprint": coll.fingerprint})
     try:
-        records = _run(coll, out, settings, kept, journal, workers)
+        records = _run(coll, out, identity["settings"], kept, journal, workers)
         manifest = _manifest(coll, identity, records)
-        write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n", sync_dir=True)
+        out.write_text(MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
     except OSError as e:  # a full disk, a quota, a read-only mount: finished shards stay in the journal
-        where = f" {e.filename}" if e.filename else f" in {out}"
+        where = f" {e.filename}" if e.filename else f" in {out.label}"
         raise UserError(
             f"cannot write{where}: {e.strerror or e}; finished shards are kept, run the same command again to continue"
         ) from None
-    journal.path.unlink()
-    _summary(manifest, src, out, time.perf_counter() - started)
+    journal.remove()
+    _summary(manifest, src, out.label, time.perf_counter() - started)
     return manifest
 
 
-def _run(coll: Collection, out: Path, settings: dict, kept: list[dict], journal: Journal, workers: int) -> list[dict]:
+def _run(coll: Collection, out: Folder, settings: dict, kept: list[dict], journal: Journal, workers: int) -> list[dict]:
     """Decode what the kept shards do not cover, in a process pool, and write it in order."""
     todo: list[tuple[str, int, Entry]] = []
     writers: dict[str, SplitWriter] = {}
@@ -324,7 +330,7 @@ def _manifest(coll: Collection, identity: dict, records: list[dict]) -> dict:
     }
 
 
-def _summary(m: dict, src: Path, out: Path, seconds: float) -> None:
+def _summary(m: dict, src: Path, out: str, seconds: float) -> None:
     packed = sum(c["packed"] for c in m["per_class"].values())
     seen = sum(c["seen"] for c in m["per_class"].values())
     tr, va = m["splits"]["train"], m["splits"]["val"]
@@ -341,64 +347,74 @@ def _summary(m: dict, src: Path, out: Path, seconds: float) -> None:
         )
 
 
-def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
+def _count_samples(f: IO[bytes], name: str, ext: str) -> tuple[int, list[str]]:
     """Samples in a tar, read with plain tarfile, and what is wrong with any of them."""
     fields: dict[str, set[str]] = {}
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=f) as tar:
         for member in tar:
             key, _, suffix = member.name.partition(".")
             fields.setdefault(key, set()).add(suffix)
     want = {ext, "cls", "json"}
     bad = [
-        f"{path.name}: sample {k} has {', '.join(sorted(v))}, expected {', '.join(sorted(want))}"
+        f"{name}: sample {k} has {', '.join(sorted(v))}, expected {', '.join(sorted(want))}"
         for k, v in fields.items()
         if v != want
     ]
     return len(fields), bad
 
 
-def _verify_shard(out: Path, s: dict, image_format: str) -> list[str]:
-    path = out / s["name"]
-    if not path.is_file():
-        return [f"{s['name']}: missing"]
-    problems = []
-    if path.stat().st_size != s["bytes"]:
-        problems.append(f"{s['name']}: {path.stat().st_size} bytes, manifest says {s['bytes']}")
-    if sha256_file(path) != s["sha256"]:
-        return [*problems, f"{s['name']}: sha256 differs from the manifest (the file changed or is corrupt)"]
+def _verify_shard(out: Folder, s: dict, image_format: str) -> list[str]:
+    name = s["name"]
     try:
-        count, bad = _count_samples(path, image_format)
-    except (tarfile.TarError, OSError) as e:
-        return [*problems, f"{s['name']}: not a readable tar ({e})"]
+        f = out.open(name)
+    except FileNotFoundError:
+        return [f"{name}: missing"]
+    except OSError as e:
+        return [f"{name}: cannot be read ({e})"]
+    with f:
+        problems = []
+        size = f.seek(0, os.SEEK_END)
+        if size != s["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {s['bytes']}")
+        f.seek(0)
+        if sha256_stream(f) != s["sha256"]:
+            return [*problems, f"{name}: sha256 differs from the manifest (the file changed or is corrupt)"]
+        f.seek(0)
+        try:
+            count, bad = _count_samples(f, name, image_format)
+        except (tarfile.TarError, OSError) as e:
+            return [*problems, f"{name}: not a readable tar ({e})"]
     problems += bad
     if count != s["count"]:
-        problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        problems.append(f"{name}: {count} samples, manifest says {s['count']}")
     return problems
 
 
-def verify(out: Path) -> list[str]:
-    """Re-hash and re-count every shard against manifest.json; the problems found (empty: all good)."""
-    out = Path(out)
-    m = read_manifest(out)
+def verify(out: str | Path) -> list[str]:
+    """Re-hash and re-count every shard against manifest.json (a folder, or a URL); the problems found
+    (empty: all good)."""
+    folder = open_dir(out if is_url(out) else Path(out))
+    m = read_manifest(folder.label)
     problems = []
     listed = {s["name"] for s in m["shards"]}
     bar = Progress(len(m["shards"]), "verify", unit="shard")
     for s in m["shards"]:
-        problems += _verify_shard(out, s, m["image_format"])
+        problems += _verify_shard(folder, s, m["image_format"])
         bar.update()
     bar.close()
     for split in SPLITS:
         shards = split_shards(m, split)
         if m["splits"][split]["count"] != sum(s["count"] for s in shards):
             problems.append(f"manifest: {split} count {m['splits'][split]['count']} is not the sum over its shards")
-    extra = sorted(p.name for p in out.glob("*.tar") if p.name not in listed)
+    present = folder.sizes() or {}  # HTTP cannot list: no extra shards to find there
+    extra = sorted(name for name in present if name.endswith(".tar") and name not in listed)
     problems += [f"{name}: a shard that the manifest does not list" for name in extra]
     return problems
 
 
-def describe_shards(out: Path) -> str:
-    """What a shards dir holds, for `artscale info`."""
-    m = read_manifest(Path(out))
+def describe_shards(out: str | Path) -> str:
+    """What a shards dir (a folder, or a URL) holds, for `artscale info`."""
+    m = read_manifest(out if is_url(out) else Path(out))
     tr, va = m["splits"]["train"], m["splits"]["val"]
     total = sum(s["bytes"] for s in m["shards"])
     lines = [

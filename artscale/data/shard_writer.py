@@ -13,8 +13,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from artscale.core.atomic import write_atomic
 from artscale.data.collection import Entry
+from artscale.data.store import Folder
 
 SHARD_MTIME = 946_684_800  # 2000-01-01: tar members get a fixed time, so reruns are byte-identical
 
@@ -38,16 +38,16 @@ def sha256_file(path: Path) -> str:
 
 
 class Journal:
-    """Append-only record of finished shards (JSON lines, fsynced); a torn last line is ignored."""
+    """Append-only record of finished shards (JSON lines, each written durably before the next shard);
+    a torn last line is ignored."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, folder: Folder, name: str):
+        self.folder, self.name = folder, name
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
+        text = self.folder.read_text(self.name)
         records = []
-        for line in self.path.read_text().splitlines():
+        for line in (text or "").splitlines():
             try:
                 records.append(json.loads(line))
             except ValueError:
@@ -55,21 +55,23 @@ class Journal:
         return records
 
     def start(self, header: dict) -> None:
-        write_atomic(self.path, json.dumps(header) + "\n", sync_dir=True)
+        self.folder.write_text(self.name, json.dumps(header) + "\n")
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.folder.append_line(self.name, json.dumps(record) + "\n")
+
+    def remove(self) -> None:
+        self.folder.remove(self.name)
 
 
 class SplitWriter:
-    """One split's shards through webdataset's ShardWriter: each tar is written as NAME.partial,
-    then hashed, renamed and journaled; skips are booked with the shard of the next sample."""
+    """One split's shards through webdataset's ShardWriter: each tar is written as NAME.partial in the
+    folder's staging place, then hashed, published (renamed, or uploaded) and journaled; skips are
+    booked with the shard of the next sample."""
 
-    def __init__(self, out: Path, split: str, journal: Journal, start_shard: int, total: int, settings: dict):
-        self.split, self.journal, self.total = split, journal, total
+    def __init__(self, folder: Folder, split: str, journal: Journal, start_shard: int, total: int, settings: dict):
+        self.split, self.journal, self.total, self.folder = split, journal, total, folder
+        out = folder.staging()
         self.ext = settings["image_format"]
         max_count, max_bytes = settings["shard_max_count"], settings["shard_max_bytes"]
         self.pattern = str(out).replace("%", "%%") + f"/{split}-%06d.tar"
@@ -102,7 +104,7 @@ class SplitWriter:
             "sha256": sha256_file(partial),
             **self.current,
         }
-        partial.replace(final)
+        self.folder.publish(partial, final.name)
         self.journal.append(record)
         self.records.append(record)
         self._new_record()

@@ -132,7 +132,7 @@ def export_onnx(
             f"{weights.path}: no training config, assuming the article's {ARTICLE_SIZE} px (pass --size to say otherwise)"
         )
 
-    images, parity_source = skeleton.parity_images(Path(shards) if shards else None, config, image_size)
+    images, parity_source = skeleton.parity_images(shards or None, config, image_size)
     tolerance = IMAGE_FP16_TOLERANCE if fp16 else IMAGE_FP32_TOLERANCE
 
     def limits(provider: str) -> dict[str, float]:

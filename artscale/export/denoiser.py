@@ -122,7 +122,7 @@ def export_denoiser(
     scheduler = DDPMScheduler.from_config(meta["scheduler"])
     config_path = Path(meta["path"]) / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    images, parity_source = skeleton.parity_images(Path(shards) if shards else None, config, size)
+    images, parity_source = skeleton.parity_images(shards or None, config, size)
     tolerance = DENOISER_FP16_TOLERANCE if fp16 else DENOISER_FP32_TOLERANCE
 
     def limits(provider: str) -> dict[str, float]:

@@ -21,6 +21,7 @@ from artscale.core.errors import UserError
 from artscale.data.loader import SkipCounter, shard_images
 from artscale.data.manifest import is_shards_dir, read_manifest, split_shards
 from artscale.data.shard_writer import sha256_file
+from artscale.data.store import is_url, join
 
 OPSET = 17
 PARITY_IMAGES = 8
@@ -45,21 +46,29 @@ def _generated_images(size: int, count: int) -> list[np.ndarray]:
     return images
 
 
-def parity_images(shards: Path | None, config: dict[str, Any] | None, size: int) -> tuple[np.ndarray, str]:
+def parity_images(shards: str | Path | None, config: dict[str, Any] | None, size: int) -> tuple[np.ndarray, str]:
+    """Val images from `shards` (a folder or a URL; default the run's data), else generated ones."""
+    if shards is not None and not is_url(shards):
+        shards = Path(shards)
     if shards is not None and not is_shards_dir(shards):
         raise UserError(f"--shards {shards}: no manifest.json there (expected a dir written by `artscale pack`)")
+    why = ""
     if shards is None and config and config.get("data"):
-        candidate = Path(config["data"])
-        shards = candidate if is_shards_dir(candidate) else None
+        data = str(config["data"])
+        candidate = data if is_url(data) else Path(data)
+        try:
+            shards = candidate if is_shards_dir(candidate) else None
+        except UserError as e:  # the run's data at a URL this machine cannot read: parity still runs
+            why = f" (the run's data: {e})"
     manifest = read_manifest(shards) if shards is not None else None
     if manifest is not None and manifest["image_size"] == size:  # other sizes: none would fit the graph's
-        urls = [str(shards / s["name"]) for s in split_shards(manifest, "val")]
+        urls = [str(join(shards, s["name"])) for s in split_shards(manifest, "val")]
         counter = SkipCounter()
         found = [image for image, _ in itertools.islice(shard_images(urls, counter, size=size), PARITY_IMAGES)]
         if found:
             skipped = f" (skipped {counter.count} unreadable)" if counter.count else ""
             return np.stack(found), f"{len(found)} val images from {shards}{skipped}"
-    return np.stack(_generated_images(size, PARITY_IMAGES)), f"{PARITY_IMAGES} generated images"
+    return np.stack(_generated_images(size, PARITY_IMAGES)), f"{PARITY_IMAGES} generated images{why}"
 
 
 def parity_session(model_bytes: bytes, providers: list | None = None):

@@ -32,6 +32,7 @@ from artscale.data.images import SkipImage, load_image
 from artscale.data.listing import list_inputs
 from artscale.data.loader import SkipCounter, data_spec, shard_images
 from artscale.data.manifest import read_manifest
+from artscale.data.store import is_url
 from artscale.models.state_dict import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def class_distances(
 
 def fid_kid(
     generated: Path,
-    shards: Path,
+    shards: str | Path,
     *,
     split: str = "val",
     out: Path | None = None,
@@ -258,7 +259,7 @@ def fid_kid(
 ) -> dict:
     """FID and KID of the images under `generated` against `split` of `shards`; writes and returns the result."""
     started = time.perf_counter()
-    generated, shards = Path(generated), Path(shards)
+    generated, shards = Path(generated), shards if is_url(shards) else Path(shards)
     if not generated.is_dir():
         raise UserError(f"GENERATED_DIR {generated} is not a folder")
     if batch_size < 1 or kid_subsets < 1 or kid_subset_size < 2:

@@ -140,11 +140,11 @@ def _data_card(config: dict[str, Any] | None) -> tuple[str, list[str]]:
     from artscale.data.manifest import is_shards_dir, read_manifest
 
     data = str((config or {}).get("data", ""))
-    if not data or not is_shards_dir(data):
-        return card(
-            "Data", note(f"data {data or '(not set)'}: no manifest.json here (a URL pattern, or trained elsewhere)")
-        ), []
-    try:
+    try:  # data at a URL (s3://...) is read through artscale.data.store; without credentials, a note
+        if not data or not is_shards_dir(data):
+            return card(
+                "Data", note(f"data {data or '(not set)'}: no manifest.json here (a URL pattern, or trained elsewhere)")
+            ), []
         m = read_manifest(data)
     except UserError as e:
         return card("Data", note(str(e), warn=True)), []

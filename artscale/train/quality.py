@@ -38,6 +38,7 @@ from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.data.loader import DataSpec, SkipCounter, shard_images
 from artscale.data.manifest import MANIFEST
+from artscale.data.store import join, read_bytes
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import sample, to_uint8, torch_predict
 from artscale.diffusion.schedulers import make_sampler
@@ -130,7 +131,7 @@ class Evals:
         return self.cfg.eval_samples * len(self.spec.classes) if self.diffusion else self.spec.val_count or 0
 
     def _features_key(self, weights: str | None, path: Path) -> str:
-        h = hashlib.sha256((Path(self.cfg.data) / MANIFEST).read_bytes())
+        h = hashlib.sha256(read_bytes(join(self.cfg.data, MANIFEST)))  # a path or a URL
         h.update(b"random" if weights == "random" else f"{path.name}:{path.stat().st_size}".encode())
         return h.hexdigest()[:16]
 

@@ -158,3 +158,15 @@ def write_bad_files_fixture():
 @pytest.fixture(name="write_messy_collection", scope="session")
 def write_messy_collection_fixture():
     return write_messy_collection
+
+
+@pytest.fixture(scope="session")
+def big_collection(make_image, classes):
+    """n art-sized JPEGs (300-540 px) in image_folder's class folders."""
+
+    def make(root: Path, n: int) -> Path:
+        for i in range(n):
+            make_image(root / classes[i % 5] / f"img {i}.jpg", (300 + i % 7 * 40, 260 + i % 5 * 50), seed=i)
+        return root
+
+    return make

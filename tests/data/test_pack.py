@@ -242,18 +242,6 @@ def test_cli_pack_info_verify(image_folder, tmp_path, run_cli):
     assert "verify: 2/2 shard (100%)" in ok.stderr
 
 
-@pytest.fixture(scope="session")
-def big_collection(make_image, classes):
-    """n art-sized JPEGs (300-540 px) in image_folder's class folders."""
-
-    def make(root: Path, n: int) -> Path:
-        for i in range(n):
-            make_image(root / classes[i % 5] / f"img {i}.jpg", (300 + i % 7 * 40, 260 + i % 5 * 50), seed=i)
-        return root
-
-    return make
-
-
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_pack(tmp_path, run_cli, big_collection):
     src = big_collection(tmp_path / "src", 150)
