@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import struct
 import subprocess
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from artscale.train.loop import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -152,3 +155,24 @@ def free_port() -> Callable[[], int]:
             return s.getsockname()[1]
 
     return port
+
+
+@pytest.fixture(scope="session")
+def sigterm_at(env, wait_for_step):
+    """Start `artscale train`, SIGTERM it once `step` is logged; (the step it stopped at, its stderr)."""
+
+    def stop(overrides: list[str], run: Path, step: int, **extra_env: str) -> tuple[int, str]:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "artscale"), "train", *overrides],
+            env={**env(), **extra_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_step(run, step, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+        return int(out.split("stopped by a signal at step ")[1].split(":")[0]), err
+
+    return stop

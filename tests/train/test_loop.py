@@ -180,27 +180,6 @@ def train_cli_cmd() -> list[str]:
     return [str(VENV_BIN / "artscale"), "train"]
 
 
-@pytest.fixture(scope="session")
-def sigterm_at(env, wait_for_step):
-    """Start `artscale train`, SIGTERM it once `step` is logged; (the step it stopped at, its stderr)."""
-
-    def stop(overrides: list[str], run: Path, step: int, **extra_env: str) -> tuple[int, str]:
-        proc = subprocess.Popen(
-            [*train_cli_cmd(), *overrides],
-            env={**env(), **extra_env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_for_step(run, step, proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
-        return int(out.split("stopped by a signal at step ")[1].split(":")[0]), err
-
-    return stop
-
-
 @pytest.mark.slow
 def test_a_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_finishes(
     shards, tmp_path, tiny, accelerate_cmd, env, wait_for_step, children, launch, free_port
