@@ -485,13 +485,27 @@ def no_credentials(tmp_path, monkeypatch) -> None:
 
 
 class _FaultyHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; the first GET of each .tar fails (alternately: the connection dropped halfway
-    through the body, or a 503), and a .tar named in `broken` fails every time."""
+    """Serves a folder. With faults on, the first GET of each .tar fails (alternately: the connection dropped
+    halfway through the body, or a 503); a .tar named in `broken` fails every time; with `login` set,
+    every request without that Authorization header gets a 401."""
 
     def log_message(self, *args) -> None:
         pass
 
+    def _refused(self) -> bool:
+        login = self.server.faults.login
+        if login is None or self.headers.get("Authorization") == login:
+            return False
+        self.send_error(401, "login required")
+        return True
+
+    def do_HEAD(self) -> None:
+        if not self._refused():
+            super().do_HEAD()
+
     def do_GET(self) -> None:
+        if self._refused():
+            return
         faults = self.server.faults
         name = self.path.rsplit("/", 1)[-1]
         with faults.lock:
@@ -519,15 +533,19 @@ class _FaultyHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def http_server() -> Iterator[Callable[..., SimpleNamespace]]:
-    """`serve(folder, faults=False, broken=())` starts a standard-library HTTP server for `folder` on
+    """`serve(folder, faults=False, broken=(), login=None)` starts a standard-library HTTP server for `folder` on
     127.0.0.1 (port 0): `.url`, and `.dropped` / `.unavailable`, what its faults did (see _FaultyHandler)."""
     servers = []
 
-    def serve(folder: Path, faults: bool = False, broken: tuple[str, ...] = ()) -> SimpleNamespace:
+    def serve(
+        folder: Path, faults: bool = False, broken: tuple[str, ...] = (), login: str | None = None
+    ) -> SimpleNamespace:
         handler = functools.partial(_FaultyHandler, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
-        server.faults = SimpleNamespace(on=faults, broken=set(broken), seen=set(), dropped=0, unavailable=0)
+        server.faults = SimpleNamespace(
+            on=faults, broken=set(broken), login=login, seen=set(), dropped=0, unavailable=0
+        )
         server.faults.lock = threading.Lock()
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

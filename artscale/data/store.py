@@ -105,8 +105,13 @@ def join(root: str | Path, name: str) -> str | Path:
 
 def _kind(e: BaseException) -> str:
     """auth (say which credential to set), missing, transient (read again), or fatal."""
+    cause = e.__cause__
+    if isinstance(e, FileNotFoundError) and cause is not None and _kind(cause) != "fatal":
+        return _kind(cause)  # fsspec's HTTP says FileNotFoundError for any failed HEAD and GET: a 401, a 503
     names = {c.__name__ for c in type(e).__mro__}
-    status = getattr(e, "status", None)
+    response = getattr(e, "response", None)  # botocore's ClientError: any S3 error answer, 404s included
+    meta = response.get("ResponseMetadata", {}) if isinstance(response, dict) else {}
+    status = getattr(e, "status", None) or meta.get("HTTPStatusCode")
     if names & _AUTH or isinstance(e, PermissionError) or status in (401, 403):
         return "auth"
     if isinstance(e, FileNotFoundError) or status == 404:
@@ -133,8 +138,11 @@ def retry(fn: Callable[[], T], url: str, attempts: int = 0, backoff: float | Non
         except Exception as e:
             kind = _kind(e)
             if kind == "auth":
-                what = "no credentials found" if {c.__name__ for c in type(e).__mro__} & _NO_CREDENTIALS else "refused"
-                raise UserError(f"{url}: {what} ({_first_line(e)}); {hint(url)}") from None
+                why = e.__cause__ if isinstance(e, FileNotFoundError) and e.__cause__ else e
+                what = (
+                    "no credentials found" if {c.__name__ for c in type(why).__mro__} & _NO_CREDENTIALS else "refused"
+                )
+                raise UserError(f"{url}: {what} ({_first_line(why)}); {hint(url)}") from None
             if kind != "transient" or attempt == attempts - 1:
                 raise
             delay = backoff * 2**attempt
@@ -157,9 +165,9 @@ def _call(url: str, fn: Callable[[], T]) -> T:
     """A metadata call (a listing, a small read or write): retried, and a store that keeps failing is one line."""
     try:
         return retry(fn, url)
-    except (UserError, FileNotFoundError):
+    except UserError:
         raise
-    except Exception as e:
+    except Exception as e:  # FileNotFoundError passes on as it is, unless fsspec's HTTP hides a 503 in it
         if _kind(e) != "transient":
             raise
         raise UserError(

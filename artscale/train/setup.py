@@ -30,6 +30,7 @@ from artscale.core.hardware import (
     nvidia_driver,
 )
 from artscale.core.system import usable_cores
+from artscale.data.store import is_url
 from artscale.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,9 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     fixed = {
         k: str(Path(v).expanduser().resolve())
         for k in ("data", "vgg_weights", "eval_inception")
-        if (v := getattr(cfg, k)) not in ("", "imagenet", "random") and Path(v).expanduser().exists()
+        if (v := getattr(cfg, k)) not in ("", "imagenet", "random")
+        and not is_url(v)  # s3://b/x is no path, even where an old local folder `s3:` exists
+        and Path(v).expanduser().exists()
     }
     return dataclasses.replace(cfg, **fixed)
 

@@ -5,9 +5,11 @@ URL must hold its bytes, and batches read from a URL must equal its batches."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +180,21 @@ def test_missing_credentials_are_one_line_naming_the_url_and_the_variables(image
         assert url in lines[0] and "no credentials found" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0]
 
 
+def test_a_server_that_wants_a_login_reads_it_from_netrc_and_says_so_without_one(
+    shards, http_server, tmp_path, monkeypatch
+):
+    server = http_server(shards, login="Basic " + base64.b64encode(b"reader:hunter2secret").decode())
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    with pytest.raises(UserError, match="refused") as e:
+        data_spec(server.url, 16)
+    assert server.url in str(e.value) and "~/.netrc" in str(e.value)
+    (tmp_path / "netrc").write_text("machine 127.0.0.1 login reader password hunter2secret\n")
+    (tmp_path / "netrc").chmod(0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    spec = data_spec(server.url, 16)
+    assert _same(_batches(spec, 3), _batches(data_spec(str(shards), 16), 3))
+
+
 def test_a_missing_bucket_or_manifest_is_one_line(image_folder, s3, run_cli):
     r = run_cli("pack", image_folder, "s3://no-such-bucket/x")
     assert r.returncode == 2 and "bucket no-such-bucket does not exist" in r.stderr
@@ -185,3 +202,28 @@ def test_a_missing_bucket_or_manifest_is_one_line(image_folder, s3, run_cli):
         data_spec(f"{s3.url}/nothing", 16)
     r = run_cli("info", f"{s3.url}/nothing")
     assert r.returncode == 2 and "no manifest.json there" in r.stderr
+
+
+@pytest.mark.slow
+def test_export_eval_and_report_read_the_shards_at_a_url(image_folder, s3, make_run_dir, classes, tmp_path):
+    from PIL import Image
+
+    from artscale.export.article import export_onnx
+    from artscale.metrics.fid import fid_kid
+    from artscale.report.build import write_report
+
+    url = f"{s3.url}/s16"
+    m = pack(image_folder, url, **PACKED)
+    val = sum(s["count"] for s in m["shards"] if s["split"] == "val")
+    run = make_run_dir(tmp_path / "run", data=url)
+    assert export_onnx(run, tmp_path / "a.onnx")["parity"]["images"] == f"{min(val, 8)} val images from {url}"
+    assert export_onnx(run, tmp_path / "b.onnx", shards=url)["parity"]["images"].endswith(f"from {url}")
+    gen = tmp_path / "gen"
+    for i, cls in enumerate(classes[:2]):
+        (gen / cls).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (40 * i, 90, 200 - 40 * i)).save(gen / cls / "0.png")
+    res = fid_kid(gen, url, inception_weights="random", out=tmp_path / "r.json")
+    assert res["real"] == {"shards": url, "split": "val", "images": val, "skipped": 0}
+    shutil.copy(run / "final" / "config.json", run / "config.json")  # where training keeps it
+    page = write_report([run], tmp_path / "report").read_text()
+    assert url in page and "no manifest.json here" not in page
