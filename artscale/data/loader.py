@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from artscale.core.errors import UserError
 from artscale.core.seeds import stable_seed
 from artscale.data.images import decode_bytes
-from artscale.data.manifest import read_manifest
+from artscale.data.manifest import read_manifest, shard_file
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,14 @@ def data_spec(data: str, image_size: int) -> DataSpec:
                 f"data={data}: no train samples in its manifest (pack more images, or a smaller --val-fraction)"
             )
         for s in shards["train"] + shards["val"]:
-            if not (root / s["name"]).is_file():
+            if not shard_file(root, s).is_file():
                 raise UserError(
                     f"data={data}: shard {s['name']} listed in manifest.json is missing (run artscale verify {data})"
                 )
         count = {split: sum(s["count"] for s in shards[split]) for split in shards}
         return DataSpec(
-            [str(root / s["name"]) for s in shards["train"]],
-            [str(root / s["name"]) for s in shards["val"]],
+            [str(shard_file(root, s)) for s in shards["train"]],
+            [str(shard_file(root, s)) for s in shards["val"]],
             count["train"],
             count["val"],
             image_size,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import stat
 import sys
 import tarfile
 import time
@@ -23,16 +25,16 @@ from typing import Any
 
 from artscale import __version__
 from artscale.core.atomic import write_atomic
+from artscale.core.checks import printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.collection import Collection, Entry, scan_collection
 from artscale.data.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
-from artscale.data.manifest import MANIFEST, read_manifest, split_shards
-from artscale.data.shard_writer import Journal, SplitWriter, sha256_file
+from artscale.data.manifest import MANIFEST, SPLITS, read_manifest, split_shards
+from artscale.data.shard_writer import Journal, SplitWriter, sha256_file, sha256_stream
 
 JOURNAL = ".pack-journal.jsonl"
-SPLITS = ("train", "val")
 MIN_TRAIN_SHARDS = 8  # fewer shards than nodes x loader workers leaves some of them idle
 _CHUNK = 8  # files per task sent to a worker
 _SETTINGS: dict[str, Any] = {}  # the decode settings, set once per worker process
@@ -131,7 +133,10 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         if {"source": old.get("source"), "settings": old.get("settings")} != identity:
             _refuse(out, old, identity)
         intact = all(
-            (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in old["shards"]
+            not (out / s["name"]).is_symlink()
+            and (out / s["name"]).is_file()
+            and (out / s["name"]).stat().st_size == s["bytes"]
+            for s in old["shards"]
         )
         if old.get("fingerprint") == fingerprint and intact:
             if journal.path.exists():
@@ -341,16 +346,16 @@ def _summary(m: dict, src: Path, out: Path, seconds: float) -> None:
         )
 
 
-def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
-    """Samples in a tar, read with plain tarfile, and what is wrong with any of them."""
+def _count_samples(f, name: str, ext: str) -> tuple[int, list[str]]:
+    """Samples in an open tar, read with plain tarfile, and what is wrong with any of them."""
     fields: dict[str, set[str]] = {}
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=f) as tar:
         for member in tar:
             key, _, suffix = member.name.partition(".")
             fields.setdefault(key, set()).add(suffix)
     want = {ext, "cls", "json"}
     bad = [
-        f"{path.name}: sample {k} has {', '.join(sorted(v))}, expected {', '.join(sorted(want))}"
+        f"{name}: sample {printable(k)} has {printable(', '.join(sorted(v)))}, expected {', '.join(sorted(want))}"
         for k, v in fields.items()
         if v != want
     ]
@@ -358,21 +363,34 @@ def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
 
 
 def _verify_shard(out: Path, s: dict, image_format: str) -> list[str]:
-    path = out / s["name"]
-    if not path.is_file():
-        return [f"{s['name']}: missing"]
-    problems = []
-    if path.stat().st_size != s["bytes"]:
-        problems.append(f"{s['name']}: {path.stat().st_size} bytes, manifest says {s['bytes']}")
-    if sha256_file(path) != s["sha256"]:
-        return [*problems, f"{s['name']}: sha256 differs from the manifest (the file changed or is corrupt)"]
+    """What is wrong with one listed shard. It is opened without following a symlink (a link may
+    lead outside SHARDS), and hashed and counted from that one open file."""
+    name = s["name"]
     try:
-        count, bad = _count_samples(path, image_format)
-    except (tarfile.TarError, OSError) as e:
-        return [*problems, f"{s['name']}: not a readable tar ({e})"]
+        fd = os.open(out / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return [f"{name}: missing"]
+    except OSError as e:
+        if (out / name).is_symlink():
+            return [f"{name}: a symlink; shards are read only as files inside {out} (copy the shard there)"]
+        return [f"{name}: unreadable ({e.strerror or e})"]
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return [f"{name}: not a regular file"]
+        problems = []
+        if st.st_size != s["bytes"]:
+            problems.append(f"{name}: {st.st_size} bytes, manifest says {s['bytes']}")
+        if sha256_stream(f) != s["sha256"]:
+            return [*problems, f"{name}: sha256 differs from the manifest (the file changed or is corrupt)"]
+        f.seek(0)
+        try:
+            count, bad = _count_samples(f, name, image_format)
+        except (tarfile.TarError, OSError) as e:
+            return [*problems, f"{name}: not a readable tar ({printable(str(e))})"]
     problems += bad
     if count != s["count"]:
-        problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        problems.append(f"{name}: {count} samples, manifest says {s['count']}")
     return problems
 
 
@@ -392,7 +410,7 @@ def verify(out: Path) -> list[str]:
         if m["splits"][split]["count"] != sum(s["count"] for s in shards):
             problems.append(f"manifest: {split} count {m['splits'][split]['count']} is not the sum over its shards")
     extra = sorted(p.name for p in out.glob("*.tar") if p.name not in listed)
-    problems += [f"{name}: a shard that the manifest does not list" for name in extra]
+    problems += [f"{printable(name)}: a shard that the manifest does not list" for name in extra]
     return problems
 
 
@@ -402,9 +420,9 @@ def describe_shards(out: Path) -> str:
     tr, va = m["splits"]["train"], m["splits"]["val"]
     total = sum(s["bytes"] for s in m["shards"])
     lines = [
-        f"shards {out} (artscale {m.get('artscale_version', '?')}, from {m.get('source', '?')})",
-        f"  images: {m['image_size']} px {m['image_format']} ({m.get('resize', '?')}), {total / 1e6:.1f} MB",
-        f"  classes ({len(m['classes'])}): {', '.join(m['classes'])}",
+        f"shards {out} (artscale {printable(m.get('artscale_version', '?'))}, from {printable(m.get('source', '?'))})",
+        f"  images: {m['image_size']} px {m['image_format']} ({printable(m.get('resize', '?'))}), {total / 1e6:.1f} MB",
+        f"  classes ({len(m['classes'])}): {printable(', '.join(m['classes']))}",
         f"  train: {tr['count']} samples in {tr['shards']} shards; val: {va['count']} samples in {va['shards']} shards",
         f"  skipped {len(m.get('skipped', []))}, ignored {m.get('ignored', 0)}",
     ]
@@ -416,5 +434,5 @@ def describe_shards(out: Path) -> str:
     for s in m.get("skipped", []):
         reason = s["reason"].split(":")[0].split(" (")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
-    lines += [f"  skipped, {reason}: {n}" for reason, n in sorted(reasons.items())]
+    lines += [f"  skipped, {printable(reason)}: {n}" for reason, n in sorted(reasons.items())]
     return "\n".join(lines)

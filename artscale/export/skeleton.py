@@ -19,7 +19,7 @@ from artscale import __version__
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
 from artscale.data.loader import SkipCounter, shard_images
-from artscale.data.manifest import is_shards_dir, read_manifest, split_shards
+from artscale.data.manifest import is_shards_dir, read_manifest, shard_file, split_shards
 from artscale.data.shard_writer import sha256_file
 
 OPSET = 17
@@ -53,7 +53,7 @@ def parity_images(shards: Path | None, config: dict[str, Any] | None, size: int)
         shards = candidate if is_shards_dir(candidate) else None
     manifest = read_manifest(shards) if shards is not None else None
     if manifest is not None and manifest["image_size"] == size:  # other sizes: none would fit the graph's
-        urls = [str(shards / s["name"]) for s in split_shards(manifest, "val")]
+        urls = [str(shard_file(shards, s)) for s in split_shards(manifest, "val")]
         counter = SkipCounter()
         found = [image for image, _ in itertools.islice(shard_images(urls, counter, size=size), PARITY_IMAGES)]
         if found:

@@ -171,9 +171,11 @@ def generate(
     per_pixel = BYTES_PER_PIXEL
     diffusion = is_denoiser(session)
     if diffusion:
+        from artscale.contracts.onnx import read_metadata
         from artscale.infer.img2img import Variations
         from artscale.infer.sample import open_denoiser
 
+        trained = str(read_metadata(session, model)["image_size"])  # the whole metadata checked, before any work
         if native or size not in (0, int(trained)):
             raise UserError(f"{model} is a diffusion denoiser: it runs at its training size, {trained} px only")
         stream = None
@@ -182,7 +184,7 @@ def generate(
             session, used, stream = open_denoiser(model, device, allow_cpu_fallback, provider, out_dir / ".trt-cache")
             on_gpu = used != "CPUExecutionProvider"
         cuda = "cuda" if used == "CUDAExecutionProvider" else None
-        runner = Variations(session, device=cuda, stream=stream, **(variation or {}))
+        runner = Variations(session, device=cuda, stream=stream, model=model, **(variation or {}))
         per_pixel = runner.bytes_per_pixel
     elif variation:
         raise UserError(f"--{'/--'.join(variation)}: for a diffusion model; {model} is not one (see `artscale info`)")

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from artscale.core.atomic import write_atomic, write_json_atomic
+from artscale.core.checks import class_names
 from artscale.core.errors import UserError
 from artscale.data.images import encode_image, resize_image
 
@@ -67,8 +68,12 @@ class Item:
     out: str
 
 
-def plan(classes: list[str], class_name: str, count: int, ext: str) -> list[Item]:
-    """Every image of a sampling run in its fixed order: `all` is count images per class, in subfolders."""
+def plan(classes: list[str], class_name: str, count: int, ext: str, source: str | Path = "the model") -> list[Item]:
+    """Every image of a sampling run in its fixed order: `all` is count images per class, in subfolders.
+
+    The class names, read from `source` (a model, a report), become folder names: each must be one
+    safe path component (a BadFile naming `source` otherwise)."""
+    class_names(classes, source)
     if class_name == "all":
         return [Item(c, i, f"{name}/{i:0{NAME_DIGITS}d}{ext}") for c, name in enumerate(classes) for i in range(count)]
     if class_name not in classes:
@@ -237,7 +242,8 @@ def _merge_sample(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, Any
                 f"{out_dir / report_name(num_shards, i)} is a different run than shard 0 "
                 f"(one of {', '.join(RUN_KEYS)} differs)"
             )
-    items = plan(first["classes"], first["class"], first["count"], EXTENSIONS[first["format"]])
+    source = out_dir / report_name(num_shards, 0)
+    items = plan(first["classes"], first["class"], first["count"], EXTENSIONS[first["format"]], source)
     for i, rep in enumerate(reports):
         owned = sum(map(len, shard_chunks(items, first["batch_size"], num_shards, i)))
         if rep["written"] + rep["already_done"] != owned or rep["images_in_shard"] != owned:

@@ -11,6 +11,7 @@ under a temporary name and renamed; a chunk whose files all exist is skipped.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT, GPU_PROVIDERS
+from artscale.core.checks import printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import usable_cores
@@ -222,7 +224,7 @@ def open_model(model: Path, device: str, allow_cpu_fallback: bool, weights: str,
     from artscale.contracts.onnx import read_metadata
 
     session, used, stream = open_denoiser(model, device, allow_cpu_fallback)
-    meta = read_metadata(session)
+    meta = read_metadata(session, model)
     rows = max_rows(first_channels(meta), int(meta["image_size"])) if stream is not None else 0
     where = stream.device if stream is not None else torch.device("cpu")
     predict = session_predict(session, used, threads, stream, rows)
@@ -239,6 +241,15 @@ def session_predict(
     if stream is not None:
         return bound_predict(session, stream.device, stream, rows)
     return onnx_predict(session, streams=threads if used == "CPUExecutionProvider" else 0)
+
+
+def _stay_inside(out_dir: Path, items: list) -> None:
+    """Belt and braces to plan's rule for class names: every output path, normalised, lies inside OUT."""
+    root = os.path.abspath(out_dir)
+    for it in items:
+        path = os.path.normpath(os.path.join(root, it.out))
+        if os.path.commonpath([root, path]) != root or path == root:
+            raise UserError(f"{printable(it.out)}: an output path outside OUT_DIR {out_dir}; nothing written")
 
 
 def sample_images(
@@ -277,7 +288,8 @@ def sample_images(
     schedule = make_sampler(sampler, meta["scheduler"])  # the training scheduler's betas and prediction type
     size, null_label = int(meta["image_size"]), int(meta["null_label"])
     batch_size = batch_size or (CPU_CHUNK if used in ("CPUExecutionProvider", "torch-cpu") else GPU_CHUNK)
-    items = plan(list(meta["classes"]), class_name, count, EXTENSIONS[image_format])
+    items = plan(list(meta["classes"]), class_name, count, EXTENSIONS[image_format], model)
+    _stay_inside(out_dir, items)
     chunks = shard_chunks(items, batch_size, num_shards, shard_index)
 
     started = time.perf_counter()

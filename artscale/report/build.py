@@ -297,7 +297,8 @@ def _walk_outputs(root: Path) -> dict[str, list[tuple[str, str]]]:
 def _sample_items(out: Output) -> dict[str, list[tuple[str, str]]]:
     rep = out.main
     groups: dict[str, list[tuple[str, str]]] = {}
-    for it in plan(list(rep["classes"]), rep["class"], int(rep["count"]), EXTENSIONS[rep.get("format", "png")]):
+    source = out.path / REPORT_NAME if out.report is not None else out.shards[0][0]
+    for it in plan(list(rep["classes"]), rep["class"], int(rep["count"]), EXTENSIONS[rep.get("format", "png")], source):
         groups.setdefault(it.out.rpartition("/")[0] or rep["class"], []).append(("", it.out))
     return groups
 
