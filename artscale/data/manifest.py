@@ -47,9 +47,11 @@ def _count(record: dict, key: str, path: Path, where: str, high: int = MAX_COUNT
     return field(record, key, int, path, low=0, high=high, where=where)
 
 
-def _shard(s: Any, i: int, path: Path) -> dict:
-    where = f"shards[{i}]."
-    s = mapping(s, path, f"shards[{i}]")
+def check_shard(s: Any, path: Path, where: str) -> dict:
+    """One shard record (name, split, count, bytes, sha256) as pack writes it, else BadFile; `where`
+    names it in the message (`shards[3]`). Its name is a bare file name: never a path elsewhere."""
+    s = mapping(s, path, where)
+    where += "."
     name = field(s, "name", str, path, where=where)
     if not SHARD_NAME.match(name):
         raise BadFile(
@@ -83,7 +85,7 @@ def check_manifest(manifest: Any, path: str | Path) -> dict:
         raise BadFile(path, "shards", f"must be a list of shards, not {type(m['shards']).__name__}")
     names: set[str] = set()
     for i, s in enumerate(m["shards"]):
-        if _shard(s, i, path)["name"] in names:
+        if check_shard(s, path, f"shards[{i}]")["name"] in names:
             raise BadFile(path, f"shards[{i}].name", f"{s['name']} is listed twice")
         names.add(s["name"])
     splits = mapping(m["splits"], path, "splits")

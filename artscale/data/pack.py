@@ -25,13 +25,13 @@ from typing import Any
 
 from artscale import __version__
 from artscale.core.atomic import write_atomic
-from artscale.core.checks import printable
+from artscale.core.checks import BadFile, printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.collection import Collection, Entry, scan_collection
 from artscale.data.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
-from artscale.data.manifest import MANIFEST, SPLITS, read_manifest, split_shards
+from artscale.data.manifest import MANIFEST, SPLITS, check_shard, read_manifest, split_shards
 from artscale.data.shard_writer import Journal, SplitWriter, sha256_file, sha256_stream
 
 JOURNAL = ".pack-journal.jsonl"
@@ -113,10 +113,37 @@ def _refuse(out: Path, old: dict, new: dict) -> None:
             if old.get("settings", {}).get(k) != v
         ]
         why = "shards packed with " + ", ".join(diff)
-    raise UserError(f"{out} holds {why}; use --force to replace them, or another OUT")
+    raise UserError(f"{out} holds {printable(why)}; use --force to replace them, or another OUT")
 
 
-def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[dict | None, list[dict]]:
+def _trusted(r: Any, path: Path, before: int, classes: int) -> bool:
+    """Whether a journal record is a shard record pack wrote: the next shard of its split by name, its
+    counts per class index, its skips and where it ended. Others (a hand-edited or foreign journal)
+    are dropped like a shard whose bytes changed."""
+    try:
+        check_shard(r, path, "record")
+        per_class, skipped, end = r.get("per_class"), r.get("skipped"), r.get("end")
+        return (
+            r["name"] == f"{r['split']}-{before:06d}.tar"
+            and isinstance(per_class, dict)
+            and all(k.isdigit() and int(k) < classes and type(n) is int and n >= 0 for k, n in per_class.items())
+            and isinstance(skipped, list)
+            and all(
+                isinstance(x, dict)
+                and isinstance(x.get("path"), str)
+                and isinstance(x.get("reason"), str)
+                and type(x.get("cls")) is int
+                and 0 <= x["cls"] < classes
+                for x in skipped
+            )
+            and type(end) is int
+            and end >= 0
+        )
+    except BadFile:
+        return False
+
+
+def _resume(out: Path, identity: dict, fingerprint: str, force: bool, classes: int) -> tuple[dict | None, list[dict]]:
     """Decide what OUT already holds: (a finished manifest to keep, or None; journal records to keep)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT {out} is a file; pick a folder")
@@ -158,6 +185,11 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         _clean(out)
         return None, []
     header = records[0]
+    old = header.get("identity") if isinstance(header, dict) else None
+    if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
+        print(f"artscale: {journal.path} is not a journal pack wrote: starting over", file=sys.stderr)
+        _clean(out)
+        return None, []
     if header.get("identity") != identity:
         _refuse(out, header.get("identity", {}), identity)
     if header.get("fingerprint") != fingerprint:
@@ -166,9 +198,14 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         return None, []
     kept, broken = [], set()
     for r in records[1:]:
+        split = r.get("split") if isinstance(r, dict) else None
+        if not _trusted(r, journal.path, sum(k["split"] == split for k in kept), classes):
+            broken.update([split] if split in SPLITS else SPLITS)
+            continue
         path = out / r["name"]
         if (
             r["split"] in broken
+            or path.is_symlink()
             or not path.is_file()
             or path.stat().st_size != r["bytes"]
             or sha256_file(path) != r["sha256"]
@@ -194,7 +231,7 @@ def pack(src: Path, out: Path, *, workers: int = 0, force: bool = False, **setti
     if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"OUT {out} lies inside SRC {src}: pick an OUT outside it")
     identity = {"source": str(src.resolve()), "settings": settings}
-    done, kept = _resume(out, identity, coll.fingerprint, force)
+    done, kept = _resume(out, identity, coll.fingerprint, force, len(coll.classes))
     if done is not None:
         print(f"{out} already holds this collection's shards: nothing to do")
         return done

@@ -6,9 +6,11 @@ Each test makes the hostile file itself (issue 29, findings 1, 6, 9 and 10) and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
@@ -18,9 +20,10 @@ import pytest
 from artscale.contracts.onnx import read_metadata
 from artscale.core.checks import BadFile
 from artscale.core.errors import UserError
+from artscale.data.collection import scan_collection
 from artscale.data.loader import data_spec
 from artscale.data.manifest import read_manifest
-from artscale.data.pack import pack
+from artscale.data.pack import JOURNAL, PackSettings, pack, verify
 from artscale.export.article import export_onnx
 from artscale.export.skeleton import parity_images
 from artscale.infer.sample import sample_images
@@ -193,6 +196,29 @@ def test_finding_9_a_symlinked_shard_is_refused_by_verify_training_and_export(pa
         data_spec(str(packed), 16)
     with pytest.raises(UserError, match=f"^{packed}/val-000000.tar is a symlink"):
         parity_images(packed, None, 16)
+
+
+@pytest.mark.parametrize("hostile", ["../victim.tar", "symlink", "header"])
+def test_finding_9_a_resumed_pack_trusts_no_journal_record_naming_a_shard_outside(tmp_path, make_image, hostile):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(6):
+        make_image(src / ("a", "b")[i % 2] / f"{i}.png", (24, 24), seed=i)
+    victim = tmp_path / "victim.tar"
+    victim.write_bytes(b"not yours" * 100)
+    out.mkdir()
+    name = "train-000000.tar" if hostile == "symlink" else "../victim.tar"
+    if hostile == "symlink":
+        os.symlink(victim, out / name)
+    identity = {"source": str(src.resolve()), "settings": asdict(PackSettings(size=16, val_fraction=0.0))}
+    header = {"kind": "header", "identity": identity, "fingerprint": scan_collection(src, [], False, 0.0).fingerprint}
+    record = {"kind": "shard", "name": name, "split": "train", "count": 6, "bytes": victim.stat().st_size}
+    record |= {"sha256": hashlib.sha256(victim.read_bytes()).hexdigest(), "per_class": {"0": 6}, "skipped": []}
+    lines = [["not", "a", "header"] if hostile == "header" else header, record | {"end": 6}]
+    (out / JOURNAL).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    m = pack(src, out, size=16, val_fraction=0.0, workers=1)
+    assert [(s["name"], s["count"]) for s in m["shards"]] == [("train-000000.tar", 6)]
+    assert verify(out) == [] and not (out / "train-000000.tar").is_symlink()
+    assert victim.read_bytes() == b"not yours" * 100
 
 
 def test_finding_10_info_shows_escapes_in_names_escaped(packed, run_cli):
