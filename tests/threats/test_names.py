@@ -198,6 +198,13 @@ def test_finding_9_a_symlinked_shard_is_refused_by_verify_training_and_export(pa
         parity_images(packed, None, 16)
 
 
+def test_finding_9_a_shard_that_is_a_fifo_is_reported_not_waited_on(packed, run_cli):
+    (packed / "val-000000.tar").unlink()
+    os.mkfifo(packed / "val-000000.tar")  # opening it for reading would wait for a writer forever
+    done = run_cli("verify", packed, timeout=120)
+    assert done.returncode == 1 and "val-000000.tar: not a regular file" in done.stderr.splitlines()
+
+
 @pytest.mark.parametrize("hostile", ["../victim.tar", "symlink", "header"])
 def test_finding_9_a_resumed_pack_trusts_no_journal_record_naming_a_shard_outside(tmp_path, make_image, hostile):
     src, out = tmp_path / "src", tmp_path / "out"
