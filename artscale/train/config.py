@@ -63,10 +63,10 @@ class TrainConfig:
     zero_terminal_snr: bool = False  # rescale betas so the last timestep is pure noise (needs v_prediction)
     min_snr_gamma: float = 0.0  # min-SNR loss weighting (5 is usual); 0: off
     cond_drop: float = 0.1  # probability a label is dropped to the null class (classifier-free guidance)
-    # weights EMA (both objectives)
-    #: updated on optimizer steps, with a warm-up so early steps are not frozen; used for samples,
-    #: validation and export. -1: the objective's default (0.9999 diffusion, 0 reconstruct, which keeps
-    #: the article's run unchanged); 0: off
+    # an average of the weights, EMA (both objectives)
+    #: the decay of an exponential moving average of the weights, updated on optimizer steps, with a
+    #: warm-up so early steps are not frozen; used for samples, validation and export. -1: the
+    #: objective's default (0.9999 diffusion, 0 reconstruct, which keeps the article's run unchanged); 0: off
     ema_decay: float = -1.0
     # diffusion: the sample grids logged every sample_every steps (one row per class, fixed seeds)
     sampler: Literal["ddim", "dpm++"] = "dpm++"  # DPM-Solver++(2M) or DDIM
