@@ -66,8 +66,10 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=_fraction, help="share of files in the val split (default 0.05)")
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: all cores)")
     p.add_argument("--classes", help="comma-separated class folders to pack (default: all)")
-    p.add_argument("--resize", choices=["stretch", "center-crop"], help="(default stretch)")
-    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], help="(default jpg)")
+    p.add_argument(
+        "--resize", choices=["stretch", "center-crop"], help="to a square: stretch (default) or crop the centre"
+    )
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], help="images in the shards (default jpg)")
     p.add_argument("--quality", type=int, help="JPEG quality (default 95)")
     p.add_argument("--max-pixels", type=int, help="skip larger images (default: Pillow's decompression-bomb limit)")
     p.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default: off)")
@@ -79,7 +81,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-check every shard against manifest.json")
-    p.add_argument("shards", type=Path)
+    p.add_argument("shards", type=Path, help="a shards dir from `artscale pack`")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +133,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("in_dir", type=Path, help="folder of images, walked recursively")
     p.add_argument("out_dir", type=Path, help="where the mirrored tree and report.json go (not inside IN_DIR)")
     _add_run_flags(p)
-    p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
+    p.add_argument(
+        "--provider",
+        choices=["default", "tensorrt"],
+        default="default",
+        help="tensorrt: onnxruntime's TensorRT provider before CUDA, engines cached in OUT_DIR/.trt-cache "
+        "(a GPU and TensorRT's libraries; without them it says so and runs on CUDA)",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--size",
@@ -157,7 +165,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="walk IN_DIR once and write OUT_DIR/listing.jsonl, which the tasks of an array and the merge read",
     )
-    d = p.add_argument_group("a diffusion model: variations of each image (img2img); see the README")
+    d = p.add_argument_group("a diffusion model: variations of each image (img2img); docs/generate-and-sample.md")
     d.add_argument("--strength", type=float, default=S, help="0 keeps the input, 1 ignores it (default 0.6)")
     which = d.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_name", default=S, help="the class to vary towards (default: none)")
@@ -184,8 +192,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: from torch's hub cache)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32, help="images per Inception-v3 batch (default 32)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID averages over (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
 
 
@@ -196,7 +204,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=int, default=16, help="images (per class with --class all; default 16)")
     p.add_argument("--class", dest="class_name", default="all", help="a class name, or all: --count per class")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--sampler", choices=["ddim", "dpm++"], default="dpm++")
+    p.add_argument("--sampler", choices=["ddim", "dpm++"], default="dpm++", help="DPM-Solver++(2M) (default) or DDIM")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off; default 3)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise of (seed, i) alone")
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: 16 on CPU, 64 on a GPU)")
@@ -229,7 +237,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs"
     )
     p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
-    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        choices=["png", "jpg", "webp"],
+        default="png",
+        help="output files (default png)",
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG and WebP quality (default 95)")
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
     p.add_argument(
@@ -253,7 +267,7 @@ def _shard(args: argparse.Namespace) -> tuple[int, int]:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what a shards dir, run dir, checkpoint or .onnx holds")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="a shards dir, run dir, checkpoint dir or .onnx file")
 
 
 def _add_submit(sub: argparse._SubParsersAction) -> None:
@@ -266,8 +280,8 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         q.add_argument(
             "--time", dest="time_limit", default="", help="time limit, e.g. 24:00:00 (default: the script's)"
         )
-        q.add_argument("--partition", default="")
-        q.add_argument("--account", default="")
+        q.add_argument("--partition", default="", help="sbatch --partition (default: the cluster's default one)")
+        q.add_argument("--account", default="", help="sbatch --account, the allocation to charge (default: yours)")
         q.add_argument(
             "--cpus-per-task", type=int, default=0, help="CPUs per task (default: the script's, fit to the nodes)"
         )
@@ -282,9 +296,14 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--dry-run", action="store_true", help="print the sbatch line(s), submit nothing")
 
     t = what.add_parser("train", help="train.sbatch on N nodes x G GPUs (or CPU ranks); requeues on preemption")
-    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--nodes", type=int, default=1, help="machines; one srun task (one accelerate launch) each")
     t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
-    t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
+    t.add_argument(
+        "--cpu-processes",
+        type=int,
+        default=1,
+        help="CPU ranks (gloo) per node when --gpus-per-node is 0 (default 1; sets ARTSCALE_CPU_PROCESSES)",
+    )
     t.add_argument(
         "--cpus-per-gpu",
         type=int,
@@ -298,12 +317,12 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys")
     cluster_flags(t)
     g = what.add_parser("generate", help="generate.sbatch as a job array, then one merged report.json")
-    g.add_argument("model")
-    g.add_argument("in_dir")
-    g.add_argument("out_dir")
+    g.add_argument("model", help="an .onnx file from `artscale export`")
+    g.add_argument("in_dir", help="folder of images, walked once by the listing job")
+    g.add_argument("out_dir", help="the mirrored tree, listing.jsonl and the merged report.json")
     g.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the input tree")
     g.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
-    g.add_argument("--gpus-per-task", type=int, default=0)
+    g.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per array task (default 0: CPU)")
     g.add_argument(
         "--cpus-per-gpu",
         type=int,
@@ -315,13 +334,18 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     )
     cluster_flags(g)
     sm = what.add_parser("sample", help="`artscale sample` as a job array (K shards of the indices), then the merge")
-    sm.add_argument("model")
-    sm.add_argument("out_dir")
+    sm.add_argument("model", help="a diffusion .onnx from `artscale export`, or a diffusion run dir")
+    sm.add_argument("out_dir", help="the images, the shards' reports and the merged report.json")
     sm.add_argument("--count", type=int, required=True, help="images (per class unless --sample-args has --class)")
     sm.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the images")
     sm.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
-    sm.add_argument("--gpus-per-task", type=int, default=0)
-    sm.add_argument("--cpus-per-gpu", type=int, default=None, help=f"(default {CPUS_PER_GPU})")
+    sm.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per array task (default 0: CPU)")
+    sm.add_argument(
+        "--cpus-per-gpu",
+        type=int,
+        default=None,
+        help=f"cores per GPU for encoding and writing (default {CPUS_PER_GPU})",
+    )
     sm.add_argument(
         "--sample-args", default="", help='more `artscale sample` flags, quoted: "--class cubism --steps 30"'
     )
@@ -331,7 +355,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
 def _add_configs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("configs", help="the packaged training presets (--config NAME takes one)")
     what = p.add_subparsers(dest="what", parser_class=_Parser)
-    what.add_parser("show", help="print a preset, to copy and edit").add_argument("name")
+    what.add_parser("show", help="print a preset, to copy and edit").add_argument("name", help="a preset's name")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from artscale.data.manifest import MANIFEST, SPLITS, check_shard, read_manifest,
 from artscale.data.shard_writer import Journal, SplitWriter, sha256_file, sha256_stream
 
 JOURNAL = ".pack-journal.jsonl"
-MIN_TRAIN_SHARDS = 8  # fewer shards than nodes x loader workers leaves some of them idle
+MIN_TRAIN_SHARDS = 8  # a loader worker reads one shard at a time into its shuffle buffer: few shards mix poorly
 _CHUNK = 8  # files per task sent to a worker
 _SETTINGS: dict[str, Any] = {}  # the decode settings, set once per worker process
 
@@ -377,8 +377,8 @@ def _summary(m: dict, src: Path, out: Path, seconds: float) -> None:
     )
     if tr["shards"] < MIN_TRAIN_SHARDS:
         print(
-            f"artscale: warning: only {tr['shards']} train shards; a cluster spreads shards over nodes x loader "
-            f"workers and wants at least {MIN_TRAIN_SHARDS}: lower --shard-max-count",
+            f"artscale: warning: only {tr['shards']} train shards; each loader worker reads one shard at a time into "
+            f"its shuffle buffer, so a batch mixes few shards: lower --shard-max-count for {MIN_TRAIN_SHARDS} or more",
             file=sys.stderr,
         )
 

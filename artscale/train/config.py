@@ -6,6 +6,7 @@ the sbatch scripts and `artscale submit`; `--config` takes a YAML file or a pack
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -22,82 +23,90 @@ from artscale.train.presets import resolve_config
 
 @dataclass
 class TrainConfig:
+    """Every training key. A field's documentation is its trailing comment and the `#:` lines above it;
+    other comment lines head a group of keys. docs/reference/config.md is generated from them."""
+
     # data and places
     data: str = "shards/demo"  # a shards dir (with manifest.json) or a webdataset URL pattern
-    run_dir: str = "runs/default"  # checkpoints/, samples/, wandb/, final/ go here
+    run_dir: str = "runs/default"  # checkpoints/, samples/, the tracker's files and final/ go here
     image_size: int = 128  # training resolution; must match the shards (multiple of 8)
     # optimisation (the article: Adam 1e-3, StepLR(30 epochs, 0.1), 150 epochs, batch 32)
-    batch_size: int = 32  # per process
-    lr: float = 1e-3
+    batch_size: int = 32  # per process: the global batch is batch_size x processes x grad_accum
+    lr: float = 1e-3  # Adam's learning rate (the peak of the schedule)
     scale_lr: bool = False  # multiply lr by processes x grad_accum (never done silently)
     lr_step_epochs: float = 30  # StepLR period, in epochs, applied per optimizer step
-    lr_gamma: float = 0.1
-    # step: the article's StepLR above; cosine: from lr down to 0 at the last step (lr_step_epochs and
-    # lr_gamma unused), which a short run (the diffusion-cpu preset) ends better with
+    lr_gamma: float = 0.1  # StepLR's factor at each period; 1.0: a constant lr
+    #: step: the article's StepLR above; cosine: from lr down to 0 at the last step (lr_step_epochs and
+    #: lr_gamma unused), which a short run (the diffusion-cpu preset) ends better with
     lr_schedule: Literal["step", "cosine"] = "step"
     warmup_steps: int = 0  # lr rises linearly over the first steps, then the schedule; 0: none
     epochs: float = 150  # an epoch is the manifest's train count / global batch
-    max_steps: int = 0  # > 0 overrides epochs
-    grad_accum: int = 1
-    max_grad_norm: float = 0.0  # 0 disables clipping (the grad norm is still logged)
-    # objective: `reconstruct` is the article's image-to-image model; `diffusion` trains a class-
-    # conditional denoiser (diffusers' UNet2DModel) that draws new images from noise (README: Diffusion)
+    max_steps: int = 0  # the run's length in optimizer steps; > 0 overrides epochs
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 disables clipping (the norm is still logged)
+    #: reconstruct: the article's image-to-image model; diffusion: a class-conditional denoiser
+    #: (diffusers' UNet2DModel) that draws new images from noise (docs/diffusion.md)
     objective: Literal["reconstruct", "diffusion"] = "reconstruct"
     # loss
-    perceptual_weight: float = -1.0  # VGG16 term; -1: the objective's default (1.0 reconstruct, 0 diffusion,
-    # where it applies to the predicted clean image at low-noise timesteps only)
+    #: VGG16 term; -1: the objective's default (1.0 reconstruct, 0 diffusion, where it applies to the
+    #: predicted clean image at low-noise timesteps only)
+    perceptual_weight: float = -1.0
     vgg_weights: str = "imagenet"  # imagenet | a local torchvision VGG16 .pth/.safetensors | random
     # diffusion: the denoiser (a preset, or its parts; explicit values override the preset's)
-    denoiser: Literal["tiny", "small", "base"] = "tiny"
+    denoiser: Literal["tiny", "small", "base"] = "tiny"  # 1.1 M / 18 M / 74 M parameters
     block_out_channels: list[int] = field(default_factory=list)  # channels per UNet level; []: the preset's
     layers_per_block: int = 0  # 0: the preset's
     norm_num_groups: int = 0  # GroupNorm groups; 0: the preset's
     # diffusion: the forward process and the loss
-    prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
+    prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"  # what the network predicts
     beta_schedule: Literal["squaredcos_cap_v2", "linear"] = "squaredcos_cap_v2"  # cosine by default
     zero_terminal_snr: bool = False  # rescale betas so the last timestep is pure noise (needs v_prediction)
     min_snr_gamma: float = 0.0  # min-SNR loss weighting (5 is usual); 0: off
     cond_drop: float = 0.1  # probability a label is dropped to the null class (classifier-free guidance)
-    # weights EMA (both objectives), updated on optimizer steps, with a warm-up so early steps are not
-    # frozen; used for samples, validation and export. -1: the objective's default (0.9999 diffusion,
-    # 0 reconstruct, which keeps the article's run unchanged); 0: off
+    # an average of the weights, EMA (both objectives)
+    #: the decay of an exponential moving average of the weights, updated on optimizer steps, with a
+    #: warm-up so early steps are not frozen; used for samples, validation and export. -1: the
+    #: objective's default (0.9999 diffusion, 0 reconstruct, which keeps the article's run unchanged); 0: off
     ema_decay: float = -1.0
     # diffusion: the sample grids logged every sample_every steps (one row per class, fixed seeds)
-    sampler: Literal["ddim", "dpm++"] = "dpm++"
-    sample_steps: int = 20
+    sampler: Literal["ddim", "dpm++"] = "dpm++"  # DPM-Solver++(2M) or DDIM
+    sample_steps: int = 20  # sampler steps for the grids and eval_every
     guidance: float = 3.0  # classifier-free guidance scale; 1: none
-    # quality while training (artscale/train_eval.py): every eval_every steps (0: off) KID, and FID from 2048
-    # images a side, against the val split with artscale eval's Inception features. Diffusion: the EMA model
-    # draws eval_samples images per class with the sampler above; reconstruct: its outputs of the val images.
+    # quality while training, with artscale eval's Inception features (artscale/train/quality.py)
+    #: every eval_every steps (0: off), KID, and FID from 2048 images a side, against the val split.
+    #: Diffusion: the EMA model draws eval_samples images per class with the sampler above;
+    #: reconstruct: its outputs of the val images
     eval_every: int = 0
     eval_samples: int = 100  # per class (diffusion); split across ranks
-    eval_inception: str = ""  # "": torch-fidelity's file in torch's hub cache, as artscale eval finds it | a file
-    # | random: an UNTRAINED network, for tests only (the figures mean nothing; logged as a warning)
+    #: "": torch-fidelity's file in torch's hub cache, as artscale eval finds it | a file | random: an
+    #: UNTRAINED network, for tests only (the figures mean nothing; logged as a warning)
+    eval_inception: str = ""
     # speed
-    # auto: bf16 on a GPU with it (fp16 on one without), bf16 on a CPU with native bf16 (avx512_bf16, AMX),
-    # fp32 elsewhere: emulated bf16 is several times slower than fp32. The default is the article's fp32.
+    #: auto: bf16 on a GPU with it (fp16 on one without), bf16 on a CPU with native bf16 (avx512_bf16, AMX),
+    #: fp32 elsewhere: emulated bf16 is several times slower than fp32. The default is the article's fp32.
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
-    # auto: on for the article's model (its BatchNorm convs run faster in it), off for the diffusion UNet, whose
-    # GroupNorms run in the contiguous layout on CUDA, so each would convert its input and output
+    #: auto: on for the article's model (its BatchNorm convs run faster in it), off for the diffusion UNet,
+    #: whose GroupNorms run in the contiguous layout on CUDA, so each would convert its input and output
     channels_last: Literal["auto", True, False] = "auto"
-    compile: bool = False  # torch.compile, applied by accelerate to the DDP-wrapped model (see train_setup.py)
-    num_workers: int = -1  # DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from
-    # the step (bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
+    compile: bool = False  # torch.compile, applied by accelerate to the DDP-wrapped model (see setup.py)
+    #: DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from the step
+    #: (bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
+    num_workers: int = -1
     hflip: bool = False  # random horizontal flip of training images
     # policies, in optimizer steps
-    log_every: int = 10
-    sample_every: int = 500
-    val_every: int = 500
-    val_batches: int = 0  # 0: the whole val split
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
+    log_every: int = 10  # a line in metrics.jsonl, the tracker and the progress output
+    sample_every: int = 500  # a sample grid in samples/ and the tracker
+    val_every: int = 500  # validation over the val split
+    val_batches: int = 0  # batches per rank at each validation; 0: the whole val split
+    checkpoint_every: int = 1000  # a checkpoint in checkpoints/step-XXXXXX (and always at the last step)
+    keep_checkpoints: int = 3  # the newest this many are kept
     # tracking
-    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
-    wandb_project: str = "artscale"
-    run_name: str = ""
-    tags: list[str] = field(default_factory=list)
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"  # wandb runs offline without credentials
+    wandb_project: str = "artscale"  # W&B's project; tensorboard: the folder under run_dir
+    run_name: str = ""  # the W&B run's name; "": the run dir's name
+    tags: list[str] = field(default_factory=list)  # W&B tags, comma-separated on the command line
     # runtime
-    seed: int = 0
+    seed: int = 0  # model init, data order, noise and label drops
     resume: str = "latest"  # latest | a checkpoint path | "" (start fresh; refused if run_dir has checkpoints)
     force: bool = False  # allow a run_dir whose saved config differs
     pg_timeout_s: int = 600  # a rank waiting longer than this on its peers fails instead of hanging
@@ -242,3 +251,19 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raise UserError(f"unknown config key {', '.join(unknown)}; valid keys: {', '.join(hints)}")
     cfg = TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
     return _validate(cfg)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """The arguments of `artscale train`, `python -m artscale.train` and `accelerate launch launch/train.py`."""
+    parser = argparse.ArgumentParser(
+        prog="artscale train",
+        description="train (same code as python -m artscale.train, accelerate launch -m artscale.train, "
+        "accelerate launch launch/train.py)",
+    )
+    parser.add_argument(
+        "--config", default=None, help="a YAML file of config keys, or a packaged preset's name (artscale configs)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config keys (docs/reference/config.md); override the file"
+    )
+    return parser

@@ -66,7 +66,7 @@ def check_gpu(env: Mapping[str, str], cuda_available: bool) -> None:
             f"GPUs were asked for ({why}) but torch sees no CUDA device: torch {torch.__version__} is built for "
             f"CUDA {torch.version.cuda or 'none (a CPU-only build)'}; {driver.summary}"
             f"{'; ' + verdict.text if verdict.ok is False and driver.version else ''}. `artscale doctor --need cuda` names the fix "
-            "(CUDA 12 drivers: the README's GPU drivers paragraph), or run on CPU with ACCELERATE_USE_CPU=1"
+            "(CUDA 12 drivers: docs/install.md), or run on CPU with ACCELERATE_USE_CPU=1"
         )
 
 
