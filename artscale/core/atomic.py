@@ -172,24 +172,42 @@ def refuse_linked_folders(root: str | Path, rels: list[str]) -> None:
             folder = folder.rpartition("/")[0]
 
 
-def regular_file(path: str | Path, root: str | Path) -> bool:
-    """Whether path is a regular file reached from root through no symlink (neither the file nor a
-    folder below root): what counts as an output that is done, and what a report may read. A link
-    planted in an output folder would otherwise pass an outside file off as finished work."""
-    path, root = Path(path), Path(root)
+def regular_files(root: str | Path, rels: list[str]) -> list[bool]:
+    """For each `/`-separated rel, whether root/rel is a regular file reached through no symlink
+    (neither the file nor a folder below root): what counts as an output that is done, and what a
+    report may read. A link planted in an output folder would otherwise pass an outside file off
+    as finished work. Each folder is looked at once (a rerun's skip check runs over every output)."""
+    base = os.fspath(root)
+    folders: dict[str, bool] = {"": True}
+
+    def real_folder(rel: str) -> bool:
+        if rel not in folders:
+            parent, _, name = rel.rpartition("/")
+            folders[rel] = real_folder(parent) and name not in ("", ".", "..") and _lstat_is(base, rel, stat.S_ISDIR)
+        return folders[rel]
+
+    found = []
+    for rel in rels:
+        folder, _, name = rel.rpartition("/")
+        ok = name not in ("", ".", "..") and not rel.startswith("/") and real_folder(folder)
+        found.append(ok and _lstat_is(base, rel, stat.S_ISREG))
+    return found
+
+
+def _lstat_is(base: str, rel: str, kind: Any) -> bool:
     try:
-        parts = _parts(path, root)
-    except UnsafePath:
-        return False
-    here = root
-    try:
-        for part in parts[:-1]:
-            here = here / part
-            if not stat.S_ISDIR(os.lstat(here).st_mode):
-                return False
-        return stat.S_ISREG(os.lstat(here / parts[-1]).st_mode)
+        return kind(os.lstat(os.path.join(base, rel)).st_mode)
     except OSError:
         return False
+
+
+def regular_file(path: str | Path, root: str | Path) -> bool:
+    """regular_files for one path inside root (False when it is not inside)."""
+    try:
+        parts = _parts(Path(path), Path(root))
+    except UnsafePath:
+        return False
+    return regular_files(root, ["/".join(parts)])[0]
 
 
 def fresh_dir(path: str | Path, root: str | Path | None = None) -> Path:

@@ -201,7 +201,7 @@ def generate(
     ignored = sum(e.ignored for e in entries)
     candidates = [e for e in entries if e.out]
     refuse_linked_folders(out_dir, [e.out for e in candidates])
-    todo = [e for e in candidates if not done(out_dir, e.out)]
+    todo = [e for e, there in zip(candidates, done(out_dir, [e.out for e in candidates])) if not there]
     already_done = len(candidates) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from artscale.core.atomic import regular_file, write_atomic, write_json_atomic
+from artscale.core.atomic import regular_files, write_atomic, write_json_atomic
 from artscale.core.errors import UserError
 from artscale.data.images import encode_image, resize_image
 
@@ -47,10 +47,10 @@ def write_image(
         ) from None
 
 
-def done(out_dir: Path, rel: str) -> bool:
-    """Whether output OUT/rel is finished work: a regular file reached through no symlink. A link there
-    (to an outside file) is not done: the run replaces it with the output."""
-    return regular_file(out_dir / rel, out_dir)
+def done(out_dir: Path, rels: list[str]) -> list[bool]:
+    """Whether each output OUT/rel is finished work: a regular file reached through no symlink. A link
+    there (to an outside file) is not done: the run replaces it with the output."""
+    return regular_files(out_dir, rels)
 
 
 def report_name(num_shards: int, shard_index: int) -> str:
@@ -210,7 +210,8 @@ def _merge_generate(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, A
             raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {where} holds {expected} for it")
     late = files_after_listing(listing) if listing is not None else []
     skipped = {s["path"] for rep in reports for s in rep["skipped_files"]}
-    missing = [e.out for e in entries if e.out and e.rel not in skipped and not done(out_dir, e.out)]
+    wanted = [e.out for e in entries if e.out and e.rel not in skipped]
+    missing = [out for out, there in zip(wanted, done(out_dir, wanted)) if not there]
     if missing:
         raise UserError(f"{len(missing)} outputs are missing from {out_dir}, e.g. {missing[0]}")
     merged = {k: sum(rep[k] for rep in reports) for k in counts}
@@ -251,7 +252,7 @@ def _merge_sample(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, Any
             raise UserError(
                 f"shard {i}: {rep['written']} written + {rep['already_done']} already there, but it owns {owned} images"
             )
-    missing = [it.out for it in items if not done(out_dir, it.out)]
+    missing = [it.out for it, there in zip(items, done(out_dir, [it.out for it in items])) if not there]
     if missing:
         raise UserError(f"{len(missing)} images are missing from {out_dir}, e.g. {missing[0]}")
     return {

@@ -284,8 +284,9 @@ def sample_images(
     started = time.perf_counter()
     mine = sum(map(len, chunks))
     refuse_linked_folders(out_dir, [it.out for c in chunks for it in c])
-    todo = [c for c in chunks if not all(done(out_dir, it.out) for it in c)]
-    already = mine - sum(not done(out_dir, it.out) for c in todo for it in c)
+    there = dict(zip((it.out for c in chunks for it in c), done(out_dir, [it.out for c in chunks for it in c])))
+    todo = [c for c in chunks if not all(there[it.out] for it in c)]
+    already = sum(there.values())
     written = 0
     bar, lock = Progress(mine, "sample", unit="img", initial=already), threading.Lock()
 
@@ -310,7 +311,7 @@ def sample_images(
                 images = to_uint8(sample(predict, schedule, noise, labels, null_label, steps=steps, guidance=guidance))
                 previous, pending = pending, []
                 for it, pixels in zip(chunk, images):
-                    if not done(out_dir, it.out):  # the rest of the chunk was written before an interruption
+                    if not there[it.out]:  # the rest of the chunk was written before an interruption
                         job = writers.submit(
                             write_image, out_dir, it.out, np.ascontiguousarray(pixels), None, image_format, quality
                         )
