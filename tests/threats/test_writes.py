@@ -137,6 +137,27 @@ def test_generate_refuses_a_symlinked_subfolder_of_out_before_writing(model16, s
     assert not (out / "x.png").exists()  # refused before any work
 
 
+def test_sample_refuses_a_symlinked_class_folder_and_replaces_a_linked_image(
+    make_diffusion_run, diffusion_classes, tmp_path, victim
+):
+    from artscale.infer.sample import sample_images
+
+    run = make_diffusion_run(tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    first, second = diffusion_classes[:2]
+    (out / first).symlink_to(victim.parent, target_is_directory=True)
+    with pytest.raises(UserError, match=f"out/{first} is a symbolic link inside"):
+        sample_images(run, out, count=1, steps=2, device="cpu")
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["victim.txt"]
+    (out / first).unlink()
+    (out / second).mkdir()
+    (out / second / "00000000.png").symlink_to(victim)  # an image that is a link: not done
+    report = sample_images(run, out, count=1, steps=2, device="cpu")
+    assert report["already_done"] == 0 and report["written"] == len(diffusion_classes)
+    assert victim.read_bytes() == VICTIM and not (out / second / "00000000.png").is_symlink()
+
+
 def test_checkpoint_folders_are_made_fresh_never_through_a_planted_link(tmp_path, victim):
     import torch
     from accelerate import Accelerator
