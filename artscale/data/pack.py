@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from artscale import __version__
-from artscale.core.atomic import write_atomic
+from artscale.core.atomic import TMP_SUFFIX, write_atomic
 from artscale.core.checks import BadFile, printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
@@ -93,7 +93,9 @@ def _our_files(out: Path) -> list[Path]:
     return [
         p
         for p in out.iterdir()
-        if p.name in names or p.name.endswith(".partial") or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)
+        if p.name in names
+        or p.name.endswith((".partial", TMP_SUFFIX))
+        or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)
     ]
 
 

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from artscale.core.atomic import write_atomic
+from artscale.core.atomic import append_text, create_fresh, write_atomic
 from artscale.data.collection import Entry
 
 SHARD_MTIME = 946_684_800  # 2000-01-01: tar members get a fixed time, so reruns are byte-identical
@@ -63,10 +63,7 @@ class Journal:
         write_atomic(self.path, json.dumps(header) + "\n", sync_dir=True)
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.path, json.dumps(record) + "\n")
 
 
 class SplitWriter:
@@ -90,7 +87,7 @@ class SplitWriter:
         self.current: dict[str, Any] = {"per_class": {}, "skipped": [], "end": 0}
 
     def _open(self, fname: str):
-        self.file = open(fname + ".partial", "wb")
+        self.file = create_fresh(fname + ".partial")
         return self.file
 
     def _finish(self, fname: str) -> None:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from artscale.core.atomic import refuse_linked_folders
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.images import SkipImage, load_image, resize_image
 from artscale.data.listing import LISTING, InputFile, list_inputs, read_listing, shard_of, write_listing
-from artscale.infer.outputs import EXTENSIONS, write_image, write_report
+from artscale.infer.outputs import EXTENSIONS, done, write_image, write_report
 from artscale.infer.session import (
     BYTES_PER_PIXEL,
     GPU_STREAMS,
@@ -201,7 +202,8 @@ def generate(
     skipped = [{"path": e.rel, "reason": e.reason} for e in entries if e.reason]
     ignored = sum(e.ignored for e in entries)
     candidates = [e for e in entries if e.out]
-    todo = [e for e in candidates if not (out_dir / e.out).exists()]
+    refuse_linked_folders(out_dir, [e.out for e in candidates])
+    todo = [e for e, there in zip(candidates, done(out_dir, [e.out for e in candidates])) if not there]
     already_done = len(candidates) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -322,7 +324,8 @@ class _Pipeline:
                     futures.append(
                         encoders.submit(
                             write_image,
-                            out_dir / entry.out,
+                            out_dir,
+                            entry.out,
                             pixels,
                             original if self.restore else None,
                             self.fmt,

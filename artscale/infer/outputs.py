@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from artscale.core.atomic import write_atomic, write_json_atomic
+from artscale.core.atomic import regular_files, write_atomic, write_json_atomic
 from artscale.core.checks import class_names
 from artscale.core.errors import UserError
 from artscale.data.images import encode_image, resize_image
 
-TMP_SUFFIX = ".artscale-tmp"
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 REPORT_NAME = "report.json"  # a whole run's report, or the merge of its shards'
 SHARD_REPORT = re.compile(r"^report-(\d+)-of-(\d+)\.json$")
@@ -32,19 +31,27 @@ SHARD_REPORT_GLOB = "report-*-of-*.json"
 NAME_DIGITS = 8  # sample's file names: 00000012.png
 
 
-def write_image(path: Path, pixels: np.ndarray, original: tuple[int, int] | None, fmt: str, quality: int) -> None:
+def write_image(
+    out_dir: Path, rel: str, pixels: np.ndarray, original: tuple[int, int] | None, fmt: str, quality: int
+) -> None:
+    """OUT/rel, through write_atomic rooted at OUT: never through a symlink inside OUT, never outside it."""
     im = Image.fromarray(pixels, "RGB")
     if original and im.size != original:
         im = resize_image(im, original)
     data = encode_image(im, fmt, quality)
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")  # one name per output: a rerun overwrites a stale one
+    path = out_dir / rel
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data, tmp=tmp)
+        write_atomic(path, data, root=out_dir)
     except OSError as e:  # a full disk, a quota, a read-only mount: the run stops, what is written stays
         raise UserError(
             f"cannot write {path}: {e.strerror or e}; the outputs written so far are kept, run again to continue"
         ) from None
+
+
+def done(out_dir: Path, rels: list[str]) -> list[bool]:
+    """Whether each output OUT/rel is finished work: a regular file reached through no symlink. A link
+    there (to an outside file) is not done: the run replaces it with the output."""
+    return regular_files(out_dir, rels)
 
 
 def report_name(num_shards: int, shard_index: int) -> str:
@@ -55,7 +62,7 @@ def report_name(num_shards: int, shard_index: int) -> str:
 def write_report(out_dir: Path, report: dict) -> Path:
     """report.json (report-I-of-K.json for a shard), written atomically."""
     path = out_dir / report_name(report["num_shards"], report["shard_index"])
-    write_json_atomic(path, report, sort_keys=False, tmp=out_dir / f".{path.name}{TMP_SUFFIX}")
+    write_json_atomic(path, report, sort_keys=False)
     return path
 
 
@@ -170,7 +177,7 @@ def merge_reports(out_dir: str | Path, num_shards: int, sample: bool = False) ->
 def write_merged(out_dir: str | Path, num_shards: int, sample: bool = False) -> dict[str, Any]:
     """merge_reports, then OUT/report.json written atomically."""
     merged = merge_reports(out_dir, num_shards, sample)
-    write_json_atomic(Path(out_dir) / REPORT_NAME, merged, tmp=Path(out_dir) / f".{REPORT_NAME}{TMP_SUFFIX}")
+    write_json_atomic(Path(out_dir) / REPORT_NAME, merged)
     return merged
 
 
@@ -208,7 +215,8 @@ def _merge_generate(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, A
             raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {where} holds {expected} for it")
     late = files_after_listing(listing) if listing is not None else []
     skipped = {s["path"] for rep in reports for s in rep["skipped_files"]}
-    missing = [e.out for e in entries if e.out and e.rel not in skipped and not (out_dir / e.out).is_file()]
+    wanted = [e.out for e in entries if e.out and e.rel not in skipped]
+    missing = [out for out, there in zip(wanted, done(out_dir, wanted)) if not there]
     if missing:
         raise UserError(f"{len(missing)} outputs are missing from {out_dir}, e.g. {missing[0]}")
     merged = {k: sum(rep[k] for rep in reports) for k in counts}
@@ -250,7 +258,7 @@ def _merge_sample(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, Any
             raise UserError(
                 f"shard {i}: {rep['written']} written + {rep['already_done']} already there, but it owns {owned} images"
             )
-    missing = [it.out for it in items if not (out_dir / it.out).is_file()]
+    missing = [it.out for it, there in zip(items, done(out_dir, [it.out for it in items])) if not there]
     if missing:
         raise UserError(f"{len(missing)} images are missing from {out_dir}, e.g. {missing[0]}")
     return {

@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT, GPU_PROVIDERS
+from artscale.core.atomic import refuse_linked_folders
 from artscale.core.checks import printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
-from artscale.core.system import usable_cores
+from artscale.core.system import onnxruntime, usable_cores
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import Predict, sample, to_uint8, torch_predict
 from artscale.diffusion.schedulers import SAMPLERS, make_sampler
-from artscale.infer.outputs import EXTENSIONS, plan, shard_chunks, write_image, write_report
+from artscale.infer.outputs import EXTENSIONS, done, plan, shard_chunks, write_image, write_report
 from artscale.infer.session import denoiser_bytes_per_pixel, gpu_budget, open_session, placement
 
 CPU_CHUNK, GPU_CHUNK = 16, 64  # default images per chunk, --batch-size 0 (x2 network rows with guidance)
@@ -83,7 +84,7 @@ def bound_predict(session, device: torch.device, stream: torch.cuda.Stream | Non
     local = threading.local()
     run_options = None
     if cuda and stream is not None:
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         run_options = ort.RunOptions()  # the host does not wait for the stream at the end of a run
         run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -294,8 +295,10 @@ def sample_images(
 
     started = time.perf_counter()
     mine = sum(map(len, chunks))
-    todo = [c for c in chunks if not all((out_dir / it.out).exists() for it in c)]
-    already = mine - sum(not (out_dir / it.out).exists() for c in todo for it in c)
+    refuse_linked_folders(out_dir, [it.out for c in chunks for it in c])
+    there = dict(zip((it.out for c in chunks for it in c), done(out_dir, [it.out for c in chunks for it in c])))
+    todo = [c for c in chunks if not all(there[it.out] for it in c)]
+    already = sum(there.values())
     written = 0
     bar, lock = Progress(mine, "sample", unit="img", initial=already), threading.Lock()
 
@@ -320,10 +323,9 @@ def sample_images(
                 images = to_uint8(sample(predict, schedule, noise, labels, null_label, steps=steps, guidance=guidance))
                 previous, pending = pending, []
                 for it, pixels in zip(chunk, images):
-                    path = out_dir / it.out
-                    if not path.exists():  # the rest of the chunk was written before an interruption
+                    if not there[it.out]:  # the rest of the chunk was written before an interruption
                         job = writers.submit(
-                            write_image, path, np.ascontiguousarray(pixels), None, image_format, quality
+                            write_image, out_dir, it.out, np.ascontiguousarray(pixels), None, image_format, quality
                         )
                         job.add_done_callback(tick)
                         pending.append(job)

@@ -174,7 +174,7 @@ def _grids_card(run: Any, thumbs: Thumbs, classes: list[str], size: int, objecti
             "Sample grids", note("no sample grids yet (samples/step-*.png, every sample_every steps)"), "samples"
         )
     picked = [run.samples[i] for i in spread(len(run.samples), MAX_GRIDS)]
-    shown = thumbs.make([p for _, p in picked], GRID_SIDE, GRID_BOX, max_scale=4, lossless=True)
+    shown = thumbs.make([p for _, p in picked], GRID_SIDE, GRID_BOX, max_scale=4, lossless=True, root=run.path)
     what = (
         "one row per class, drawn from fixed noise"
         if objective == "diffusion"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from artscale.contracts.run_dir import (
     step_dir_name,
     unet_config,
 )
-from artscale.core.atomic import write_json_atomic
+from artscale.core.atomic import UnsafePath, fresh_dir, remove_tree, write_json_atomic
 from artscale.core.errors import UserError
 from artscale.models.state_dict import read_state_dict
 
@@ -44,20 +43,18 @@ def save_final(
     """Write run_dir/final (safetensors + config + step, then what `extras(dir)` adds: EMA weights,
     denoiser.json) under a temporary name, then swap it in."""
     final = Path(run_dir) / "final"
-    tmp = final.with_name("final" + UNFINISHED_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(final.with_name("final" + UNFINISHED_SUFFIX))  # never a planted link's target
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS_NAME))
     write_json_atomic(tmp / CONFIG_NAME, config)
     write_json_atomic(tmp / STATE_NAME, {"step": step})
     if extras is not None:
         extras(tmp)
     old = final.with_name("final.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    if final.exists() or final.is_symlink():
+        remove_tree(old)
         final.replace(old)
     tmp.replace(final)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
     return final
 
 
@@ -243,9 +240,16 @@ class CheckpointManager:
         acc = self.accelerator
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + UNFINISHED_SUFFIX)
+        # rank 0 makes the folder every rank saves into; a link planted at its name (or a checkpoints/
+        # that is a link) is refused on every rank before any writes, which would follow it
+        unsafe: UnsafePath | None = None
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
+            try:
+                fresh_dir(tmp, root=self.root.parent)
+            except UnsafePath as e:
+                unsafe = e
+        if acc.reduce(torch.tensor(float(unsafe is not None), device=acc.device), "sum").item():
+            raise unsafe or UnsafePath(f"could not write checkpoint {final}: refused on the main process")
         error: Exception | None = None
         try:
             acc.save_state(str(tmp))
@@ -261,13 +265,13 @@ class CheckpointManager:
         failed = acc.reduce(torch.tensor(float(error is not None), device=acc.device), "sum").item()
         if failed:
             if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
             kept = latest_checkpoint(self.root.parent)
             why = f"{type(error).__name__}: {error}" if error else "failed on another rank"
             raise UserError(f"could not write checkpoint {final} ({why}); kept {kept or 'no earlier checkpoint'}")
         if acc.is_main_process:
-            if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
-                shutil.rmtree(final)
+            if final.exists() or final.is_symlink():  # the same step saved again (a resumed run with nothing left)
+                remove_tree(final)
             tmp.replace(final)
             self._prune()
         acc.wait_for_everyone()
@@ -276,6 +280,6 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for _, path in list_checkpoints(self.root.parent)[: -self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         for leftover in self.root.glob("step-*" + UNFINISHED_SUFFIX):  # from a run killed while saving
-            shutil.rmtree(leftover, ignore_errors=True)
+            remove_tree(leftover)

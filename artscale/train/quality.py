@@ -204,8 +204,11 @@ class Evals:
                 return False
             if self.acc.is_main_process:
                 self.real = found
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, save({"features": found[0].float().contiguous(), "labels": found[1]}))
+                write_atomic(
+                    path,
+                    save({"features": found[0].float().contiguous(), "labels": found[1]}),
+                    root=self.cfg.run_dir,  # eval/ made inside the run dir, never through a link
+                )
         self.real_ready = True
         return True
 

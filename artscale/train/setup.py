@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
 from artscale.core.hardware import (
     Precision,
@@ -191,7 +192,7 @@ def _wandb_id(acc: Any, run_dir: Path) -> str | None:
         return None
     path = run_dir / "wandb_id"
     if not path.is_file():
-        path.write_text(uuid.uuid4().hex[:12] + "\n")
+        write_atomic(path, uuid.uuid4().hex[:12] + "\n")
     return path.read_text().strip()
 
 
