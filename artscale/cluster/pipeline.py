@@ -16,6 +16,7 @@ is cancelled and submitted again behind its new predecessor.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shlex
 import shutil
@@ -133,13 +134,15 @@ def _value(args: Sequence[str], flag: str) -> str:
     return ""
 
 
-def _pack_finished(shards: Path, size: int) -> bool:
+def _pack_finished(shards: Path, src: Path, size: int) -> bool:
+    """A complete manifest of SRC at the training size (another one: pack runs, and refuses in its log)."""
     from artscale.data.manifest import read_manifest
 
     try:
-        return read_manifest(shards).get("image_size") == size
+        manifest = read_manifest(shards)
     except UserError:
         return False
+    return manifest.get("source") == str(src) and manifest.get("image_size") == size
 
 
 def pipeline_stages(
@@ -175,6 +178,8 @@ def pipeline_stages(
         raise UserError(f"SRC {src} is not a folder (an image folder with one subfolder per class)")
     if lay.out.exists() and not lay.out.is_dir():
         raise UserError(f"--out {lay.out} is a file: give a folder")
+    if lay.shards.is_relative_to(src):
+        raise UserError(f"--out {lay.out} lies inside SRC {src}: its shards would be packed as images; pick another")
     taken = sorted({o.split("=", 1)[0] for o in overrides} & {"data", "run_dir"})
     if taken:
         raise UserError(f"{', '.join(taken)}: the pipeline sets them (data={lay.shards}, run_dir={lay.run})")
@@ -218,8 +223,8 @@ def pipeline_stages(
             "pack",
             pack_sbatch_command(src, lay.shards, pack_args, pack_opts["cpus_per_task"], pack_place),
             (),
-            lambda: _pack_finished(lay.shards, cfg.image_size),
-            f"{lay.shards / 'manifest.json'} at {cfg.image_size} px",
+            lambda: _pack_finished(lay.shards, src, cfg.image_size),
+            f"{lay.shards / 'manifest.json'} of {src} at {cfg.image_size} px",
         ),
         Stage(
             "train",
@@ -272,6 +277,13 @@ def pipeline_stages(
     return stages
 
 
+def _user() -> str:
+    """This user's name as SLURM knows it (from the uid; `squeue --me` needs Slurm 20.11)."""
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
 def queued_jobs(names: Sequence[str], dry_run: bool = False) -> dict[str, Job]:
     """This user's jobs that squeue still lists under `names`, by name ({} where there is no squeue).
 
@@ -279,7 +291,7 @@ def queued_jobs(names: Sequence[str], dry_run: bool = False) -> dict[str, Job]:
     cannot know what is queued, so it stops; a dry run says so and goes on."""
     if not shutil.which("squeue"):
         return {}
-    cmd = ["squeue", "--noheader", "--me", f"--name={','.join(names)}", "--format=%j|%F|%T|%r"]
+    cmd = ["squeue", "--noheader", f"--user={_user()}", f"--name={','.join(names)}", "--format=%j|%F|%T|%r"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
         said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1] if out.returncode else ""
@@ -386,7 +398,7 @@ def _say_how_to_follow(out: Path, stages: Sequence[Stage], jobs: Mapping[str, st
     print(
         f"the report will be {report}; logs in {Layout(out).logs}\n"
         "a stage that fails leaves the ones after it pending (squeue's reason: DependencyNeverSatisfied, then Dependency).\n"
-        f"  see them:   squeue --me --name={names} --format='%.12i %.12T %.24r %j'\n"
+        f"  see them:   squeue --user={_user()} --name={names} --format='%.12i %.12T %.24r %j'\n"
         f"  clear them: scancel {' '.join(dict.fromkeys(jobs.values()))}\n"
         "or run this same command again: it submits only what has not finished, replacing the jobs left pending"
     )

@@ -180,7 +180,7 @@ def test_dry_run_leaves_out_what_has_finished(image_folder, shards, make_diffusi
     dry = run_cli(*args, "--dry-run", env=NO_SLURM)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines()[:2] == [
-        f"# pack: finished ({out / 'shards' / 'manifest.json'} at 16 px): not submitted",
+        f"# pack: finished ({out / 'shards' / 'manifest.json'} of {image_folder.resolve()} at 16 px): not submitted",
         f"# train: finished ({out / 'run' / 'final'}): not submitted",
     ]
     lines = _by_stage(out, dry.stdout)
@@ -190,6 +190,10 @@ def test_dry_run_leaves_out_what_has_finished(image_folder, shards, make_diffusi
     # at another size the shards are not the ones training needs: packed again, and everything after
     other = run_cli(*args, "image_size=32", "--dry-run", env=NO_SLURM)
     assert list(_by_stage(out, other.stdout)) == ["pack", "train", "export", "report"], other.stderr
+    # ... and so are shards of another collection (pack then refuses, in its log, to mix them)
+    (tmp_path / "other").mkdir()
+    elsewhere = run_cli(*args[:2], tmp_path / "other", *args[3:], "--dry-run", env=NO_SLURM)
+    assert list(_by_stage(out, elsewhere.stdout)) == ["pack", "train", "export", "report"], elsewhere.stderr
 
 
 @pytest.mark.parametrize(
@@ -200,9 +204,11 @@ def test_dry_run_leaves_out_what_has_finished(image_folder, shards, make_diffusi
         (["--size", "32"], "--size 32 but the training config's image_size is 16: give image_size=32"),
         (["--config", "article"], "--sample draws from a diffusion model; this config trains objective=reconstruct"),
         (["--generate", "/no/such/folder"], "--generate /no/such/folder: not a folder"),
+        (["--out", "INSIDE"], "lies inside SRC"),
     ],
 )
 def test_a_mistake_is_one_line_before_anything_is_queued(image_folder, tmp_path, run_cli, args, said):
+    args = [image_folder / "painting" / "out" if a == "INSIDE" else a for a in args]
     base = ["--config", "diffusion-cpu", "--out", tmp_path / "out", "image_size=16", "--sample", "2"]
     bad = run_cli("submit", "pipeline", image_folder, *base, *args, env=NO_SLURM)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1, bad.stderr
@@ -323,7 +329,8 @@ def test_one_command_runs_the_chain_and_its_rerun_finishes_what_failed(
     # the override fixed and the same command again: pack is not run again, the jobs left pending are replaced
     second = run_cli(*command, cwd=tmp_path, env=jobs_env)
     assert second.returncode == 0, second.stderr
-    assert f"# pack: finished ({out.resolve() / 'shards' / 'manifest.json'} at 16 px): not submitted" in second.stdout
+    manifest = out.resolve() / "shards" / "manifest.json"
+    assert f"# pack: finished ({manifest} of {image_folder.resolve()} at 16 px): not submitted" in second.stdout
     assert re.findall(r"job (\d+) was left pending", second.stdout) == [ids[s] for s in STAGES[2:]]
     again = _submitted(second.stdout)
     cancel_at_end += again.values()
