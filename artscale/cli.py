@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from artscale import __version__
@@ -32,7 +33,9 @@ class _Intermixed(_Parser):
 
     _mixing = False
 
-    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's own signature)
+    def parse_known_args(
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         if self._mixing:  # parse_known_intermixed_args calls back in here
             return super().parse_known_args(args, namespace)
         self._mixing = True
@@ -376,7 +379,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     _add_submit_pipeline(what, cluster_flags)
 
 
-def _add_submit_pipeline(what: argparse._SubParsersAction, cluster_flags) -> None:  # noqa: ANN001
+def _add_submit_pipeline(what: argparse._SubParsersAction, cluster_flags: Callable[..., None]) -> None:
     pl = what.add_parser(
         "pipeline",
         help="pack -> train -> export -> sample/generate arrays -> merges -> report, as dependent jobs",
@@ -391,7 +394,7 @@ def _add_submit_pipeline(what: argparse._SubParsersAction, cluster_flags) -> Non
     pl.add_argument("--generate", default="", metavar="IN_DIR", help="then generate over this folder of images")
     pl.add_argument("--sample-args", default="", help='more `artscale sample` flags, quoted: "--steps 30"')
     pl.add_argument("--generate-args", default="", help="more `artscale generate` flags, quoted")
-    pl.add_argument("--export-args", default="", help='more `artscale export` flags, quoted: "--fp16"')
+    pl.add_argument("--export-args", default="", help="more `artscale export` flags: --export-args=--fp16")
     pl.set_defaults(pack_flags=_pack_settings(pl.add_argument_group("pack's flags (`artscale pack`)")))
     pl.add_argument(
         "--pack-cpus", type=int, default=0, help="CPUs of the pack job (default: pack.sbatch's, fit to the nodes)"

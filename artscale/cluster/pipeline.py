@@ -118,9 +118,9 @@ def command_sbatch_command(
     return ["sbatch", *cpus, *placement.options(), str(COMMAND_SCRIPT), *args]
 
 
-def _fitted(opts: dict, script: Path, gpus_flag: str, dry_run: bool) -> tuple[dict, Placement]:
+def _fitted(opts: dict, script: Path, gpus_flag: str, dry_run: bool, cpus_name: str) -> tuple[dict, Placement]:
     """A stage's options fitted to the partition's nodes (as `artscale submit` fits them), and its placement."""
-    opts = fit_submission(opts, script=script, gpus_flag=gpus_flag, dry_run=dry_run)
+    opts = fit_submission(opts, script=script, gpus_flag=gpus_flag, dry_run=dry_run, cpus_name=cpus_name)
     return opts, Placement.take(opts)
 
 
@@ -210,10 +210,12 @@ def pipeline_stages(
         SBATCH_DIR / "train.sbatch",
         "--gpus-per-node",
         dry_run,
+        "--cpus-per-task",
     )
     untimed = {"partition": placement.partition, "account": placement.account, "sbatch_args": placement.sbatch_args}
-    pack_opts, pack_place = _fitted({**untimed, "cpus_per_task": pack_cpus}, PACK_SCRIPT, "--gpus-per-task", dry_run)
-    cmd_opts, cmd_place = _fitted({**untimed, "cpus_per_task": 0}, COMMAND_SCRIPT, "--gpus-per-task", dry_run)
+    pack = {**untimed, "cpus_per_task": pack_cpus}
+    pack_opts, pack_place = _fitted(pack, PACK_SCRIPT, "--gpus-per-task", dry_run, "--pack-cpus")
+    cmd_opts, cmd_place = _fitted({**untimed, "cpus_per_task": 0}, COMMAND_SCRIPT, "--gpus-per-task", dry_run, "")
 
     def command(args: Sequence[str]) -> list[str]:
         return command_sbatch_command(args, cmd_opts["cpus_per_task"], cmd_place)
@@ -249,6 +251,7 @@ def pipeline_stages(
             SBATCH_DIR / "generate.sbatch",
             "--gpus-per-task",
             dry_run,
+            "--array-cpus-per-task",
         )
     for what, where, extra in (("sample", lay.samples, sample_args), ("generate", lay.generated, generate_args)):
         if (what == "sample" and not sample) or (what == "generate" and in_dir is None):

@@ -266,6 +266,22 @@ def test_a_rerun_waits_for_what_is_queued_and_replaces_what_a_failure_left_pendi
 # --- on the real local SLURM ------------------------------------------------------------------
 
 
+@pytest.mark.slurm
+def test_each_job_is_fitted_to_the_nodes_and_a_refusal_names_the_pipelines_flag(slurm, image_folder, tmp_path, run_cli):
+    """Nothing is submitted: a CPU count no node has is refused, naming the flag that asked for it."""
+    sinfo = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%c"], capture_output=True, text=True)
+    cpus = int(sinfo.stdout.split()[0])
+    base = ("submit", "pipeline", image_folder, "--config", "diffusion-cpu", "--out", tmp_path / "out", "--sample", "2")
+    for flag in ("--cpus-per-task", "--pack-cpus", "--array-cpus-per-task"):
+        bad = run_cli(*base, flag, cpus + 1)
+        assert bad.returncode == 2 and bad.stdout == "", bad.stderr
+        assert bad.stderr.splitlines()[-1] == (
+            f"artscale: error: {flag} {cpus + 1}: no node of partition local has more than {cpus} CPUs; "
+            f"pass {flag} {cpus} or less"
+        )
+    assert not (tmp_path / "out").exists()
+
+
 class _Links(html.parser.HTMLParser):
     def __init__(self) -> None:
         super().__init__()
