@@ -194,10 +194,10 @@ def pipeline_stages(
         )
     if not size:  # pack at the size training reads
         pack_args = ["--size", str(cfg.image_size), *pack_args]
-    if sample and cfg.objective != "diffusion":
-        raise UserError(f"--sample draws from a diffusion model; this config trains objective={cfg.objective}")
     if sample < 0:
         raise UserError(f"--sample {sample}: give a count of images (per class) > 0")
+    if sample and cfg.objective != "diffusion":
+        raise UserError(f"--sample draws from a diffusion model; this config trains objective={cfg.objective}")
     in_dir = Path(generate).resolve() if generate else None
     if in_dir is not None and not in_dir.is_dir():
         raise UserError(f"--generate {generate}: not a folder")
@@ -233,7 +233,7 @@ def pipeline_stages(
             train_sbatch_command(train_args, **train_opts, placement=train_place),
             ("pack",),
             lambda: run_finished(train_args),
-            f"{lay.run / 'final'}",
+            str(lay.run / "final"),
         ),
         Stage(
             "export",
