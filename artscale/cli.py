@@ -426,14 +426,16 @@ def _add_submit_pipeline(what: argparse._SubParsersAction, cluster_flags: Callab
         "--pack-cpus", type=int, default=0, help="CPUs of the pack job (default: pack.sbatch's, fit to the nodes)"
     )
     t = pl.add_argument_group("training's placement (as `submit train`)")
-    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument(
+        "--nodes", type=int, default=1, help="machines for training; one srun task (one accelerate launch) each"
+    )
     t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
     t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
     t.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit")
     a = pl.add_argument_group("the arrays' placement (as `submit sample|generate`)")
     a.add_argument("--tasks", type=int, default=1, help="array tasks of sample and of generate (default 1)")
     a.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
-    a.add_argument("--gpus-per-task", type=int, default=0)
+    a.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per array task (default 0: CPU)")
     a.add_argument("--array-cpus-per-task", type=int, default=0, help="(default: generate.sbatch's, fit to the nodes)")
     a.add_argument("--array-time", default="", help="each task's time limit (default: generate.sbatch's)")
     pl.add_argument(
