@@ -9,6 +9,8 @@ Layout of a run dir:
 A diffusion run's checkpoints and final/ also hold denoiser.json (UNet and scheduler configs,
 classes); any run with EMA on holds ema.safetensors (the averaged weights, same keys).
 Nothing here unpickles: safetensors, JSON, and `torch.load(weights_only=True)` for article files.
+Each JSON file is read through its schema in artscale.contracts.run_files (one line naming the file and
+the field where it breaks one).
 """
 
 from __future__ import annotations
