@@ -30,9 +30,9 @@ def one_line_error(proc) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shards, tiny, train_cli) -> Path:
-    """A real 2-step run with a checkpoint at each step (step-000001, step-000002) and final/."""
+    """A real 2-step run with a checkpoint at each step (step-000001, step-000002) and final/, EMA on."""
     run = tmp_path_factory.mktemp("threats") / "run"
-    proc = train_cli(tiny(run, shards, "max_steps=2", "checkpoint_every=1"))
+    proc = train_cli(tiny(run, shards, "max_steps=2", "checkpoint_every=1", "ema_decay=0.5"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "checkpoints" / "step-000002" / "optimizer.bin").is_file()
     return run
@@ -51,7 +51,7 @@ def copy_of(trained, tmp_path):
 
 
 def resume(train_cli, tiny, run: Path, shards: Path):
-    return train_cli(tiny(run, shards, "max_steps=3", "checkpoint_every=1"))
+    return train_cli(tiny(run, shards, "max_steps=3", "checkpoint_every=1", "ema_decay=0.5"))
 
 
 # --- finding 6: a damaged checkpoint is one line naming it, what is wrong and what to do ------------
@@ -118,6 +118,17 @@ def test_a_trainer_state_step_that_is_not_a_number_names_the_file_and_field(copy
     line = one_line_error(resume(train_cli, tiny, run, shards))
     assert f"{state}: step must be int, not str 'abc'" in line
     assert "remove that checkpoint, or resume=" in line
+
+
+def test_ema_weights_that_do_not_fit_the_model_name_the_file(copy_of, train_cli, tiny, shards):
+    import torch
+    from safetensors.torch import save_file
+
+    run = copy_of()
+    ema = run / "checkpoints" / "step-000002" / "ema.safetensors"
+    save_file({"x": torch.zeros(1)}, str(ema))
+    line = one_line_error(resume(train_cli, tiny, run, shards))
+    assert f"{ema} lacks " in line
 
 
 def test_a_checkpoint_whose_saved_config_is_not_finite_is_refused(copy_of, train_cli, tiny, shards):
