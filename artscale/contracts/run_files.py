@@ -138,16 +138,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return read_metrics_counted(path)[0]
 
 
-def broken_pickle(folder: Path) -> str:
-    """Which of accelerate's files in a checkpoint `load_state` cannot load, and why, in words for the
-    user ("" where each loads). Called after a load failed: it opens each file once more."""
+def broken_pickle(folder: Path, pattern: str = "") -> str:
+    """Which of accelerate's files in a checkpoint (those whose name starts with `pattern`) `load_state`
+    cannot load, and why, in words for the user ("" where each loads). Called after a load failed (it
+    opens each file once more), and before, on the RNG states, whose failure accelerate only logs."""
     import pickle
     import zipfile
 
     from accelerate.utils import load  # torch.load(weights_only=True) with the numpy types RNG states hold
 
     for p in sorted(folder.iterdir()):
-        if not ACCELERATE_PICKLES.match(p.name):
+        if not ACCELERATE_PICKLES.match(p.name) or not p.name.startswith(pattern):
             continue
         if p.name.startswith("custom_checkpoint"):  # accelerate unpickles these with weights_only=False
             return f"{p.name} is not a file artscale writes"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -348,11 +349,17 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, lim
     sources = [_source(p) for p in paths]
     out = Path(out) if out is not None else default_out(paths[0], sources[0][0])
     _check_out(out, [s.path for kind, s in sources if kind == "output"])
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     thumbs = Thumbs(out)
     sections, toc = [], []
     for n, ((kind, src), path) in enumerate(zip(sources, paths), 1):
-        title, body = run_section(path, thumbs) if kind == "run" else output_section(src, thumbs, limits)
+        try:
+            title, body = run_section(path, thumbs) if kind == "run" else output_section(src, thumbs, limits)
+        except UserError:  # a bad file in the source: a new OUT goes, or the fixed rerun would find it "not a report"
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         anchor = f"s{n}"
         body = re.sub(r'id="([a-z]+)"', lambda m, a=anchor: f'id="{a}-{m.group(1)}"', body)
         sections.append(

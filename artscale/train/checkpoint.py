@@ -236,6 +236,9 @@ class CheckpointManager:
         try:
             state = read_state(path / STATE_NAME) or {}
             saved_config(path / CONFIG_NAME)
+            rng = broken_pickle(path, "random_states")  # accelerate would log it and resume with other random streams
+            if rng:
+                raise UserError(rng)
             try:
                 self.accelerator.load_state(str(path))
             except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile):

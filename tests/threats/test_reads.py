@@ -90,6 +90,18 @@ def test_a_checkpoint_pickle_with_code_is_refused_without_advising_weights_only_
     assert not marker.exists()
 
 
+def test_rng_states_with_code_are_refused_not_skipped(copy_of, train_cli, tiny, shards, tmp_path):
+    """accelerate only logs an RNG state it cannot load and resumes on other random streams: refused here."""
+    import torch
+
+    run = copy_of()
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _RunsCode(marker)}, run / "checkpoints" / "step-000002" / "random_states_0.pkl")
+    proc = resume(train_cli, tiny, run, shards)
+    assert "random_states_0.pkl holds objects other than tensors" in one_line_error(proc)
+    assert "weights_only" not in proc.stderr + proc.stdout and not marker.exists()
+
+
 def test_a_model_file_with_code_is_refused_without_torch_advice(tmp_path):
     """An article .pth (export's input) that is a pickle with code: read_state_dict says so in its own words."""
     import torch
@@ -173,6 +185,16 @@ def test_a_diverged_runs_nan_loss_is_still_reported(copy_of, run_cli):
         f.write('{"step": 3, "loss": NaN, "lr": 0.001, "img_per_s": 3.0}\n')
     proc = run_cli("report", run)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_an_eval_json_with_a_list_for_its_classes_names_the_field(copy_of, run_cli):
+    run = copy_of()
+    record = {"fid": 12.5, "kid_mean": 0.01, "kid_std": 0.001, "generated": {"images": 4}, "real": {"images": 4}}
+    (run / "eval.json").write_text(json.dumps({**record, "per_class": [1]}))
+    line = one_line_error(run_cli("report", run))
+    assert f"{run / 'eval.json'}: per_class must be dict, not list [1]" in line
+    (run / "eval.json").write_text(json.dumps({**record, "fid": "NaN-ish", "per_class": {}}))
+    assert "fid must be float, not str" in one_line_error(run_cli("report", run))
 
 
 def test_a_denoiser_record_with_a_climbing_class_name_is_refused(tmp_path):
