@@ -117,8 +117,10 @@ def resume_denoiser(checkpoint: Path, fresh: torch.nn.Module) -> torch.nn.Module
 
 def check_run_dir(run_dir: str | Path, config: dict[str, Any], force: bool) -> None:
     """Refuse to continue a run dir whose saved config.json defines a different run (unless forced)."""
+    if force:
+        return
     saved = saved_config(Path(run_dir) / CONFIG_NAME)
-    if saved is None or force:
+    if saved is None:
         return
     changed = [k for k in RUN_DEFINING_KEYS if k in saved and saved[k] != config.get(k)]
     if changed:

@@ -90,6 +90,7 @@ def test_a_checkpoint_pickle_with_code_is_refused_without_advising_weights_only_
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a training launch beyond the issue's own findings
 def test_rng_states_with_code_are_refused_not_skipped(copy_of, train_cli, tiny, shards, tmp_path):
     """accelerate only logs an RNG state it cannot load and resumes on other random streams: refused here."""
     import torch
@@ -132,6 +133,7 @@ def test_a_trainer_state_step_that_is_not_a_number_names_the_file_and_field(copy
     assert "remove that checkpoint, or resume=" in line
 
 
+@pytest.mark.slow  # a training launch beyond the issue's own findings
 def test_ema_weights_that_do_not_fit_the_model_name_the_file(copy_of, train_cli, tiny, shards):
     import torch
     from safetensors.torch import save_file
@@ -143,6 +145,7 @@ def test_ema_weights_that_do_not_fit_the_model_name_the_file(copy_of, train_cli,
     assert f"{ema} lacks " in line
 
 
+@pytest.mark.slow  # a training launch beyond the issue's own findings
 def test_a_checkpoint_whose_saved_config_is_not_finite_is_refused(copy_of, train_cli, tiny, shards):
     run = copy_of()
     saved = run / "checkpoints" / "step-000002" / "config.json"
