@@ -197,8 +197,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     raise TypeError(f"unhandled config type {hint} for {name}")
 
 
-def _check_ranges(cfg: TrainConfig, origins: dict[str, str]) -> None:
-    """Every bounded field finite and in its range (`bounded` beside the field says which)."""
+def _check_ranges(cfg: TrainConfig, given: dict[str, Any], origins: dict[str, str]) -> None:
+    """Every bounded field finite and in its range (`bounded` beside the field says which); a message
+    shows the value as given (`batch_size=1e30`) and as read."""
     values = cfg.to_dict()
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(cfg):
@@ -208,7 +209,8 @@ def _check_ranges(cfg: TrainConfig, origins: dict[str, str]) -> None:
         try:
             checked(values, f.name, hints[f.name], "", low=low, high=high, low_open=low_open)
         except BadFile as e:
-            raise _at(origins.get(f.name, ""), f"config {f.name}={values[f.name]!r}: {e.problem}") from None
+            shown = printable(str(given.get(f.name, values[f.name])))[:60]
+            raise _at(origins.get(f.name, ""), f"config {f.name}={shown}: {e.problem}") from None
 
 
 def _at(origin: str, message: str) -> UserError:
@@ -276,7 +278,7 @@ def _build(values: dict[str, Any], origins: dict[str, str]) -> TrainConfig:
             raise _at(origins.get(k, ""), str(e)) from None
     cfg = TrainConfig(**coerced)
     _validate(cfg)
-    _check_ranges(cfg, origins)
+    _check_ranges(cfg, values, origins)
     return cfg
 
 
