@@ -42,13 +42,13 @@ class TrainConfig:
     # data and places
     data: str = "shards/demo"  # a shards dir (with manifest.json) or a webdataset URL pattern
     run_dir: str = "runs/default"  # checkpoints/, samples/, wandb/, final/ go here
-    # training resolution; must match the shards (multiple of 8)
+    #: training resolution; must match the shards (multiple of 8)
     image_size: int = bounded(128, 8, MAX_IMAGE_SIZE)
     # optimisation (the article: Adam 1e-3, StepLR(30 epochs, 0.1), 150 epochs, batch 32)
     batch_size: int = bounded(32, 1, MAX_COUNT)  # per process
     lr: float = bounded(1e-3, 0, 10, low_open=True)
     scale_lr: bool = False  # multiply lr by processes x grad_accum (never done silently)
-    # StepLR period, in epochs, applied per optimizer step
+    #: StepLR period, in epochs, applied per optimizer step
     lr_step_epochs: float = bounded(30, 0, MAX_STEPS, low_open=True)
     lr_gamma: float = bounded(0.1, 0, 1, low_open=True)  # StepLR's factor: in (0, 1]
     # step: the article's StepLR above; cosine: from lr down to 0 at the last step (lr_step_epochs and
@@ -63,8 +63,8 @@ class TrainConfig:
     # conditional denoiser (diffusers' UNet2DModel) that draws new images from noise (README: Diffusion)
     objective: Literal["reconstruct", "diffusion"] = "reconstruct"
     # loss
-    # VGG16 term; -1: the objective's default (1.0 reconstruct, 0 diffusion, where it applies to the
-    # predicted clean image at low-noise timesteps only)
+    #: VGG16 term; -1: the objective's default (1.0 reconstruct, 0 diffusion, where it applies to the
+    #: predicted clean image at low-noise timesteps only)
     perceptual_weight: float = bounded(-1.0, 0, MAX_WEIGHT)
     vgg_weights: str = "imagenet"  # imagenet | a local torchvision VGG16 .pth/.safetensors | random
     # diffusion: the denoiser (a preset, or its parts; explicit values override the preset's)
@@ -77,7 +77,7 @@ class TrainConfig:
     beta_schedule: Literal["squaredcos_cap_v2", "linear"] = "squaredcos_cap_v2"  # cosine by default
     zero_terminal_snr: bool = False  # rescale betas so the last timestep is pure noise (needs v_prediction)
     min_snr_gamma: float = bounded(0.0, 0, MAX_WEIGHT)  # min-SNR loss weighting (5 is usual); 0: off
-    # probability a label is dropped to the null class (classifier-free guidance), in [0, 1)
+    #: probability a label is dropped to the null class (classifier-free guidance), in [0, 1)
     cond_drop: float = bounded(0.1, 0, 1)
     # weights EMA (both objectives), updated on optimizer steps, with a warm-up so early steps are not
     # frozen; used for samples, validation and export. -1: the objective's default (0.9999 diffusion,
@@ -102,8 +102,8 @@ class TrainConfig:
     # GroupNorms run in the contiguous layout on CUDA, so each would convert its input and output
     channels_last: Literal["auto", True, False] = "auto"
     compile: bool = False  # torch.compile, applied by accelerate to the DDP-wrapped model (see train_setup.py)
-    # DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from the step
-    # (bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
+    #: DataLoader workers per process; -1: 0 on CPU, where a worker only takes cores from the step
+    #: (bench/train_step.py), and up to 4 on a GPU, which decoding must keep fed
     num_workers: int = bounded(-1, -1, 1024)
     hflip: bool = False  # random horizontal flip of training images
     # policies, in optimizer steps
@@ -122,7 +122,7 @@ class TrainConfig:
     seed: int = bounded(0, 0, 2**32 - 1)  # numpy's seeds are 32 bits
     resume: str = "latest"  # latest | a checkpoint path | "" (start fresh; refused if run_dir has checkpoints)
     force: bool = False  # allow a run_dir whose saved config differs
-    # a rank waiting longer than this on its peers fails instead of hanging
+    #: a rank waiting longer than this on its peers fails instead of hanging
     pg_timeout_s: int = bounded(600, 1, 10**7)
 
     def __post_init__(self) -> None:
