@@ -12,7 +12,6 @@ lines (also pure functions) and submits them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -253,15 +252,16 @@ def run_finished(train_args: Sequence[str]) -> bool:
     extended with a larger max_steps after it finished once has newer checkpoints than final/).
     """
     from artscale.contracts.run_dir import STATE_NAME, list_checkpoints
+    from artscale.contracts.run_files import read_state
     from artscale.train.config import load_config
 
     config, overrides = _split_train_args(train_args)
     run_dir = Path(load_config(config, overrides).run_dir)
-    state = run_dir / "final" / STATE_NAME
-    if not state.is_file():
+    state = read_state(run_dir / "final" / STATE_NAME)
+    if state is None:
         return False
     found = list_checkpoints(run_dir)
-    return int(json.loads(state.read_text()).get("step", -1)) >= (found[-1][0] if found else 0)
+    return state["step"] >= (found[-1][0] if found else 0)
 
 
 @dataclass(frozen=True)

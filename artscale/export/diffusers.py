@@ -27,6 +27,7 @@ import torch
 
 from artscale import __version__
 from artscale.contracts.run_dir import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, is_diffusion_source, load_denoiser
+from artscale.contracts.run_files import read_config
 from artscale.core.atomic import fresh_dir, remove_tree, write_atomic
 from artscale.core.errors import UserError
 from artscale.data.grids import grid_image
@@ -83,11 +84,7 @@ def _readable(folder: Path) -> None:
 
 
 def _run_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+    return read_config(folder / CONFIG_NAME) or {}
 
 
 def draw_grid(

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from artscale.core.atomic import regular_files, write_atomic, write_json_atomic
-from artscale.core.checks import class_names
+from artscale.core.checks import BadFile, class_names, mapping, printable, safe_component
+from artscale.core.checks import field as checked
 from artscale.core.errors import UserError
 from artscale.data.images import encode_image, resize_image
 
@@ -112,6 +113,31 @@ SAMPLE_FIELDS = {
 RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "guidance", "batch_size", "format")
 
 
+# Timings and rates a report holds besides its counts: finite numbers >= 0.
+REPORT_TIMES = ("wall_s", "wall_s_max", "img_per_s")
+MAX_REPORT_NUMBER = 1e15
+
+
+def check_report(rep: Any, path: Path) -> dict[str, Any]:
+    """A generate or sample report.json (or a shard's): a JSON object whose counts are ints >= 0, whose
+    timings are finite numbers >= 0, and whose class names are safe path components (sample makes a
+    folder of each). BadFile (one line naming the field) where it is not; a missing key is the merge's
+    business (`_read_shard` names what a shard report lacks)."""
+    rep = mapping(rep, path)
+    for key, kind in {**GENERATE_FIELDS, **SAMPLE_FIELDS, "images_in_run": int, "after_listing": int}.items():
+        low, high = (0, MAX_REPORT_NUMBER) if kind is int else (None, None)
+        checked(rep, key, kind, path, low=low, high=high, default=None)
+    for key in REPORT_TIMES:
+        checked(rep, key, float, path, low=0, high=MAX_REPORT_NUMBER, default=None)
+    for i, name in enumerate(rep.get("classes") or []):
+        safe_component(name, path, f"classes[{i}]")
+    if rep.get("format") is not None and rep["format"] not in EXTENSIONS:
+        raise BadFile(
+            path, "format", f"must be one of {', '.join(EXTENSIONS)}, not {printable(repr(rep['format']))[:40]}"
+        )
+    return rep
+
+
 def _ranges(numbers: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     spans: list[list[int]] = []
@@ -133,6 +159,10 @@ def _read_shard(path: Path, shard: int, num_shards: int, kind: str, fields: dict
         return f"{path} is not a readable JSON report ({e})"
     if not isinstance(rep, dict):
         return f"{path} is not a {kind} report (not a JSON object)"
+    try:
+        check_report(rep, path)
+    except BadFile as e:
+        return str(e)
     lacking = [k for k, t in fields.items() if not isinstance(rep.get(k), t) or isinstance(rep.get(k), bool)]
     if lacking:
         return f"{path} is not a {kind} report (it lacks {', '.join(lacking)})"

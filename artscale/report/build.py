@@ -25,7 +25,7 @@ from typing import Any
 from artscale import __version__
 from artscale.core.atomic import regular_file, remove_tree, write_atomic
 from artscale.core.errors import UserError
-from artscale.infer.outputs import EXTENSIONS, REPORT_NAME, SHARD_REPORT, SHARD_REPORT_GLOB, plan
+from artscale.infer.outputs import EXTENSIONS, REPORT_NAME, SHARD_REPORT, SHARD_REPORT_GLOB, check_report, plan
 from artscale.report.html import GENERATOR, Tile, card, contact_sheet, esc, fmt, fmt_seconds, kpis, kv_table, note, page
 from artscale.report.html import table as html_table
 from artscale.report.images import Thumbs, select
@@ -77,12 +77,12 @@ class Output:
 
 def _read_report(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"{path} is not a readable report ({e}); run the command that wrote it again") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a report of `artscale generate` or `artscale sample`")
-    return data
+    return check_report(data, path)
 
 
 def _kind(path: Path, report: dict[str, Any]) -> str:

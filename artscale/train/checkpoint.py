@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,14 @@ from artscale.contracts.run_dir import (
     latest_checkpoint,
     list_checkpoints,
     load_weights,
-    read_json,
     step_dir_name,
     unet_config,
 )
+from artscale.contracts.run_files import broken_pickle, read_denoiser, read_state
 from artscale.core.atomic import UnsafePath, fresh_dir, remove_tree, write_json_atomic
 from artscale.core.errors import UserError
 from artscale.models.state_dict import read_state_dict
+from artscale.train.config import saved_config
 
 # How long a rank waits to see the checkpoint rank 0 resumes from (a shared filesystem's caches lag by seconds).
 RESUME_WAIT_S = 60.0
@@ -97,7 +100,7 @@ def resume_denoiser(checkpoint: Path, fresh: torch.nn.Module) -> torch.nn.Module
     where the checkpoint holds no record. A record whose weight shapes differ from the config's is refused."""
     from diffusers import UNet2DModel
 
-    meta = read_json(checkpoint / DENOISER_NAME)
+    meta = read_denoiser(checkpoint / DENOISER_NAME)
     if meta is None:
         return fresh
     recorded = unet_config(meta)
@@ -111,8 +114,10 @@ def resume_denoiser(checkpoint: Path, fresh: torch.nn.Module) -> torch.nn.Module
 
 def check_run_dir(run_dir: str | Path, config: dict[str, Any], force: bool) -> None:
     """Refuse to continue a run dir whose saved config.json defines a different run (unless forced)."""
-    saved = read_json(Path(run_dir) / CONFIG_NAME)
-    if saved is None or force:
+    if force:
+        return
+    saved = saved_config(Path(run_dir) / CONFIG_NAME)
+    if saved is None:
         return
     changed = [k for k in RUN_DEFINING_KEYS if k in saved and saved[k] != config.get(k)]
     if changed:
@@ -225,9 +230,25 @@ class CheckpointManager:
         models.pop(0)  # loaded: accelerate would look for its own (wrapped) keys
 
     def load(self, path: Path) -> dict[str, Any]:
-        """Model, optimizer, scaler and RNG state from `path`; returns its trainer state."""
-        self.accelerator.load_state(str(path))
-        state = read_json(path / STATE_NAME) or {}
+        """Model, optimizer, scaler and RNG state from `path`; returns its trainer state. A checkpoint
+        whose files are damaged is one line naming it, what is wrong and what to do."""
+        try:
+            state = read_state(path / STATE_NAME) or {}
+            saved_config(path / CONFIG_NAME)
+            rng = broken_pickle(path, "random_states")  # accelerate would log it and resume with other random streams
+            if rng:
+                raise UserError(rng)
+            try:
+                self.accelerator.load_state(str(path))
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile):
+                # torch's own messages advise weights_only=False (running the file's code): never shown
+                raise UserError(broken_pickle(path) or "accelerate's files in it do not load") from None
+        except UserError as e:
+            older = [p for _, p in list_checkpoints(path.parent.parent) if p.name < path.name]
+            instead = f"resume={older[-1]}" if older else "start again in a new run_dir"
+            raise UserError(
+                f"cannot resume from checkpoint {path}: {e}; remove that checkpoint, or {instead}"
+            ) from None
         self.last_saved = state.get("step")
         return state
 

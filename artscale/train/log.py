@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from artscale.contracts.run_dir import read_metrics
+from artscale.contracts.run_files import read_metrics
 from artscale.core.atomic import append_text, write_atomic
 from artscale.core.progress import Progress
 from artscale.data.grids import grid_image

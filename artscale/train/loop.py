@@ -240,7 +240,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     if ema is not None and resume_from:
         if not (resume_from / EMA_NAME).is_file():
             raise UserError(f"{resume_from} holds no {EMA_NAME} (trained with ema_decay=0): resume with ema_decay=0")
-        ema.load(read_state_dict(resume_from / EMA_NAME), int(state.get("ema_step", 0)))
+        ema.load(read_state_dict(resume_from / EMA_NAME), int(state.get("ema_step", 0)), str(resume_from / EMA_NAME))
     objective = build_objective(cfg, spec, acc, loss_fn, start)
     ckpt.extras = extras = _extras(net, objective, spec, cfg, ema)
     if start > plan.total_steps:
