@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,10 +33,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from artscale.core.checks import field as checked
+from artscale.core.checks import printable
 from artscale.core.errors import UserError
 from artscale.core.seeds import stable_seed
 from artscale.data.images import decode_bytes
-from artscale.data.manifest import read_manifest
+from artscale.data.manifest import MANIFEST, read_manifest, shard_file
 from artscale.data.store import check_url, fetch, is_url, join, listing
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,22 @@ def _is_pattern(data: str) -> bool:
     return "{" in data or "::" in data or data.endswith(".tar")
 
 
+# `pipe:CMD` makes webdataset run CMD in a shell. A config file passed between users must not run
+# commands by itself: only the user's own environment allows it (webdataset's WDS_SECURE refuses local
+# files too, so artscale keeps its own gate).
+ALLOW_PIPE_ENV = "ARTSCALE_ALLOW_PIPE"
+
+
+def check_pipe(data: str, urls: list[str]) -> None:
+    """Refuse a `pipe:` URL unless ARTSCALE_ALLOW_PIPE=1 is set in the environment."""
+    piped = [u for u in urls if u.startswith("pipe:")]
+    if piped and os.environ.get(ALLOW_PIPE_ENV) != "1":
+        raise UserError(
+            f"data={printable(data)[:120]}: a pipe: spec runs a shell command ({printable(piped[0])[:80]}); "
+            f"artscale runs it only when you set {ALLOW_PIPE_ENV}=1 in the environment"
+        )
+
+
 def data_spec(data: str, image_size: int) -> DataSpec:
     """Check `data` (a shards dir with manifest.json, local or at a URL, or a webdataset URL pattern)
     before training starts."""
@@ -70,7 +89,8 @@ def data_spec(data: str, image_size: int) -> DataSpec:
     root = data.rstrip("/") if url else Path(data).expanduser()
     if (url and not _is_pattern(data)) or (not url and root.is_dir()):
         manifest = read_manifest(root)
-        if manifest["image_size"] != image_size:
+        size = checked(manifest, "image_size", int, join(root, MANIFEST), low=1)
+        if size != image_size:
             raise UserError(
                 f"data={data} holds {manifest['image_size']} px images but image_size={image_size}: "
                 f"set image_size={manifest['image_size']} or pack again with --size {image_size}"
@@ -83,27 +103,27 @@ def data_spec(data: str, image_size: int) -> DataSpec:
             raise UserError(
                 f"data={data}: no train samples in its manifest (pack more images, or a smaller --val-fraction)"
             )
+        files = {s["name"]: str(shard_file(root, s)) for s in shards["train"] + shards["val"]}  # no symlink
         present = listing(root)  # one listing, not a request per shard; None over HTTP (no listing)
-        missing = [
-            s["name"] for s in shards["train"] + shards["val"] if present is not None and s["name"] not in present
-        ]
+        missing = [name for name in files if present is not None and name not in present]
         if missing:
             raise UserError(
                 f"data={data}: shard {missing[0]} listed in manifest.json is missing (run artscale verify {data})"
             )
         count = {split: sum(s["count"] for s in shards[split]) for split in shards}
         return DataSpec(
-            [str(join(root, s["name"])) for s in shards["train"]],
-            [str(join(root, s["name"])) for s in shards["val"]],
+            [files[s["name"]] for s in shards["train"]],
+            [files[s["name"]] for s in shards["val"]],
             count["train"],
             count["val"],
             image_size,
             list(manifest["classes"]),
-            {str(join(root, s["name"])): s["bytes"] for s in shards["train"] + shards["val"]},
+            {files[s["name"]]: s["bytes"] for s in shards["train"] + shards["val"]},
         )
     if "{" not in data and "::" not in data and not url and not data.startswith("pipe:"):
         raise UserError(f"data={data}: not a shards directory (make one with: artscale pack SRC {data})")
     urls = wds.shardlists.expand_urls(data)
+    check_pipe(data, urls)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:

@@ -23,18 +23,19 @@ from pathlib import Path
 from typing import IO, Any
 
 from artscale import __version__
+from artscale.core.atomic import TMP_SUFFIX
+from artscale.core.checks import BadFile, printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.collection import Collection, Entry, scan_collection
 from artscale.data.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
-from artscale.data.manifest import MANIFEST, read_manifest, split_shards
+from artscale.data.manifest import MANIFEST, SPLITS, check_shard, read_manifest, split_shards
 from artscale.data.shard_writer import Journal, SplitWriter
-from artscale.data.store import Folder, LocalDir, RemoteDir, is_url, open_dir, sha256_stream
+from artscale.data.store import Folder, LocalDir, NotAFile, RemoteDir, is_url, open_dir, sha256_stream
 
 JOURNAL = ".pack-journal.jsonl"
-SPLITS = ("train", "val")
-MIN_TRAIN_SHARDS = 8  # fewer shards than nodes x loader workers leaves some of them idle
+MIN_TRAIN_SHARDS = 8  # a loader worker reads one shard at a time into its shuffle buffer: few shards mix poorly
 _CHUNK = 8  # files per task sent to a worker
 _SETTINGS: dict[str, Any] = {}  # the decode settings, set once per worker process
 
@@ -92,7 +93,7 @@ def _our_files(out: Folder) -> list[str]:
     return [
         n
         for n in out.names()
-        if n in names or n.endswith(".partial") or (n.endswith(".tar") and n.split("-")[0] in SPLITS)
+        if n in names or n.endswith((".partial", TMP_SUFFIX)) or (n.endswith(".tar") and n.split("-")[0] in SPLITS)
     ]
 
 
@@ -112,10 +113,37 @@ def _refuse(out: str, old: dict, new: dict) -> None:
             if old.get("settings", {}).get(k) != v
         ]
         why = "shards packed with " + ", ".join(diff)
-    raise UserError(f"{out} holds {why}; use --force to replace them, or another OUT")
+    raise UserError(f"{out} holds {printable(why)}; use --force to replace them, or another OUT")
 
 
-def _resume(out: Folder, identity: dict, fingerprint: str, force: bool) -> tuple[dict | None, list[dict]]:
+def _trusted(r: Any, path: str | Path, before: int, classes: int) -> bool:
+    """Whether a journal record is a shard record pack wrote: the next shard of its split by name, its
+    counts per class index, its skips and where it ended. Others (a hand-edited or foreign journal)
+    are dropped like a shard whose bytes changed."""
+    try:
+        check_shard(r, path, "record")
+        per_class, skipped, end = r.get("per_class"), r.get("skipped"), r.get("end")
+        return (
+            r["name"] == f"{r['split']}-{before:06d}.tar"
+            and isinstance(per_class, dict)
+            and all(k.isdigit() and int(k) < classes and type(n) is int and n >= 0 for k, n in per_class.items())
+            and isinstance(skipped, list)
+            and all(
+                isinstance(x, dict)
+                and isinstance(x.get("path"), str)
+                and isinstance(x.get("reason"), str)
+                and type(x.get("cls")) is int
+                and 0 <= x["cls"] < classes
+                for x in skipped
+            )
+            and type(end) is int
+            and end >= 0
+        )
+    except BadFile:
+        return False
+
+
+def _resume(out: Folder, identity: dict, fingerprint: str, force: bool, classes: int) -> tuple[dict | None, list[dict]]:
     """Decide what OUT already holds: (a finished manifest to keep, or None; journal records to keep)."""
     out.prepare()
     if force:
@@ -127,7 +155,7 @@ def _resume(out: Folder, identity: dict, fingerprint: str, force: bool) -> tuple
         old = read_manifest(out.label)
         if {"source": old.get("source"), "settings": old.get("settings")} != identity:
             _refuse(out.label, old, identity)
-        intact = all(sizes.get(s["name"]) == s["bytes"] for s in old["shards"])
+        intact = all(sizes.get(s["name"]) == s["bytes"] for s in old["shards"])  # regular files only: no symlink
         if old.get("fingerprint") == fingerprint and intact:
             if JOURNAL in sizes:
                 journal.remove()
@@ -148,6 +176,11 @@ def _resume(out: Folder, identity: dict, fingerprint: str, force: bool) -> tuple
         _clean(out)
         return None, []
     header = records[0]
+    old = header.get("identity") if isinstance(header, dict) else None
+    if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
+        print(f"artscale: {journal.path} is not a journal pack wrote: starting over", file=sys.stderr)
+        _clean(out)
+        return None, []
     if header.get("identity") != identity:
         _refuse(out.label, header.get("identity", {}), identity)
     if header.get("fingerprint") != fingerprint:
@@ -156,6 +189,10 @@ def _resume(out: Folder, identity: dict, fingerprint: str, force: bool) -> tuple
         return None, []
     kept, broken = [], set()
     for r in records[1:]:
+        split = r.get("split") if isinstance(r, dict) else None
+        if not _trusted(r, journal.path, sum(k["split"] == split for k in kept), classes):
+            broken.update([split] if split in SPLITS else SPLITS)
+            continue
         if r["split"] in broken or sizes.get(r["name"]) != r["bytes"] or _sha256(out, r["name"]) != r["sha256"]:
             broken.add(r["split"])
             continue
@@ -168,8 +205,12 @@ def _resume(out: Folder, identity: dict, fingerprint: str, force: bool) -> tuple
 
 
 def _sha256(out: Folder, name: str) -> str:
-    with out.open(name) as f:
-        return sha256_stream(f)
+    """The sha256 of a shard in OUT; "" where it cannot be read (a local symlink is never followed)."""
+    try:
+        with out.open(name) as f:
+            return sha256_stream(f)
+    except (FileNotFoundError, NotAFile):
+        return ""
 
 
 def pack(src: Path, out: str | Path, *, workers: int = 0, force: bool = False, **settings: Any) -> dict:
@@ -195,7 +236,7 @@ def pack(src: Path, out: str | Path, *, workers: int = 0, force: bool = False, *
 
 
 def _pack(src: Path, coll: Collection, out: Folder, identity: dict, workers: int, force: bool, started: float) -> dict:
-    done, kept = _resume(out, identity, coll.fingerprint, force)
+    done, kept = _resume(out, identity, coll.fingerprint, force, len(coll.classes))
     if done is not None:
         print(f"{out.label} already holds this collection's shards: nothing to do")
         return done
@@ -341,14 +382,14 @@ def _summary(m: dict, src: Path, out: str, seconds: float) -> None:
     )
     if tr["shards"] < MIN_TRAIN_SHARDS:
         print(
-            f"artscale: warning: only {tr['shards']} train shards; a cluster spreads shards over nodes x loader "
-            f"workers and wants at least {MIN_TRAIN_SHARDS}: lower --shard-max-count",
+            f"artscale: warning: only {tr['shards']} train shards; each loader worker reads one shard at a time into "
+            f"its shuffle buffer, so a batch mixes few shards: lower --shard-max-count for {MIN_TRAIN_SHARDS} or more",
             file=sys.stderr,
         )
 
 
 def _count_samples(f: IO[bytes], name: str, ext: str) -> tuple[int, list[str]]:
-    """Samples in a tar, read with plain tarfile, and what is wrong with any of them."""
+    """Samples in an open tar, read with plain tarfile, and what is wrong with any of them."""
     fields: dict[str, set[str]] = {}
     with tarfile.open(fileobj=f) as tar:
         for member in tar:
@@ -356,7 +397,7 @@ def _count_samples(f: IO[bytes], name: str, ext: str) -> tuple[int, list[str]]:
             fields.setdefault(key, set()).add(suffix)
     want = {ext, "cls", "json"}
     bad = [
-        f"{name}: sample {k} has {', '.join(sorted(v))}, expected {', '.join(sorted(want))}"
+        f"{name}: sample {printable(k)} has {printable(', '.join(sorted(v)))}, expected {', '.join(sorted(want))}"
         for k, v in fields.items()
         if v != want
     ]
@@ -364,13 +405,17 @@ def _count_samples(f: IO[bytes], name: str, ext: str) -> tuple[int, list[str]]:
 
 
 def _verify_shard(out: Folder, s: dict, image_format: str) -> list[str]:
+    """What is wrong with one listed shard. A local one is opened without following a symlink (a link
+    may lead outside SHARDS); a remote one is fetched whole. Hashed and counted from that one open file."""
     name = s["name"]
     try:
         f = out.open(name)
     except FileNotFoundError:
         return [f"{name}: missing"]
+    except NotAFile as e:
+        return [f"{name}: {e}"]
     except OSError as e:
-        return [f"{name}: cannot be read ({e})"]
+        return [f"{name}: unreadable ({printable(e.strerror or str(e))})"]
     with f:
         problems = []
         size = f.seek(0, os.SEEK_END)
@@ -383,7 +428,7 @@ def _verify_shard(out: Folder, s: dict, image_format: str) -> list[str]:
         try:
             count, bad = _count_samples(f, name, image_format)
         except (tarfile.TarError, OSError) as e:
-            return [*problems, f"{name}: not a readable tar ({e})"]
+            return [*problems, f"{name}: not a readable tar ({printable(str(e))})"]
     problems += bad
     if count != s["count"]:
         problems.append(f"{name}: {count} samples, manifest says {s['count']}")
@@ -406,9 +451,8 @@ def verify(out: str | Path) -> list[str]:
         shards = split_shards(m, split)
         if m["splits"][split]["count"] != sum(s["count"] for s in shards):
             problems.append(f"manifest: {split} count {m['splits'][split]['count']} is not the sum over its shards")
-    present = folder.sizes() or {}  # HTTP cannot list: no extra shards to find there
-    extra = sorted(name for name in present if name.endswith(".tar") and name not in listed)
-    problems += [f"{name}: a shard that the manifest does not list" for name in extra]
+    extra = sorted(name for name in folder.names() if name.endswith(".tar") and name not in listed)
+    problems += [f"{printable(name)}: a shard that the manifest does not list" for name in extra]
     return problems
 
 
@@ -418,9 +462,9 @@ def describe_shards(out: str | Path) -> str:
     tr, va = m["splits"]["train"], m["splits"]["val"]
     total = sum(s["bytes"] for s in m["shards"])
     lines = [
-        f"shards {out} (artscale {m.get('artscale_version', '?')}, from {m.get('source', '?')})",
-        f"  images: {m['image_size']} px {m['image_format']} ({m.get('resize', '?')}), {total / 1e6:.1f} MB",
-        f"  classes ({len(m['classes'])}): {', '.join(m['classes'])}",
+        f"shards {out} (artscale {printable(m.get('artscale_version', '?'))}, from {printable(m.get('source', '?'))})",
+        f"  images: {m['image_size']} px {m['image_format']} ({printable(m.get('resize', '?'))}), {total / 1e6:.1f} MB",
+        f"  classes ({len(m['classes'])}): {printable(', '.join(m['classes']))}",
         f"  train: {tr['count']} samples in {tr['shards']} shards; val: {va['count']} samples in {va['shards']} shards",
         f"  skipped {len(m.get('skipped', []))}, ignored {m.get('ignored', 0)}",
     ]
@@ -432,5 +476,5 @@ def describe_shards(out: str | Path) -> str:
     for s in m.get("skipped", []):
         reason = s["reason"].split(":")[0].split(" (")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
-    lines += [f"  skipped, {reason}: {n}" for reason, n in sorted(reasons.items())]
+    lines += [f"  skipped, {printable(reason)}: {n}" for reason, n in sorted(reasons.items())]
     return "\n".join(lines)

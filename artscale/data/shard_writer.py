@@ -6,15 +6,15 @@ No half-written file is left under a final name; the journal says which shards a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tarfile
 from pathlib import Path
 from typing import Any
 
+from artscale.core.atomic import create_fresh
 from artscale.data.collection import Entry
-from artscale.data.store import Folder
+from artscale.data.store import Folder, join, sha256_stream
 
 SHARD_MTIME = 946_684_800  # 2000-01-01: tar members get a fixed time, so reruns are byte-identical
 
@@ -30,11 +30,8 @@ def _tar_file_bytes(members: int) -> int:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f)
 
 
 class Journal:
@@ -43,6 +40,7 @@ class Journal:
 
     def __init__(self, folder: Folder, name: str):
         self.folder, self.name = folder, name
+        self.path = join(folder.label, name)  # for messages
 
     def read(self) -> list[dict]:
         text = self.folder.read_text(self.name)
@@ -87,7 +85,7 @@ class SplitWriter:
         self.current: dict[str, Any] = {"per_class": {}, "skipped": [], "end": 0}
 
     def _open(self, fname: str):
-        self.file = open(fname + ".partial", "wb")
+        self.file = create_fresh(fname + ".partial")
         return self.file
 
     def _finish(self, fname: str) -> None:

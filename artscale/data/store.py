@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
-from artscale.core.atomic import write_atomic
+from artscale.core.atomic import append_text, write_atomic
 from artscale.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -236,14 +237,21 @@ def fetch(url: str, size: int | None = None, *, attempts: int = 0, backoff: floa
 
 
 def sha256_stream(f: IO[bytes]) -> str:
+    """The sha256 of what is left to read in the open binary file `f`."""
     h = hashlib.sha256()
     for block in iter(lambda: f.read(1 << 20), b""):
         h.update(block)
     return h.hexdigest()
 
 
+class NotAFile(OSError):
+    """A name in a local shards folder that is a symlink or not a regular file: never read through."""
+
+
 class LocalDir:
-    """A shards folder on a filesystem: files are written under a temporary name and renamed."""
+    """A shards folder on a filesystem, written only through artscale.core.atomic: a file under a
+    temporary name renamed into place, an append that never follows a symlink. A symlink inside it is
+    never read as a shard (it may lead anywhere), nor counted as one by `sizes`."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -265,30 +273,55 @@ class LocalDir:
         return [p.name for p in self.path.iterdir()]
 
     def sizes(self) -> dict[str, int] | None:
-        """name -> bytes of each file in the folder."""
-        return {p.name: p.stat().st_size for p in self.path.iterdir() if p.is_file()}
+        """name -> bytes of each regular file in the folder (a symlink is not one: lstat, never followed)."""
+        sizes = {}
+        for p in self.path.iterdir():
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                sizes[p.name] = st.st_size
+        return sizes
 
     def read_text(self, name: str) -> str | None:
-        path = self.path / name
-        return path.read_text() if path.is_file() else None
+        """The file `name`, or None where there is none or it is not a regular file (a symlink)."""
+        try:
+            with self.open(name) as f:
+                return f.read().decode()
+        except (FileNotFoundError, NotAFile):
+            return None
 
     def write_text(self, name: str, text: str) -> None:
-        write_atomic(self.path / name, text, sync_dir=True)
+        write_atomic(self.path / name, text, root=self.path, sync_dir=True)
 
     def append_line(self, name: str, line: str) -> None:
-        with open(self.path / name, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.path / name, line)
 
     def remove(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)
 
     def publish(self, partial: Path, name: str) -> None:
-        partial.replace(self.path / name)
+        partial.replace(self.path / name)  # rename: a link planted at the final name is replaced, not followed
 
     def open(self, name: str, size: int | None = None) -> IO[bytes]:
-        return open(self.path / name, "rb")
+        """The file `name`, opened without following a symlink (NotAFile: a link may lead outside the
+        folder) and without blocking on a FIFO (NotAFile: not a regular file)."""
+        path = self.path / name
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if path.is_symlink():
+                raise NotAFile(
+                    f"a symlink; shards are read only as files inside {self.path} (copy the shard there)"
+                ) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotAFile("not a regular file")
+        return os.fdopen(fd, "rb")
 
 
 class RemoteDir:
@@ -341,6 +374,9 @@ class RemoteDir:
             return []
 
     def names(self) -> list[str]:
+        """The names in the folder; none over HTTP, which cannot list."""
+        if self.protocol in READ_ONLY:
+            return []
         return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._entries()]
 
     def sizes(self) -> dict[str, int] | None:

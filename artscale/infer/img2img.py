@@ -71,12 +71,13 @@ class Variations:
         sampler: str = "dpm++",
         guidance: float = 3.0,
         seed: int = 0,
+        model: str | Path = "the ONNX model",
     ) -> None:
         from artscale.contracts.onnx import read_metadata
 
         if not 0.0 <= strength <= 1.0 or steps < 1:
             raise UserError(f"--strength {strength} --steps {steps}: need 0 <= strength <= 1 and steps >= 1")
-        self.meta = read_metadata(session)
+        self.meta = read_metadata(session, model)
         self.classes, self.null_label = list(self.meta["classes"]), int(self.meta["null_label"])
         if class_name and class_name not in self.classes:
             raise UserError(f"--class {class_name}: not one of the model's classes ({', '.join(self.classes)})")
