@@ -227,3 +227,34 @@ def test_export_eval_and_report_read_the_shards_at_a_url(image_folder, s3, make_
     shutil.copy(run / "final" / "config.json", run / "config.json")  # where training keeps it
     page = write_report([run], tmp_path / "report").read_text()
     assert url in page and "no manifest.json here" not in page
+
+
+def test_a_local_folder_writes_and_reads_through_no_symlink(image_folder, tmp_path):
+    """LocalDir keeps main's rules: the journal's append and the manifest's write never go through a
+    planted link, a symlinked shard is neither read nor counted by `sizes`, and a resumed pack over
+    one packs that shard again and leaves the link's target alone."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    folder = store.LocalDir(out)
+    (out / JOURNAL).symlink_to(victim)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        folder.append_line(JOURNAL, "{}\n")
+    assert folder.read_text(JOURNAL) is None and JOURNAL not in folder.sizes()
+    folder.write_text(JOURNAL, "header\n")  # replaces the link, never writes through it
+    assert not (out / JOURNAL).is_symlink() and folder.read_text(JOURNAL) == "header\n"
+    assert victim.read_bytes() == b"keep me"
+
+    m = pack(image_folder, out, **PACKED, force=True)
+    name = m["shards"][0]["name"]
+    outside = tmp_path / name
+    shutil.copy(out / name, outside)
+    (out / name).unlink()
+    (out / name).symlink_to(outside)  # the same bytes and size, behind a link
+    assert name not in folder.sizes()
+    with pytest.raises(store.NotAFile, match="a symlink"):
+        folder.open(name)
+    assert verify(out) == [f"{name}: a symlink; shards are read only as files inside {out} (copy the shard there)"]
+    assert pack(image_folder, out, **PACKED) == m  # "shards are missing": packed again, the link replaced
+    assert not (out / name).is_symlink() and verify(out) == [] and outside.read_bytes() == (out / name).read_bytes()
