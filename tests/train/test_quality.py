@@ -174,8 +174,8 @@ def train_cli_cmd() -> list[str]:
 
 def test_eval_keys_are_checked():
     assert load_config(None, ["eval_every=0"]).eval_every == 0
-    for bad in (["eval_every=-1"], ["eval_samples=1"]):
-        with pytest.raises(UserError, match="eval_every="):
+    for bad, key in ((["eval_every=-1"], "eval_every"), (["eval_samples=1"], "eval_samples")):
+        with pytest.raises(UserError, match=f"config {key}=.*must be >= "):  # each key's range names it
             load_config(None, bad)
 
 
