@@ -35,6 +35,8 @@ def read_metadata(session) -> dict[str, Any]:
         "weights": props.get("weights", ""),
         "step": props.get("step", ""),
         "config": json.loads(props.get("config") or "{}"),  # the training config: the UNet's shape
+        "sampling": json.loads(props.get("sampling") or "null"),  # the run's sampler, steps, guidance (none: older)
+        "distilled": json.loads(props.get("distilled") or "null"),  # a distilled student's record
     }
 
 
@@ -66,6 +68,21 @@ def describe_onnx(path: str | Path) -> str:
         "metadata:",
     ]
     lines += [f"  {p.key}: {p.value}" for p in proto.metadata_props] or ["  (none)"]
+    props = {p.key: p.value for p in proto.metadata_props}
+    if props.get("objective") == "diffusion":
+        try:
+            sampling, student = json.loads(props.get("sampling") or "{}"), json.loads(props.get("distilled") or "{}")
+        except ValueError:
+            sampling, student = {}, {}
+        if student:
+            lines.append(
+                f"distilled student of {student.get('teacher')} (step {student.get('teacher_step')}): "
+                f"{student.get('steps')} steps, guidance {student.get('guidance')} baked in, one pass per step"
+            )
+        elif sampling:
+            lines.append(
+                f"samples with {sampling.get('sampler')} {sampling.get('steps')} steps, guidance {sampling.get('guidance')}"
+            )
     return "\n".join(lines)
 
 

@@ -42,7 +42,8 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # 0 disables clipping (the grad norm is still logged)
     # objective: `reconstruct` is the article's image-to-image model; `diffusion` trains a class-
     # conditional denoiser (diffusers' UNet2DModel) that draws new images from noise (README: Diffusion)
-    objective: Literal["reconstruct", "diffusion"] = "reconstruct"
+    # `distill` trains a few-step student of a diffusion run (`teacher`), guidance baked in (README: Distillation)
+    objective: Literal["reconstruct", "diffusion", "distill"] = "reconstruct"
     # loss
     perceptual_weight: float = -1.0  # VGG16 term; -1: the objective's default (1.0 reconstruct, 0 diffusion,
     # where it applies to the predicted clean image at low-noise timesteps only)
@@ -66,6 +67,13 @@ class TrainConfig:
     sampler: Literal["ddim", "dpm++"] = "dpm++"
     sample_steps: int = 20
     guidance: float = 3.0  # classifier-free guidance scale; 1: none
+    # distill: a student of `teacher` (a diffusion run dir; its EMA weights, which the student starts from) that
+    # samples in sample_steps DDIM steps (sampler=ddim) of one pass each, with the teacher's guidance `guidance`
+    # baked in. Each step of the student, from data noised to its timestep, learns where teacher_substeps guided
+    # steps of teacher_sampler land at its next timestep (one phase, TRACT-style: arXiv 2303.04248).
+    teacher: str = ""
+    teacher_substeps: int = 4
+    teacher_sampler: Literal["ddim", "dpm++"] = "dpm++"  # DPM-Solver++(2M) within each student step, or DDIM
     # quality while training (artscale/train_eval.py): every eval_every steps (0: off) KID, and FID from 2048
     # images a side, against the val split with artscale eval's Inception features. Diffusion: the EMA model
     # draws eval_samples images per class with the sampler above; reconstruct: its outputs of the val images.
@@ -103,7 +111,7 @@ class TrainConfig:
     pg_timeout_s: int = 600  # a rank waiting longer than this on its peers fails instead of hanging
 
     def __post_init__(self) -> None:
-        diffusion = self.objective == "diffusion"
+        diffusion = self.objective in ("diffusion", "distill")
         if self.perceptual_weight == -1.0:
             self.perceptual_weight = 0.0 if diffusion else 1.0
         if self.ema_decay == -1.0:
@@ -192,6 +200,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.num_workers < -1:
         raise UserError(f"config num_workers={cfg.num_workers}: must be >= 0, or -1 (chosen for the device)")
     _validate_diffusion(cfg)
+    _validate_distill(cfg)
     if cfg.keep_checkpoints < 1:
         raise UserError(f"config keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
     return cfg
@@ -216,6 +225,19 @@ def _validate_diffusion(cfg: TrainConfig) -> None:
         raise UserError(
             "config zero_terminal_snr=true needs prediction_type=v_prediction (epsilon is undefined at zero SNR)"
         )
+
+
+def _validate_distill(cfg: TrainConfig) -> None:
+    if cfg.objective != "distill":
+        return
+    if not cfg.teacher:
+        raise UserError("config objective=distill needs teacher=RUN_DIR (a diffusion run dir)")
+    if cfg.sampler != "ddim":
+        raise UserError(f"config sampler={cfg.sampler}: a distilled student samples with ddim (its training's steps)")
+    if cfg.teacher_substeps < 1:
+        raise UserError(f"config teacher_substeps={cfg.teacher_substeps}: must be >= 1")
+    if cfg.guidance < 1:
+        raise UserError(f"config guidance={cfg.guidance}: the guidance a student learns must be >= 1 (1: none)")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:

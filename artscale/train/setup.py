@@ -179,7 +179,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local data, VGG and Inception paths made absolute: the saved config then means the same from any directory."""
     fixed = {
         k: str(Path(v).expanduser().resolve())
-        for k in ("data", "vgg_weights", "eval_inception")
+        for k in ("data", "vgg_weights", "eval_inception", "teacher")
         if (v := getattr(cfg, k)) not in ("", "imagenet", "random") and Path(v).expanduser().exists()
     }
     return dataclasses.replace(cfg, **fixed)
