@@ -245,10 +245,24 @@ def quality(art_shards) -> Quality:
     return Quality(art_shards)
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.fixture(scope="session")
+def child_cpu_s() -> Callable[[], float]:
+    return children_cpu_s
+
+
 class Teacher(NamedTuple):
     run: Path
     steps: int
     train_s: float  # wall time of its training command
+    cpu_s: float  # CPU time of its training command (the machine may be shared: wall time varies more)
     preset: Any  # the diffusion-cpu TrainConfig
 
 
@@ -260,7 +274,7 @@ def quality_teacher(art_shards, tmp_path_factory, train_cli, tiny) -> Teacher:
 
     preset = load_config("diffusion-cpu")
     run = tmp_path_factory.mktemp("quality") / "teacher"
-    started = time.monotonic()
+    started, cpu = time.monotonic(), children_cpu_s()
     proc = train_cli(
         [
             "--config",
@@ -278,4 +292,4 @@ def quality_teacher(art_shards, tmp_path_factory, train_cli, tiny) -> Teacher:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return Teacher(run, preset.max_steps, time.monotonic() - started, preset)
+    return Teacher(run, preset.max_steps, time.monotonic() - started, children_cpu_s() - cpu, preset)
