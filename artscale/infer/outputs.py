@@ -98,6 +98,7 @@ SAMPLE_FIELDS = {
 }
 # A sampling run's settings: every shard must have run the same.
 RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "guidance", "batch_size", "format")
+SAMPLING_KEYS = ("sampling_from", "passes_per_step", "distilled")  # where steps, sampler, guidance came from
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -249,6 +250,7 @@ def _merge_sample(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, Any
         raise UserError(f"{len(missing)} images are missing from {out_dir}, e.g. {missing[0]}")
     return {
         **{k: first.get(k) for k in RUN_KEYS},
+        **{k: first[k] for k in SAMPLING_KEYS if k in first},
         "out_dir": str(out_dir),
         "images_in_run": len(items),
         "written": sum(r["written"] for r in reports),
