@@ -181,6 +181,9 @@ def test_a_student_run_dir_says_what_it_is_and_samples_with_its_own_steps(studen
     info = run_cli("info", student16)
     assert info.returncode == 0 and f"distilled from {teacher16}" in info.stdout, info.stderr
     assert "ddim 3 steps, guidance 2.5 (1 pass per step)" in info.stdout
+    report = run_cli("report", student16, "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    assert f"distilled from {teacher16}" in (tmp_path / "report" / "index.html").read_text()
 
 
 def test_a_teachers_sampling_comes_from_its_run_unless_a_flag_says_otherwise(teacher16, tmp_path):
