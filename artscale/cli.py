@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from artscale import __version__
@@ -24,6 +25,24 @@ from artscale.data.manifest import is_shards_dir
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Intermixed(_Parser):
+    """Positionals before, between and after the flags (`SRC --out DIR key=value`): plain argparse stops
+    filling a positional list at the first flag. For parsers without subcommands of their own."""
+
+    _mixing = False
+
+    def parse_known_args(
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._mixing:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
 
 
 def positive_multiple_of_8(text: str) -> int:
@@ -58,28 +77,53 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack an image folder (class subfolders) into WebDataset shards")
-    # The settings' defaults are PackSettings' (artscale/data/pack.py): a flag not given is not passed.
-    p.argument_default = argparse.SUPPRESS
     p.add_argument("src", type=Path, help="image folder with one subfolder per class")
     p.add_argument("out", type=Path, help="shards directory to write")
-    p.add_argument("--size", type=positive_multiple_of_8, help="training image size (default 128)")
-    p.add_argument("--val-fraction", type=_fraction, help="share of files in the val split (default 0.05)")
-    p.add_argument("--workers", type=int, default=0, help="decode processes (default: all cores)")
-    p.add_argument("--classes", help="comma-separated class folders to pack (default: all)")
-    p.add_argument("--resize", choices=["stretch", "center-crop"], help="(default stretch)")
-    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], help="(default jpg)")
-    p.add_argument("--quality", type=int, help="JPEG quality (default 95)")
-    p.add_argument("--max-pixels", type=int, help="skip larger images (default: Pillow's decompression-bomb limit)")
-    p.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default: off)")
-    p.add_argument("--follow-symlinks", action="store_true", help="pack symlinks that lead outside SRC")
-    p.add_argument("--shard-max-count", type=int, help="samples per shard (default 1000)")
-    p.add_argument("--shard-max-bytes", type=int, help="bytes per shard (default: no limit)")
+    _pack_settings(p)
     p.add_argument("--force", action="store_true", default=False, help="start over, discarding shards already in OUT")
+
+
+def _pack_settings(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> list[argparse.Action]:
+    """Pack's settings, for `pack` and `submit pipeline`. Their defaults are PackSettings' (artscale/data/pack.py):
+    a flag not given is not passed (SUPPRESS), which also lets the pipeline hand on exactly what was given."""
+    flags = [
+        p.add_argument("--size", type=positive_multiple_of_8, help="training image size (default 128)"),
+        p.add_argument("--val-fraction", type=_fraction, help="share of files in the val split (default 0.05)"),
+        p.add_argument("--workers", type=int, help="decode processes (default: all cores)"),
+        p.add_argument("--classes", help="comma-separated class folders to pack (default: all)"),
+        p.add_argument(
+            "--resize", choices=["stretch", "center-crop"], help="to a square: stretch (default) or crop the centre"
+        ),
+        p.add_argument(
+            "--format", dest="image_format", choices=["jpg", "png"], help="images in the shards (default jpg)"
+        ),
+        p.add_argument("--quality", type=int, help="JPEG quality (default 95)"),
+        p.add_argument(
+            "--max-pixels", type=int, help="skip larger images (default: Pillow's decompression-bomb limit)"
+        ),
+        p.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default: off)"),
+        p.add_argument("--follow-symlinks", action="store_true", help="pack symlinks that lead outside SRC"),
+        p.add_argument("--shard-max-count", type=int, help="samples per shard (default 1000)"),
+        p.add_argument("--shard-max-bytes", type=int, help="bytes per shard (default: no limit)"),
+    ]
+    for action in flags:
+        action.default = argparse.SUPPRESS
+    return flags
+
+
+def _given(flags: list[argparse.Action], args: argparse.Namespace) -> list[str]:
+    """The flags among `flags` that were given, as command-line arguments again."""
+    given = []
+    for action in flags:
+        if action.dest in vars(args):
+            value = getattr(args, action.dest)
+            given += [action.option_strings[0]] + ([] if action.nargs == 0 else [str(value)])
+    return given
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-check every shard against manifest.json")
-    p.add_argument("shards", type=Path)
+    p.add_argument("shards", type=Path, help="a shards dir from `artscale pack`")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +175,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("in_dir", type=Path, help="folder of images, walked recursively")
     p.add_argument("out_dir", type=Path, help="where the mirrored tree and report.json go (not inside IN_DIR)")
     _add_run_flags(p)
-    p.add_argument("--provider", choices=["default", "tensorrt"], default="default")
+    p.add_argument(
+        "--provider",
+        choices=["default", "tensorrt"],
+        default="default",
+        help="tensorrt: onnxruntime's TensorRT provider before CUDA, engines cached in OUT_DIR/.trt-cache "
+        "(a GPU and TensorRT's libraries; without them it says so and runs on CUDA)",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--size",
@@ -157,7 +207,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="walk IN_DIR once and write OUT_DIR/listing.jsonl, which the tasks of an array and the merge read",
     )
-    d = p.add_argument_group("a diffusion model: variations of each image (img2img); see the README")
+    d = p.add_argument_group("a diffusion model: variations of each image (img2img); docs/generate-and-sample.md")
     d.add_argument("--strength", type=float, default=S, help="0 keeps the input, 1 ignores it (default 0.6)")
     which = d.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_name", default=S, help="the class to vary towards (default: none)")
@@ -184,8 +234,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: from torch's hub cache)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32, help="images per Inception-v3 batch (default 32)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID averages over (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
 
 
@@ -196,7 +246,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=int, default=16, help="images (per class with --class all; default 16)")
     p.add_argument("--class", dest="class_name", default="all", help="a class name, or all: --count per class")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, from its run)")
-    p.add_argument("--sampler", choices=["ddim", "dpm++"], default=None, help="default: the model's")
+    p.add_argument(
+        "--sampler", choices=["ddim", "dpm++"], default=None, help="DPM-Solver++(2M) or DDIM (default: the model's)"
+    )
     p.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance scale (1: off; default: the model's)"
     )
@@ -216,12 +268,18 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="a static HTML report (index.html + thumbnails) of a run dir or an output dir")
-    p.add_argument("path", type=Path, help="a run dir, or an output dir of generate or sample (merged SLURM ones too)")
+    p.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="PATH",
+        help="a run dir, or an output dir of generate or sample (merged SLURM ones too); several: one section each",
+    )
     p.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="the report folder (default: RUN_DIR/report, or OUT_DIR-report beside it)",
+        help="the report folder (default: the first PATH's: RUN_DIR/report, or OUT_DIR-report beside it)",
     )
 
 
@@ -231,7 +289,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="cuda: fail unless CUDA really runs"
     )
     p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU if CUDA cannot")
-    p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        choices=["png", "jpg", "webp"],
+        default="png",
+        help="output files (default png)",
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG and WebP quality (default 95)")
     p.add_argument("--num-shards", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
     p.add_argument(
@@ -255,23 +319,27 @@ def _shard(args: argparse.Namespace) -> tuple[int, int]:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what a shards dir, run dir, checkpoint or .onnx holds")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="a shards dir, run dir, checkpoint dir or .onnx file")
 
 
 def _add_submit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "submit", help="submit training or generation to SLURM (the packaged sbatch scripts), or print the sbatch lines"
     )
-    what = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    what = p.add_subparsers(dest="what", required=True, parser_class=_Intermixed)
 
-    def cluster_flags(q: argparse.ArgumentParser) -> None:
+    def cluster_flags(q: argparse.ArgumentParser, of: str = "") -> None:
+        """`of`: whose --time and --cpus-per-task they are, where a submission has several kinds of job."""
         q.add_argument(
-            "--time", dest="time_limit", default="", help="time limit, e.g. 24:00:00 (default: the script's)"
+            "--time", dest="time_limit", default="", help=f"time limit{of}, e.g. 24:00:00 (default: the script's)"
         )
-        q.add_argument("--partition", default="")
-        q.add_argument("--account", default="")
+        q.add_argument("--partition", default="", help="sbatch --partition (default: the cluster's default one)")
+        q.add_argument("--account", default="", help="sbatch --account, the allocation to charge (default: yours)")
         q.add_argument(
-            "--cpus-per-task", type=int, default=0, help="CPUs per task (default: the script's, fit to the nodes)"
+            "--cpus-per-task",
+            type=int,
+            default=0,
+            help=f"CPUs per task{of} (default: the script's, fit to the nodes)",
         )
         q.add_argument(
             "--sbatch-arg",
@@ -284,9 +352,14 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--dry-run", action="store_true", help="print the sbatch line(s), submit nothing")
 
     t = what.add_parser("train", help="train.sbatch on N nodes x G GPUs (or CPU ranks); requeues on preemption")
-    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--nodes", type=int, default=1, help="machines; one srun task (one accelerate launch) each")
     t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
-    t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
+    t.add_argument(
+        "--cpu-processes",
+        type=int,
+        default=1,
+        help="CPU ranks (gloo) per node when --gpus-per-node is 0 (default 1; sets ARTSCALE_CPU_PROCESSES)",
+    )
     t.add_argument(
         "--cpus-per-gpu",
         type=int,
@@ -297,15 +370,15 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         "--signal-seconds", type=int, default=300, help="USR1 this long before the time limit: checkpoint, requeue"
     )
     t.add_argument("--config", default=None, help="a YAML file of training config keys, or a preset's name")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys")
+    t.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="training config keys")
     cluster_flags(t)
     g = what.add_parser("generate", help="generate.sbatch as a job array, then one merged report.json")
-    g.add_argument("model")
-    g.add_argument("in_dir")
-    g.add_argument("out_dir")
+    g.add_argument("model", help="an .onnx file from `artscale export`")
+    g.add_argument("in_dir", help="folder of images, walked once by the listing job")
+    g.add_argument("out_dir", help="the mirrored tree, listing.jsonl and the merged report.json")
     g.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the input tree")
     g.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
-    g.add_argument("--gpus-per-task", type=int, default=0)
+    g.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per array task (default 0: CPU)")
     g.add_argument(
         "--cpus-per-gpu",
         type=int,
@@ -317,23 +390,71 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     )
     cluster_flags(g)
     sm = what.add_parser("sample", help="`artscale sample` as a job array (K shards of the indices), then the merge")
-    sm.add_argument("model")
-    sm.add_argument("out_dir")
+    sm.add_argument("model", help="a diffusion .onnx from `artscale export`, or a diffusion run dir")
+    sm.add_argument("out_dir", help="the images, the shards' reports and the merged report.json")
     sm.add_argument("--count", type=int, required=True, help="images (per class unless --sample-args has --class)")
     sm.add_argument("--tasks", type=int, required=True, help="array tasks = shards of the images")
     sm.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
-    sm.add_argument("--gpus-per-task", type=int, default=0)
-    sm.add_argument("--cpus-per-gpu", type=int, default=None, help=f"(default {CPUS_PER_GPU})")
+    sm.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per array task (default 0: CPU)")
+    sm.add_argument(
+        "--cpus-per-gpu",
+        type=int,
+        default=None,
+        help=f"cores per GPU for encoding and writing (default {CPUS_PER_GPU})",
+    )
     sm.add_argument(
         "--sample-args", default="", help='more `artscale sample` flags, quoted: "--class cubism --steps 30"'
     )
     cluster_flags(sm)
+    _add_submit_pipeline(what, cluster_flags)
+
+
+def _add_submit_pipeline(what: argparse._SubParsersAction, cluster_flags: Callable[..., None]) -> None:
+    pl = what.add_parser(
+        "pipeline",
+        help="pack -> train -> export -> sample/generate arrays -> merges -> report, as dependent jobs",
+        description="Each stage waits for the one before (afterok). Run it again after a failure or a cancel: "
+        "it submits only what has not finished, and never a second copy of a job still queued.",
+    )
+    pl.add_argument("src", help="image folder with one subfolder per class")
+    pl.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="training config keys")
+    pl.add_argument("--config", required=True, help="a YAML file of training config keys, or a preset's name")
+    pl.add_argument("--out", required=True, help="everything goes here: shards/ run/ model.onnx samples/ ...")
+    pl.add_argument("--sample", type=int, default=0, metavar="COUNT", help="then sample COUNT images (per class)")
+    pl.add_argument("--generate", default="", metavar="IN_DIR", help="then generate over this folder of images")
+    pl.add_argument("--sample-args", default="", help='more `artscale sample` flags, quoted: "--steps 30"')
+    pl.add_argument("--generate-args", default="", help="more `artscale generate` flags, quoted")
+    pl.add_argument("--export-args", default="", help="more `artscale export` flags: --export-args=--fp16")
+    pl.set_defaults(pack_flags=_pack_settings(pl.add_argument_group("pack's flags (`artscale pack`)")))
+    pl.add_argument(
+        "--pack-cpus", type=int, default=0, help="CPUs of the pack job (default: pack.sbatch's, fit to the nodes)"
+    )
+    t = pl.add_argument_group("training's placement (as `submit train`)")
+    t.add_argument(
+        "--nodes", type=int, default=1, help="machines for training; one srun task (one accelerate launch) each"
+    )
+    t.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks (gloo)")
+    t.add_argument("--cpu-processes", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
+    t.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit")
+    a = pl.add_argument_group("the arrays' placement (as `submit sample|generate`)")
+    a.add_argument("--tasks", type=int, default=1, help="array tasks of sample and of generate (default 1)")
+    a.add_argument("--max-running", type=int, default=0, help="at most this many tasks at once (default: no limit)")
+    a.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per array task (default 0: CPU)")
+    a.add_argument("--array-cpus-per-task", type=int, default=0, help="(default: generate.sbatch's, fit to the nodes)")
+    a.add_argument("--array-time", default="", help="each task's time limit (default: generate.sbatch's)")
+    pl.add_argument(
+        "--cpus-per-gpu",
+        type=int,
+        default=None,
+        help=f"cores per GPU, training's and the arrays' (default {CPUS_PER_GPU})",
+    )
+    cluster_flags(pl, of=" of training")  # --partition, --account, --sbatch-arg: every job's
 
 
 def _add_configs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("configs", help="the packaged training presets (--config NAME takes one)")
     what = p.add_subparsers(dest="what", parser_class=_Parser)
-    what.add_parser("show", help="print a preset, to copy and edit").add_argument("name")
+    what.add_parser("show", help="print a preset, to copy and edit").add_argument("name", help="a preset's name")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +485,45 @@ def _info(path: Path) -> str:
     from artscale.contracts.run_dir import describe
 
     return describe(path)
+
+
+def _submit_pipeline(args: argparse.Namespace) -> None:
+    import shlex
+
+    from artscale.cluster.pipeline import submit_pipeline
+    from artscale.cluster.slurm import Placement
+
+    submit_pipeline(
+        args.src,
+        args.out,
+        dry_run=args.dry_run,
+        config=args.config,
+        overrides=args.overrides,
+        pack_args=_given(args.pack_flags, args),
+        pack_cpus=args.pack_cpus,
+        export_args=shlex.split(args.export_args),
+        sample=args.sample,
+        sample_args=shlex.split(args.sample_args),
+        generate=args.generate,
+        generate_args=shlex.split(args.generate_args),
+        train={
+            "nodes": args.nodes,
+            "gpus_per_node": args.gpus_per_node,
+            "cpu_processes": args.cpu_processes,
+            "cpus_per_task": args.cpus_per_task,
+            "cpus_per_gpu": args.cpus_per_gpu,
+            "signal_seconds": args.signal_seconds,
+        },
+        arrays={
+            "tasks": args.tasks,
+            "max_running": args.max_running,
+            "gpus_per_task": args.gpus_per_task,
+            "cpus_per_task": args.array_cpus_per_task,
+            "cpus_per_gpu": args.cpus_per_gpu,
+        },
+        placement=Placement(args.time_limit, args.partition, args.account, args.sbatch_args),
+        array_time=args.array_time,
+    )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -422,7 +582,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             k: v for k, v in vars(args).items() if k not in ("command", "model", "out_dir", "num_shards", "shard_index")
         }
         sample_images(args.model, args.out_dir, num_shards=num_shards, shard_index=shard_index, **opts)
-    elif args.command == "submit":
+    elif args.command == "submit" and args.what != "pipeline":
         import shlex
 
         from artscale.cluster.slurm import submit
@@ -435,6 +595,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:  # --generate-args / --sample-args: more flags for each task's command
             opts["script_args"] = shlex.split(getattr(args, f"{args.what}_args"))
         submit(args.what, opts, dry_run=args.dry_run)
+    elif args.command == "submit":
+        _submit_pipeline(args)
     elif args.command == "eval":
         from artscale.metrics.fid import fid_kid
 
@@ -459,7 +621,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "report":
         from artscale.report.build import write_report
 
-        write_report([args.path], args.out)
+        write_report(args.paths, args.out)
     return 0
 
 

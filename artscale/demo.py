@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from artscale.core.atomic import write_atomic
+
 CLASSES = ("drawings", "engraving", "iconography", "painting", "sculpture")
 PAPER = (236, 228, 208)
 DIFFUSION_PRESET = "diffusion-cpu"  # the demo's diffusion recipe is this preset's, as shipped
@@ -96,13 +98,15 @@ DRAWERS = {
 }
 
 
-def _save(im: Image.Image, path: Path, rnd: random.Random) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(im: Image.Image, path: Path, rnd: random.Random, root: Path) -> None:
     if path.suffix == ".png" and rnd.random() < 0.3:
         im = im.convert("RGBA")  # colour modes vary in real collections
     if path.suffix in (".jpg", ".webp") and im.mode not in ("RGB", "L"):
         im = im.convert("RGB")
-    im.save(path, quality=90) if path.suffix in (".jpg", ".webp") else im.save(path)
+    buf = io.BytesIO()
+    fmt = {".jpg": "JPEG", ".webp": "WEBP"}.get(path.suffix, "PNG")
+    im.save(buf, fmt, quality=90) if fmt != "PNG" else im.save(buf, fmt)
+    write_atomic(path, buf.getvalue(), root=root)
 
 
 def make_collection(root: Path, per_class: int = 40, held_out: int = 24, seed: int = 0) -> tuple[Path, Path]:
@@ -113,19 +117,19 @@ def make_collection(root: Path, per_class: int = 40, held_out: int = 24, seed: i
         for i in range(per_class):
             w, h = rnd.randint(96, 400), rnd.randint(96, 400)
             ext = rnd.choice([".jpg", ".jpg", ".png", ".webp"])
-            _save(DRAWERS[cls](rnd, w, h), collection / cls / f"{cls}_{i:03d}{ext}", rnd)
+            _save(DRAWERS[cls](rnd, w, h), collection / cls / f"{cls}_{i:03d}{ext}", rnd, root)
     # The broken files every real collection has (the article's Kaggle set ships some).
     good = io.BytesIO()
     _painting(rnd, 200, 200).save(good, "JPEG")
-    (collection / "painting" / "truncated_scan.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 3])
-    (collection / "sculpture" / "not_an_image.png").write_text("<html>404 Not Found</html>")
-    (collection / "drawings" / "empty.jpg").write_bytes(b"")
-    (collection / "engraving" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    write_atomic(collection / "painting" / "truncated_scan.jpg", good.getvalue()[: len(good.getvalue()) // 3])
+    write_atomic(collection / "sculpture" / "not_an_image.png", "<html>404 Not Found</html>")
+    write_atomic(collection / "drawings" / "empty.jpg", b"")
+    write_atomic(collection / "engraving" / ".DS_Store", b"\x00\x00\x00\x01Bud1")
     for i in range(held_out):
         cls = CLASSES[i % len(CLASSES)]
         w, h = rnd.randint(96, 400), rnd.randint(96, 400)
-        _save(DRAWERS[cls](rnd, w, h), held / cls / ("nested" if i % 2 else "") / f"input {i:02d}.jpg", rnd)
-    (held / "README.txt").write_text("held-out inputs for artscale generate\n")
+        _save(DRAWERS[cls](rnd, w, h), held / cls / ("nested" if i % 2 else "") / f"input {i:02d}.jpg", rnd, root)
+    write_atomic(held / "README.txt", "held-out inputs for artscale generate\n")
     return collection, held
 
 
@@ -133,7 +137,7 @@ def _before_after(held: Path, generated: Path, report: dict, size: int, path: Pa
     """A grid of held-out inputs (top) and what the model made of them (bottom)."""
 
     from artscale.data.grids import grid_image
-    from artscale.data.images import load_image
+    from artscale.data.images import encode_image, load_image
 
     by_class: dict[str, list[Path]] = {}
     for out in sorted(generated.rglob("*.png")):
@@ -149,15 +153,14 @@ def _before_after(held: Path, generated: Path, report: dict, size: int, path: Pa
     if not pairs:
         return None
     tiles = np.stack([np.asarray(b) for b, _ in pairs] + [np.asarray(a) for _, a in pairs])
-    grid_image(tiles, len(pairs)).save(path)  # small pieces enlarged (grids.py): judged by eye
+    grid = grid_image(tiles, len(pairs))  # small pieces enlarged (grids.py): judged by eye
+    write_atomic(path, encode_image(grid, "png"))
     return path
 
 
 def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
     """Train the diffusion-cpu preset at 32 px (its recipe as shipped, for `steps` optimizer steps); returns
     its last grid of new pieces."""
-    import shutil
-
     from artscale.data.pack import pack
     from artscale.train.config import load_config
     from artscale.train.loop import EXIT_PREEMPTED, train
@@ -170,7 +173,7 @@ def _diffusion(out: Path, collection: Path, steps: int, every: int) -> Path:
     if train(cfg) == EXIT_PREEMPTED:
         raise SystemExit(EXIT_PREEMPTED)
     grid = out / "new-pieces.png"
-    shutil.copyfile(run_dir / "samples" / f"step-{steps:06d}.png", grid)  # the last grid: EMA, fixed seeds
+    write_atomic(grid, (run_dir / "samples" / f"step-{steps:06d}.png").read_bytes())  # the last grid: EMA, fixed seeds
     return grid
 
 
@@ -191,7 +194,7 @@ def run_demo(out: Path, steps: int = 0, size: int = 64) -> dict:
     marker = out / "collection.done"
     if not marker.exists():
         make_collection(out)
-        marker.write_text("made by artscale demo\n")
+        write_atomic(marker, "made by artscale demo\n")
     collection, held = out / "collection", out / "held-out"
 
     took: dict[str, float] = {}

@@ -4,7 +4,7 @@ torch (with the weight files) and onnxruntime are each looked at in a subprocess
 (`doctor_probes.py`), in parallel and under a timeout, as the driver is through nvidia-smi: a hung driver, a library that
 crashes as it loads or a slow shared file system shows as that probe's failure, and doctor still
 prints the rest. `--need cuda` exits 2 unless torch sees a CUDA device and an onnxruntime CUDA
-session really runs, with a last line that names the fix (the README's install lines, for CUDA 13
+session really runs, with a last line that names the fix (docs/install.md's lines, for CUDA 13
 and CUDA 12 drivers).
 """
 
@@ -42,7 +42,7 @@ ENV_KEYS = (
     "SLURM_GPUS_ON_NODE",
     "CUDA_VISIBLE_DEVICES",
 )
-# What the registries serve (checked with pip against PyPI, 2026-12; README, "GPU drivers"):
+# What the registries serve (checked with pip against PyPI, 2026-12; docs/install.md):
 # PyPI's torch 2.14 is built for CUDA 13.0; PyTorch's own index has CUDA 12.6 builds (no 12.8 since 2.12).
 PYTORCH_CU126 = "https://download.pytorch.org/whl/cu126"
 # onnxruntime-gpu on PyPI: 1.19-1.26 are built for CUDA 12 (1.26.0 needs Python 3.11+, pip picks

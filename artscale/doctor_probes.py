@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from artscale.core.hardware import choose_precision
+from artscale.core.system import onnxruntime
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
@@ -98,7 +99,7 @@ def _run_tiny(ort: Any, providers: list, strict: bool) -> str:
 
 
 def _probe_onnxruntime() -> dict:
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     facts: dict[str, Any] = {"version": ort.__version__, "providers": ort.get_available_providers()}
     try:

@@ -323,6 +323,16 @@ def make_run_dir(random_model) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="module")
+def model16(tmp_path_factory, make_run_dir) -> Path:
+    """An article model exported to ONNX at 16 px from random weights (generate's tests, the threat tests)."""
+    from artscale.export.article import export_onnx
+
+    root = tmp_path_factory.mktemp("model")
+    export_onnx(make_run_dir(root / "run", size=16), root / "m16.onnx")
+    return root / "m16.onnx"
+
+
 DIFFUSION_CLASSES = ["cubism", "impressionism", "ukiyo-e"]
 
 

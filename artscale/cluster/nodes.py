@@ -95,6 +95,7 @@ def fit_request(
     *,
     cpus: int,
     cpus_flag: str = "",
+    cpus_name: str = "--cpus-per-task",
     gpus: int = 0,
     gpus_flag: str = "--gpus-per-task",
     nodes: int = 1,
@@ -104,7 +105,8 @@ def fit_request(
     """The CPUs per task to ask for, and a note when a default was lowered ('' otherwise).
 
     `cpus` is what the job is about to ask per task (per node for train); `cpus_flag` is the flag
-    that set it (`--cpus-per-task`, `--cpus-per-gpu`), '' for a default. `nodes` nodes with `gpus`
+    that set it (`--cpus-per-task`, `--cpus-per-gpu`), '' for a default; `cpus_name` what the user calls
+    --cpus-per-task on this command line ('' where there is no such flag). `nodes` nodes with `gpus`
     GPUs and `mem_mb` memory each must exist, and each must have the CPUs: a default is lowered
     to what they have, anything else the user asked for that no node has raises UserError.
     """
@@ -142,11 +144,12 @@ def fit_request(
     who, has = ("no node", "has") if nodes == 1 else (f"fewer than {nodes} nodes", "have")
     short = f"{who} of {where}{with_gpus} {has} more than {room} CPUs"
     if cpus_flag == "--cpus-per-task":
-        raise UserError(f"--cpus-per-task {cpus}: {short}; pass --cpus-per-task {room} or less")
+        raise UserError(f"{cpus_name} {cpus}: {short}; pass {cpus_name} {room} or less")
     if cpus_flag == "--cpus-per-gpu":
-        fix = f"--cpus-per-gpu {room // gpus}" if room >= gpus else f"--cpus-per-task {room}"
+        fix = f"--cpus-per-gpu {room // gpus}" if room >= gpus else f"{cpus_name} {room}"
         raise UserError(f"--cpus-per-gpu {cpus // gpus} ({cpus} CPUs): {short}; pass {fix} or less")
-    return room, f"{short}: asking for --cpus-per-task={room} instead of the default {cpus} (--cpus-per-task to choose)"
+    choose = f" ({cpus_name} to choose)" if cpus_name else ""
+    return room, f"{short}: asking for --cpus-per-task={room} instead of the default {cpus}{choose}"
 
 
 def script_cpus(script: Path) -> int:
@@ -169,8 +172,11 @@ def parse_mem_mb(value: str) -> int:
     return int(int(found.group(1)) * scale)
 
 
-def fit_submission(opts: dict, *, script: Path, gpus_flag: str, dry_run: bool = False) -> dict:
-    """`artscale submit`'s options with --cpus-per-task fitted to the partition (see fit_request).
+def fit_submission(
+    opts: dict, *, script: Path, gpus_flag: str, dry_run: bool = False, cpus_name: str = "--cpus-per-task"
+) -> dict:
+    """`artscale submit`'s options with --cpus-per-task fitted to the partition (see fit_request; `cpus_name`
+    is the flag that sets opts["cpus_per_task"] on the command line, for its messages).
 
     opts["cpus_per_gpu"] None means the default, which may be lowered; any value the user gave is
     checked. An unknown partition is refused, except with --dry-run (lines for another cluster):
@@ -205,6 +211,7 @@ def fit_submission(opts: dict, *, script: Path, gpus_flag: str, dry_run: bool = 
         part,
         cpus=cpus,
         cpus_flag=flag,
+        cpus_name=cpus_name,
         gpus=gpus,
         gpus_flag=gpus_flag,
         nodes=nodes,

@@ -12,7 +12,6 @@ lines (also pure functions) and submits them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -253,15 +252,16 @@ def run_finished(train_args: Sequence[str]) -> bool:
     extended with a larger max_steps after it finished once has newer checkpoints than final/).
     """
     from artscale.contracts.run_dir import STATE_NAME, list_checkpoints
+    from artscale.contracts.run_files import read_state
     from artscale.train.config import load_config
 
     config, overrides = _split_train_args(train_args)
     run_dir = Path(load_config(config, overrides).run_dir)
-    state = run_dir / "final" / STATE_NAME
-    if not state.is_file():
+    state = read_state(run_dir / "final" / STATE_NAME)
+    if state is None:
         return False
     found = list_checkpoints(run_dir)
-    return int(json.loads(state.read_text()).get("step", -1)) >= (found[-1][0] if found else 0)
+    return state["step"] >= (found[-1][0] if found else 0)
 
 
 @dataclass(frozen=True)
@@ -370,7 +370,8 @@ def array_sbatch_commands(
     return [["sbatch", *untimed, str(SBATCH_DIR / "generate-list.sbatch"), *args], cmd, merge]
 
 
-def _sbatch(cmd: list[str]) -> str:
+def sbatch_parsable(cmd: Sequence[str]) -> str:
+    """Submit one sbatch line (`sbatch --parsable`): the job id."""
     if not shutil.which("sbatch"):
         raise UserError("sbatch not found: run this on a SLURM login node (or see the commands with --dry-run)")
     out = subprocess.run([cmd[0], "--parsable", *cmd[1:]], capture_output=True, text=True)
@@ -405,7 +406,7 @@ def submit(what: str, opts: dict, dry_run: bool = False) -> list[str]:
         return []
     ids: list[str] = []
     for cmd, after in zip(cmds, ("", "{array}") if what == "sample" else ("", "{listing}", "{array}")):
-        ids.append(_sbatch([a.replace(after, ids[-1]) if after else a for a in cmd]))
+        ids.append(sbatch_parsable([a.replace(after, ids[-1]) if after else a for a in cmd]))
     if what == "sample":
         print(f"submitted sampling array {ids[0]} ({opts['tasks']} tasks), then merge job {ids[1]} (after all succeed)")
     elif what == "generate":
@@ -432,7 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge.add_argument("out_dir", type=Path)
     merge.add_argument("--num-shards", type=int, required=True)
     merge.add_argument("--sample", action="store_true", help="the reports of `artscale sample`, not generate")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["node"], ["finished"]) and argv[1:] not in (["-h"], ["--help"]):
+        # all of it is training's: argparse's REMAINDER refuses one that starts with a flag (--config)
+        args = argparse.Namespace(cmd=argv[0], train_args=argv[1:])
+    else:
+        args = p.parse_args(argv)
     try:
         if args.cmd == "node":
             return run_node(args.train_args)

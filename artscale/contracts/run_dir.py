@@ -9,11 +9,12 @@ Layout of a run dir:
 A diffusion run's checkpoints and final/ also hold denoiser.json (UNet and scheduler configs,
 classes); any run with EMA on holds ema.safetensors (the averaged weights, same keys).
 Nothing here unpickles: safetensors, JSON, and `torch.load(weights_only=True)` for article files.
+Each JSON file is read through its schema in artscale.contracts.run_files (one line naming the file and
+the field where it breaks one).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,13 @@ from typing import Any
 
 import torch
 
+from artscale.contracts.run_files import (
+    read_config,
+    read_denoiser,
+    read_metrics_counted,
+    read_state,
+)
+from artscale.core.checks import BadFile
 from artscale.core.errors import UserError
 from artscale.models.article import ConvDiffusionModel
 from artscale.models.state_dict import read_state_dict
@@ -66,39 +74,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's entries; a line that is not JSON (the torn last line of a killed run) is left out."""
-    return read_metrics_counted(path)[0]
-
-
-def read_metrics_counted(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """metrics.jsonl's entries and how many lines were left out as unreadable (not a JSON object)."""
-    if not path.is_file():
-        return [], 0
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
 def _resolve(source: Path) -> Path:
     """A run dir, a checkpoint dir or a weights file -> the weights file to read."""
     if not source.exists():
@@ -111,7 +86,7 @@ def _resolve(source: Path) -> Path:
     found = [(step, p / WEIGHTS_NAME) for step, p in list_checkpoints(source) if (p / WEIGHTS_NAME).is_file()]
     if final.is_file():
         # A run continued past its first end (a larger max_steps) has checkpoints newer than final/.
-        final_step = (read_json(final.parent / STATE_NAME) or {}).get("step", -1)
+        final_step = (read_state(final.parent / STATE_NAME) or {}).get("step", -1)
         if not found or final_step >= found[-1][0]:
             return final
     if found:
@@ -152,8 +127,8 @@ def load_weights(source: str | Path, weights: str | None = None) -> Weights:
     state_dict = read_state_dict(path)
     check_state_dict(state_dict, path)
     in_run = path.name in (WEIGHTS_NAME, EMA_NAME)
-    config = read_json(path.parent / CONFIG_NAME) if in_run else None
-    state = read_json(path.parent / STATE_NAME) if in_run else None
+    config = read_config(path.parent / CONFIG_NAME) if in_run else None
+    state = read_state(path.parent / STATE_NAME) if in_run else None
     return Weights(state_dict, config, state.get("step") if state else None, path)
 
 
@@ -194,7 +169,7 @@ def load_denoiser(source: str | Path, weights: str | None = None) -> tuple[torch
     if weights not in (None, "ema", "raw"):
         raise UserError(f"weights={weights!r}: choose ema or raw")
     folder = _resolve(Path(source)).parent
-    meta = read_json(folder / DENOISER_NAME)
+    meta = read_denoiser(folder / DENOISER_NAME)
     if meta is None:
         raise UserError(f"{source} is not a diffusion run (no {DENOISER_NAME}): train with objective=diffusion")
     if weights is None:
@@ -203,12 +178,17 @@ def load_denoiser(source: str | Path, weights: str | None = None) -> tuple[torch
     if not path.is_file():
         raise UserError(f"{folder} holds no EMA weights (trained with ema_decay=0): use --weights raw")
     meta = {**meta, "unet": unet_config(meta)}
-    model = UNet2DModel.from_config(meta["unet"])
+    try:
+        model = UNet2DModel.from_config(meta["unet"])
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise BadFile(
+            folder / DENOISER_NAME, "unet", f"does not build a UNet ({str(e).splitlines()[0][:120]})"
+        ) from None
     try:
         model.load_state_dict(read_state_dict(path))
     except RuntimeError as e:
         raise UserError(f"{path} does not fit its {DENOISER_NAME}: {str(e).splitlines()[0][:200]}") from None
-    step = (read_json(folder / STATE_NAME) or {}).get("step")
+    step = (read_state(folder / STATE_NAME) or {}).get("step")
     return model.eval(), {**meta, "step": step, "weights": weights, "path": str(folder)}
 
 
@@ -243,9 +223,9 @@ def read_run_dir(path: str | Path) -> RunDir:
     if not is_run_dir(path):
         raise UserError(f"{path} is not a run dir (no {CONFIG_NAME}, metrics.jsonl, checkpoints/ or final/)")
     metrics, bad = read_metrics_counted(path / "metrics.jsonl")
-    checkpoints = [(step, p, read_json(p / STATE_NAME) or {}) for step, p in list_checkpoints(path)]
+    checkpoints = [(step, p, read_state(p / STATE_NAME) or {}) for step, p in list_checkpoints(path)]
     folders = [path / "final"] + [p for _, p, _ in reversed(checkpoints)]
-    denoiser = next((read_json(f / DENOISER_NAME) for f in folders if (f / DENOISER_NAME).is_file()), None)
+    denoiser = next((read_denoiser(f / DENOISER_NAME) for f in folders if (f / DENOISER_NAME).is_file()), None)
     samples = []
     if (path / "samples").is_dir():
         for p in (path / "samples").iterdir():
@@ -253,11 +233,11 @@ def read_run_dir(path: str | Path) -> RunDir:
                 samples.append((int(m.group(1)), p))
     return RunDir(
         path,
-        read_json(path / CONFIG_NAME),
+        read_config(path / CONFIG_NAME),
         metrics,
         bad,
         checkpoints,
-        read_json(path / "final" / STATE_NAME),
+        read_state(path / "final" / STATE_NAME),
         denoiser,
         sorted(samples),
     )
@@ -268,13 +248,18 @@ def _size(path: Path) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _num(row: dict[str, Any], key: str, spec: str) -> str:
+    """A logged number (checked by the metrics schema), or ? where the entry lacks it."""
+    return format(row[key], spec) if key in row else "?"
+
+
 def describe(path: str | Path) -> str:
     """What a run dir, a checkpoint dir or a weights file holds (for `artscale info`)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} not found")
     lines: list[str] = []
-    config = read_json(path / CONFIG_NAME) if path.is_dir() else None
+    config = read_config(path / CONFIG_NAME) if path.is_dir() else None
     if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "final").is_dir()):
         lines.append(f"run dir {path}")
         if config:
@@ -299,24 +284,26 @@ def describe(path: str | Path) -> str:
         val = next((m for m in reversed(logged) if "val/psnr" in m), None)
         if train:
             lines.append(
-                f"  last logged: step {train['step']} loss {train['loss']:.4f} lr {train['lr']:.3g} ({train['img_per_s']:.1f} img/s)"
+                f"  last logged: step {train['step']} loss {_num(train, 'loss', '.4f')} lr {_num(train, 'lr', '.3g')} "
+                f"({_num(train, 'img_per_s', '.1f')} img/s)"
             )
         if val:
             lines.append(
-                f"  last val: step {val['step']} mse {val['val/mse']:.4f} psnr {val['val/psnr']:.2f} ssim {val['val/ssim']:.3f}"
+                f"  last val: step {val['step']} mse {_num(val, 'val/mse', '.4f')} psnr {_num(val, 'val/psnr', '.2f')} "
+                f"ssim {_num(val, 'val/ssim', '.3f')}"
             )
-        final = read_json(path / "final" / STATE_NAME)
+        final = read_state(path / "final" / STATE_NAME)
         lines.append(
             f"  final weights: step {final.get('step')} ({path / 'final' / WEIGHTS_NAME})"
             if final
             else "  final weights: none yet"
         )
         folders = [path / "final"] + [p for _, p in reversed(found)]
-        denoiser = next((read_json(f / DENOISER_NAME) for f in folders if (f / DENOISER_NAME).is_file()), None)
+        denoiser = next((read_denoiser(f / DENOISER_NAME) for f in folders if (f / DENOISER_NAME).is_file()), None)
         lines += describe_denoiser(denoiser, config)
         return "\n".join(lines)
     if path.is_dir() and (path / STATE_NAME).is_file():
-        state = read_json(path / STATE_NAME) or {}
+        state = read_state(path / STATE_NAME) or {}
         lines.append(f"checkpoint {path} ({_size(path)})")
         lines.append("  state: " + ", ".join(f"{k}={v}" for k, v in sorted(state.items())))
         if config:
@@ -371,7 +358,4 @@ def is_diffusion_source(source: str | Path) -> bool:
         return False
     if (weights.parent / DENOISER_NAME).is_file():
         return True
-    try:
-        return json.loads(config.read_text()).get("objective") == "diffusion"
-    except (OSError, ValueError):
-        return False
+    return (read_config(config) or {}).get("objective") == "diffusion"

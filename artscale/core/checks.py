@@ -99,3 +99,23 @@ def safe_component(name: Any, path: str | Path, field_name: str = "class name") 
     else:
         return name
     raise BadFile(path, f"{field_name} {shown}", problem)
+
+
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a model embeds one vector per class
+
+
+def class_names(value: Any, path: str | Path, field_name: str = "classes") -> list[str]:
+    """`value` if it is a list of distinct class names, each one safe path component, else BadFile.
+
+    A model's or a manifest's classes become sample's output folders and eval's input folders."""
+    if not isinstance(value, list):
+        raise BadFile(path, field_name, f"must be a list of class names, not {type(value).__name__}")
+    if len(value) > MAX_CLASSES:
+        raise BadFile(path, field_name, f"lists {len(value):,} classes, more than {MAX_CLASSES:,}")
+    seen: set[str] = set()
+    for i, name in enumerate(value):
+        safe_component(name, path, f"{field_name}[{i}]")
+        if name in seen:
+            raise BadFile(path, f"{field_name}[{i}]", f"{printable(repr(name))[:80]} is listed twice")
+        seen.add(name)
+    return value

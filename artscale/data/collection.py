@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from artscale.core.checks import BadFile, printable, safe_component
 from artscale.core.errors import UserError
 from artscale.data.images import is_ignored
 
@@ -76,8 +77,14 @@ def _class_names(src: Path, wanted: list[str]) -> list[str]:
         raise UserError(f"SRC {src} has no class folders: put images in SRC/<class>/, one folder per class")
     unknown = [w for w in wanted if w not in names]
     if unknown:
-        raise UserError(f"--classes {','.join(unknown)}: no such folder in SRC (it has: {', '.join(names)})")
-    return sorted(set(wanted)) if wanted else names
+        raise UserError(f"--classes {','.join(unknown)}: no such folder in SRC (it has: {printable(', '.join(names))})")
+    chosen = sorted(set(wanted)) if wanted else names
+    for name in chosen:  # a class name becomes a folder of sample's output and is printed: one safe name
+        try:
+            safe_component(name, src, "class folder")
+        except BadFile as e:
+            raise UserError(f"{e}: rename it, or pack the other classes with --classes") from None
+    return chosen
 
 
 class TreeWalker:

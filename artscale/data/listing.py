@@ -134,7 +134,7 @@ def write_listing(in_dir: Path, out_dir: Path, ext: str, follow_symlinks: bool) 
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.dumps([e.rel, e.out, _fate(e)]) for e in listing.entries]  # ASCII: JSON escapes the rest
-    write_atomic(out_dir / LISTING, "\n".join([json.dumps(header), *rows]) + "\n", tmp=out_dir / f".{LISTING}.tmp")
+    write_atomic(out_dir / LISTING, "\n".join([json.dumps(header), *rows]) + "\n")
     return listing
 
 

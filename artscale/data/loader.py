@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,10 +33,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from artscale.core.checks import field as checked
+from artscale.core.checks import printable
 from artscale.core.errors import UserError
 from artscale.core.seeds import stable_seed
 from artscale.data.images import decode_bytes
-from artscale.data.manifest import read_manifest
+from artscale.data.manifest import read_manifest, shard_file
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,29 @@ class DataSpec:
     classes: list[str] = field(default_factory=list)  # the manifest's, in label order; [] for a URL pattern
 
 
+# `pipe:CMD` makes webdataset run CMD in a shell. A config file passed between users must not run
+# commands by itself: only the user's own environment allows it (webdataset's WDS_SECURE refuses local
+# files too, so artscale keeps its own gate).
+ALLOW_PIPE_ENV = "ARTSCALE_ALLOW_PIPE"
+
+
+def check_pipe(data: str, urls: list[str]) -> None:
+    """Refuse a `pipe:` URL unless ARTSCALE_ALLOW_PIPE=1 is set in the environment."""
+    piped = [u for u in urls if u.startswith("pipe:")]
+    if piped and os.environ.get(ALLOW_PIPE_ENV) != "1":
+        raise UserError(
+            f"data={printable(data)[:120]}: a pipe: spec runs a shell command ({printable(piped[0])[:80]}); "
+            f"artscale runs it only when you set {ALLOW_PIPE_ENV}=1 in the environment"
+        )
+
+
 def data_spec(data: str, image_size: int) -> DataSpec:
     """Check `data` (a shards dir with manifest.json, or a webdataset URL pattern) before training starts."""
     root = Path(data).expanduser()
     if root.is_dir():
         manifest = read_manifest(root)
-        if manifest["image_size"] != image_size:
+        size = checked(manifest, "image_size", int, root / "manifest.json", low=1)
+        if size != image_size:
             raise UserError(
                 f"data={data} holds {manifest['image_size']} px images but image_size={image_size}: "
                 f"set image_size={manifest['image_size']} or pack again with --size {image_size}"
@@ -73,14 +93,14 @@ def data_spec(data: str, image_size: int) -> DataSpec:
                 f"data={data}: no train samples in its manifest (pack more images, or a smaller --val-fraction)"
             )
         for s in shards["train"] + shards["val"]:
-            if not (root / s["name"]).is_file():
+            if not shard_file(root, s).is_file():
                 raise UserError(
                     f"data={data}: shard {s['name']} listed in manifest.json is missing (run artscale verify {data})"
                 )
         count = {split: sum(s["count"] for s in shards[split]) for split in shards}
         return DataSpec(
-            [str(root / s["name"]) for s in shards["train"]],
-            [str(root / s["name"]) for s in shards["val"]],
+            [str(shard_file(root, s)) for s in shards["train"]],
+            [str(shard_file(root, s)) for s in shards["val"]],
             count["train"],
             count["val"],
             image_size,
@@ -89,6 +109,7 @@ def data_spec(data: str, image_size: int) -> DataSpec:
     if "{" not in data and "::" not in data and "://" not in data and not data.startswith("pipe:"):
         raise UserError(f"data={data}: not a shards directory (make one with: artscale pack SRC {data})")
     urls = wds.shardlists.expand_urls(data)
+    check_pipe(data, urls)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import stat
 import sys
 import tarfile
 import time
@@ -22,18 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from artscale import __version__
-from artscale.core.atomic import write_atomic
+from artscale.core.atomic import TMP_SUFFIX, write_atomic
+from artscale.core.checks import BadFile, printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.collection import Collection, Entry, scan_collection
 from artscale.data.images import DEFAULT_MAX_PIXELS, SkipImage, encode_image, load_image
-from artscale.data.manifest import MANIFEST, read_manifest, split_shards
-from artscale.data.shard_writer import Journal, SplitWriter, sha256_file
+from artscale.data.manifest import MANIFEST, SPLITS, check_shard, read_manifest, split_shards
+from artscale.data.shard_writer import Journal, SplitWriter, sha256_file, sha256_stream
 
 JOURNAL = ".pack-journal.jsonl"
-SPLITS = ("train", "val")
-MIN_TRAIN_SHARDS = 8  # fewer shards than nodes x loader workers leaves some of them idle
+MIN_TRAIN_SHARDS = 8  # a loader worker reads one shard at a time into its shuffle buffer: few shards mix poorly
 _CHUNK = 8  # files per task sent to a worker
 _SETTINGS: dict[str, Any] = {}  # the decode settings, set once per worker process
 
@@ -91,7 +93,9 @@ def _our_files(out: Path) -> list[Path]:
     return [
         p
         for p in out.iterdir()
-        if p.name in names or p.name.endswith(".partial") or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)
+        if p.name in names
+        or p.name.endswith((".partial", TMP_SUFFIX))
+        or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)
     ]
 
 
@@ -111,10 +115,37 @@ def _refuse(out: Path, old: dict, new: dict) -> None:
             if old.get("settings", {}).get(k) != v
         ]
         why = "shards packed with " + ", ".join(diff)
-    raise UserError(f"{out} holds {why}; use --force to replace them, or another OUT")
+    raise UserError(f"{out} holds {printable(why)}; use --force to replace them, or another OUT")
 
 
-def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[dict | None, list[dict]]:
+def _trusted(r: Any, path: Path, before: int, classes: int) -> bool:
+    """Whether a journal record is a shard record pack wrote: the next shard of its split by name, its
+    counts per class index, its skips and where it ended. Others (a hand-edited or foreign journal)
+    are dropped like a shard whose bytes changed."""
+    try:
+        check_shard(r, path, "record")
+        per_class, skipped, end = r.get("per_class"), r.get("skipped"), r.get("end")
+        return (
+            r["name"] == f"{r['split']}-{before:06d}.tar"
+            and isinstance(per_class, dict)
+            and all(k.isdigit() and int(k) < classes and type(n) is int and n >= 0 for k, n in per_class.items())
+            and isinstance(skipped, list)
+            and all(
+                isinstance(x, dict)
+                and isinstance(x.get("path"), str)
+                and isinstance(x.get("reason"), str)
+                and type(x.get("cls")) is int
+                and 0 <= x["cls"] < classes
+                for x in skipped
+            )
+            and type(end) is int
+            and end >= 0
+        )
+    except BadFile:
+        return False
+
+
+def _resume(out: Path, identity: dict, fingerprint: str, force: bool, classes: int) -> tuple[dict | None, list[dict]]:
     """Decide what OUT already holds: (a finished manifest to keep, or None; journal records to keep)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT {out} is a file; pick a folder")
@@ -131,7 +162,10 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         if {"source": old.get("source"), "settings": old.get("settings")} != identity:
             _refuse(out, old, identity)
         intact = all(
-            (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in old["shards"]
+            not (out / s["name"]).is_symlink()
+            and (out / s["name"]).is_file()
+            and (out / s["name"]).stat().st_size == s["bytes"]
+            for s in old["shards"]
         )
         if old.get("fingerprint") == fingerprint and intact:
             if journal.path.exists():
@@ -153,6 +187,11 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         _clean(out)
         return None, []
     header = records[0]
+    old = header.get("identity") if isinstance(header, dict) else None
+    if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
+        print(f"artscale: {journal.path} is not a journal pack wrote: starting over", file=sys.stderr)
+        _clean(out)
+        return None, []
     if header.get("identity") != identity:
         _refuse(out, header.get("identity", {}), identity)
     if header.get("fingerprint") != fingerprint:
@@ -161,9 +200,14 @@ def _resume(out: Path, identity: dict, fingerprint: str, force: bool) -> tuple[d
         return None, []
     kept, broken = [], set()
     for r in records[1:]:
+        split = r.get("split") if isinstance(r, dict) else None
+        if not _trusted(r, journal.path, sum(k["split"] == split for k in kept), classes):
+            broken.update([split] if split in SPLITS else SPLITS)
+            continue
         path = out / r["name"]
         if (
             r["split"] in broken
+            or path.is_symlink()
             or not path.is_file()
             or path.stat().st_size != r["bytes"]
             or sha256_file(path) != r["sha256"]
@@ -189,7 +233,7 @@ def pack(src: Path, out: Path, *, workers: int = 0, force: bool = False, **setti
     if src.resolve() == out.resolve() or out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"OUT {out} lies inside SRC {src}: pick an OUT outside it")
     identity = {"source": str(src.resolve()), "settings": settings}
-    done, kept = _resume(out, identity, coll.fingerprint, force)
+    done, kept = _resume(out, identity, coll.fingerprint, force, len(coll.classes))
     if done is not None:
         print(f"{out} already holds this collection's shards: nothing to do")
         return done
@@ -335,22 +379,22 @@ def _summary(m: dict, src: Path, out: Path, seconds: float) -> None:
     )
     if tr["shards"] < MIN_TRAIN_SHARDS:
         print(
-            f"artscale: warning: only {tr['shards']} train shards; a cluster spreads shards over nodes x loader "
-            f"workers and wants at least {MIN_TRAIN_SHARDS}: lower --shard-max-count",
+            f"artscale: warning: only {tr['shards']} train shards; each loader worker reads one shard at a time into "
+            f"its shuffle buffer, so a batch mixes few shards: lower --shard-max-count for {MIN_TRAIN_SHARDS} or more",
             file=sys.stderr,
         )
 
 
-def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
-    """Samples in a tar, read with plain tarfile, and what is wrong with any of them."""
+def _count_samples(f, name: str, ext: str) -> tuple[int, list[str]]:
+    """Samples in an open tar, read with plain tarfile, and what is wrong with any of them."""
     fields: dict[str, set[str]] = {}
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=f) as tar:
         for member in tar:
             key, _, suffix = member.name.partition(".")
             fields.setdefault(key, set()).add(suffix)
     want = {ext, "cls", "json"}
     bad = [
-        f"{path.name}: sample {k} has {', '.join(sorted(v))}, expected {', '.join(sorted(want))}"
+        f"{name}: sample {printable(k)} has {printable(', '.join(sorted(v)))}, expected {', '.join(sorted(want))}"
         for k, v in fields.items()
         if v != want
     ]
@@ -358,21 +402,34 @@ def _count_samples(path: Path, ext: str) -> tuple[int, list[str]]:
 
 
 def _verify_shard(out: Path, s: dict, image_format: str) -> list[str]:
-    path = out / s["name"]
-    if not path.is_file():
-        return [f"{s['name']}: missing"]
-    problems = []
-    if path.stat().st_size != s["bytes"]:
-        problems.append(f"{s['name']}: {path.stat().st_size} bytes, manifest says {s['bytes']}")
-    if sha256_file(path) != s["sha256"]:
-        return [*problems, f"{s['name']}: sha256 differs from the manifest (the file changed or is corrupt)"]
+    """What is wrong with one listed shard. It is opened without following a symlink (a link may
+    lead outside SHARDS), and hashed and counted from that one open file."""
+    name = s["name"]
     try:
-        count, bad = _count_samples(path, image_format)
-    except (tarfile.TarError, OSError) as e:
-        return [*problems, f"{s['name']}: not a readable tar ({e})"]
+        fd = os.open(out / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return [f"{name}: missing"]
+    except OSError as e:
+        if (out / name).is_symlink():
+            return [f"{name}: a symlink; shards are read only as files inside {out} (copy the shard there)"]
+        return [f"{name}: unreadable ({e.strerror or e})"]
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return [f"{name}: not a regular file"]
+        problems = []
+        if st.st_size != s["bytes"]:
+            problems.append(f"{name}: {st.st_size} bytes, manifest says {s['bytes']}")
+        if sha256_stream(f) != s["sha256"]:
+            return [*problems, f"{name}: sha256 differs from the manifest (the file changed or is corrupt)"]
+        f.seek(0)
+        try:
+            count, bad = _count_samples(f, name, image_format)
+        except (tarfile.TarError, OSError) as e:
+            return [*problems, f"{name}: not a readable tar ({printable(str(e))})"]
     problems += bad
     if count != s["count"]:
-        problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        problems.append(f"{name}: {count} samples, manifest says {s['count']}")
     return problems
 
 
@@ -392,7 +449,7 @@ def verify(out: Path) -> list[str]:
         if m["splits"][split]["count"] != sum(s["count"] for s in shards):
             problems.append(f"manifest: {split} count {m['splits'][split]['count']} is not the sum over its shards")
     extra = sorted(p.name for p in out.glob("*.tar") if p.name not in listed)
-    problems += [f"{name}: a shard that the manifest does not list" for name in extra]
+    problems += [f"{printable(name)}: a shard that the manifest does not list" for name in extra]
     return problems
 
 
@@ -402,9 +459,9 @@ def describe_shards(out: Path) -> str:
     tr, va = m["splits"]["train"], m["splits"]["val"]
     total = sum(s["bytes"] for s in m["shards"])
     lines = [
-        f"shards {out} (artscale {m.get('artscale_version', '?')}, from {m.get('source', '?')})",
-        f"  images: {m['image_size']} px {m['image_format']} ({m.get('resize', '?')}), {total / 1e6:.1f} MB",
-        f"  classes ({len(m['classes'])}): {', '.join(m['classes'])}",
+        f"shards {out} (artscale {printable(m.get('artscale_version', '?'))}, from {printable(m.get('source', '?'))})",
+        f"  images: {m['image_size']} px {m['image_format']} ({printable(m.get('resize', '?'))}), {total / 1e6:.1f} MB",
+        f"  classes ({len(m['classes'])}): {printable(', '.join(m['classes']))}",
         f"  train: {tr['count']} samples in {tr['shards']} shards; val: {va['count']} samples in {va['shards']} shards",
         f"  skipped {len(m.get('skipped', []))}, ignored {m.get('ignored', 0)}",
     ]
@@ -416,5 +473,5 @@ def describe_shards(out: Path) -> str:
     for s in m.get("skipped", []):
         reason = s["reason"].split(":")[0].split(" (")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
-    lines += [f"  skipped, {reason}: {n}" for reason, n in sorted(reasons.items())]
+    lines += [f"  skipped, {printable(reason)}: {n}" for reason, n in sorted(reasons.items())]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from artscale.core.atomic import write_atomic
+from artscale.core.atomic import append_text, create_fresh, write_atomic
 from artscale.data.collection import Entry
 
 SHARD_MTIME = 946_684_800  # 2000-01-01: tar members get a fixed time, so reruns are byte-identical
@@ -30,10 +30,15 @@ def _tar_file_bytes(members: int) -> int:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        return sha256_stream(f)
+
+
+def sha256_stream(f) -> str:
+    """The sha256 of what is left to read in the open binary file `f`."""
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -58,10 +63,7 @@ class Journal:
         write_atomic(self.path, json.dumps(header) + "\n", sync_dir=True)
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.path, json.dumps(record) + "\n")
 
 
 class SplitWriter:
@@ -85,7 +87,7 @@ class SplitWriter:
         self.current: dict[str, Any] = {"per_class": {}, "skipped": [], "end": 0}
 
     def _open(self, fname: str):
-        self.file = open(fname + ".partial", "wb")
+        self.file = create_fresh(fname + ".partial")
         return self.file
 
     def _finish(self, fname: str) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT
 from artscale.contracts.run_dir import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, load_denoiser
+from artscale.contracts.run_files import read_config
 from artscale.core.errors import UserError
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import to_model
@@ -121,7 +122,7 @@ def export_denoiser(
     classes = list(meta["classes"])
     scheduler = DDPMScheduler.from_config(meta["scheduler"])
     config_path = Path(meta["path"]) / CONFIG_NAME
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_config(config_path) or {}
     images, parity_source = skeleton.parity_images(Path(shards) if shards else None, config, size)
     tolerance = DENOISER_FP16_TOLERANCE if fp16 else DENOISER_FP32_TOLERANCE
 

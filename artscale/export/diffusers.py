@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ import torch
 
 from artscale import __version__
 from artscale.contracts.run_dir import CONFIG_NAME, EMA_NAME, WEIGHTS_NAME, is_diffusion_source, load_denoiser
+from artscale.contracts.run_files import read_config
+from artscale.core.atomic import fresh_dir, remove_tree, write_atomic
 from artscale.core.errors import UserError
 from artscale.data.grids import grid_image
 from artscale.data.shard_writer import sha256_file
@@ -68,7 +69,7 @@ def _remove_leftovers(out: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         except OSError:
             pass  # alive under another user: not ours to remove
 
@@ -83,11 +84,7 @@ def _readable(folder: Path) -> None:
 
 
 def _run_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+    return read_config(folder / CONFIG_NAME) or {}
 
 
 def draw_grid(
@@ -297,8 +294,8 @@ def export_diffusers(
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fresh_dir(tmp)  # made here, not through a link planted at the name
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
         scheduler.save_pretrained(str(tmp / "scheduler"))
         loaded = _read_back(tmp, unet, scheduler)
@@ -320,22 +317,22 @@ def export_diffusers(
                 guidance=g["guidance"],
                 seed=seed,
             )
-            (tmp / GRID_NAME).write_bytes(
-                encode_image(grid_image(images.reshape(-1, *images.shape[2:]), grid_count), "png")
+            write_atomic(
+                tmp / GRID_NAME, encode_image(grid_image(images.reshape(-1, *images.shape[2:]), grid_count), "png")
             )
-        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(info, dict(loaded.config)))
+        write_atomic(tmp / MARKER, json.dumps(info, indent=2) + "\n")
+        write_atomic(tmp / "README.md", model_card(info, dict(loaded.config)))
         _readable(tmp)
         if out.exists():
             out.replace(old)
         tmp.replace(out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     except OSError as e:  # a full disk or a read-only place: what was there stays
         if old.exists() and not out.exists():
             old.replace(out)
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     print(
         f"exported {out} (diffusers: unet/, scheduler/, README.md; {info['weights']} weights, "
         f"{info['image_size']} px, step {info['step'] if info['step'] is not None else '?'}, {len(classes)} classes)"

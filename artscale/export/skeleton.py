@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ import onnx
 from artscale import __version__
 from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
+from artscale.core.system import onnxruntime
 from artscale.data.loader import SkipCounter, shard_images
-from artscale.data.manifest import is_shards_dir, read_manifest, split_shards
+from artscale.data.manifest import is_shards_dir, read_manifest, shard_file, split_shards
 from artscale.data.shard_writer import sha256_file
 
 OPSET = 17
@@ -53,7 +53,7 @@ def parity_images(shards: Path | None, config: dict[str, Any] | None, size: int)
         shards = candidate if is_shards_dir(candidate) else None
     manifest = read_manifest(shards) if shards is not None else None
     if manifest is not None and manifest["image_size"] == size:  # other sizes: none would fit the graph's
-        urls = [str(shards / s["name"]) for s in split_shards(manifest, "val")]
+        urls = [str(shard_file(shards, s)) for s in split_shards(manifest, "val")]
         counter = SkipCounter()
         found = [image for image, _ in itertools.islice(shard_images(urls, counter, size=size), PARITY_IMAGES)]
         if found:
@@ -63,7 +63,7 @@ def parity_images(shards: Path | None, config: dict[str, Any] | None, size: int)
 
 
 def parity_session(model_bytes: bytes, providers: list | None = None):
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -74,7 +74,7 @@ def parity_sessions(model_bytes: bytes, quiet: bool = False) -> list[tuple[str, 
     """(provider, session) pairs the parity gate runs on: the CPU provider, and the CUDA provider
     (with generation's options) where CUDA really runs here. The CPU computes most fp16 ops in fp32,
     so an fp16 graph passing there says little about the GPU it is meant for."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     from artscale.contracts.onnx import cuda_devices, cuda_options
 
@@ -169,7 +169,7 @@ def publish(out: Path, data: bytes, meta: dict[str, str], keys: tuple[str, ...],
     stays); the export's report: where, how many bytes, the metadata's `keys`, and `extra`."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, data, tmp=out.with_name(f".{out.name}.tmp-{os.getpid()}"))
+        write_atomic(out, data)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     return {"path": str(out), "bytes": len(data), **{k: meta[k] for k in keys}, **extra}

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from artscale.core.atomic import refuse_linked_folders
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
 from artscale.core.system import multiple_of_8, usable_cores
 from artscale.data.images import SkipImage, load_image, resize_image
 from artscale.data.listing import LISTING, InputFile, list_inputs, read_listing, shard_of, write_listing
-from artscale.infer.outputs import EXTENSIONS, write_image, write_report
+from artscale.infer.outputs import EXTENSIONS, done, write_image, write_report
 from artscale.infer.session import (
     BYTES_PER_PIXEL,
     GPU_STREAMS,
@@ -171,9 +172,11 @@ def generate(
     per_pixel = BYTES_PER_PIXEL
     diffusion = is_denoiser(session)
     if diffusion:
+        from artscale.contracts.onnx import read_metadata
         from artscale.infer.img2img import Variations
         from artscale.infer.sample import open_denoiser
 
+        trained = str(read_metadata(session, model)["image_size"])  # the whole metadata checked, before any work
         if native or size not in (0, int(trained)):
             raise UserError(f"{model} is a diffusion denoiser: it runs at its training size, {trained} px only")
         stream = None
@@ -182,7 +185,7 @@ def generate(
             session, used, stream = open_denoiser(model, device, allow_cpu_fallback, provider, out_dir / ".trt-cache")
             on_gpu = used != "CPUExecutionProvider"
         cuda = "cuda" if used == "CUDAExecutionProvider" else None
-        runner = Variations(session, device=cuda, stream=stream, **(variation or {}))
+        runner = Variations(session, device=cuda, stream=stream, model=model, **(variation or {}))
         per_pixel = runner.bytes_per_pixel
     elif variation:
         raise UserError(f"--{'/--'.join(variation)}: for a diffusion model; {model} is not one (see `artscale info`)")
@@ -199,7 +202,8 @@ def generate(
     skipped = [{"path": e.rel, "reason": e.reason} for e in entries if e.reason]
     ignored = sum(e.ignored for e in entries)
     candidates = [e for e in entries if e.out]
-    todo = [e for e in candidates if not (out_dir / e.out).exists()]
+    refuse_linked_folders(out_dir, [e.out for e in candidates])
+    todo = [e for e, there in zip(candidates, done(out_dir, [e.out for e in candidates])) if not there]
     already_done = len(candidates) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -320,7 +324,8 @@ class _Pipeline:
                     futures.append(
                         encoders.submit(
                             write_image,
-                            out_dir / entry.out,
+                            out_dir,
+                            entry.out,
                             pixels,
                             original if self.restore else None,
                             self.fmt,

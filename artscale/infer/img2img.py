@@ -71,13 +71,14 @@ class Variations:
         sampler: str | None = None,
         guidance: float | None = None,
         seed: int = 0,
+        model: str | Path = "the ONNX model",
     ) -> None:
         """steps, sampler, guidance: None takes the model's own (sample.resolve_sampling)."""
         from artscale.contracts.onnx import read_metadata
 
         if not 0.0 <= strength <= 1.0 or (steps is not None and steps < 1):
             raise UserError(f"--strength {strength} --steps {steps}: need 0 <= strength <= 1 and steps >= 1")
-        self.meta = read_metadata(session)
+        self.meta = read_metadata(session, model)
         chosen = resolve_sampling(self.meta, sampler, steps, guidance)
         sampler, steps, guidance = chosen.sampler, chosen.steps, chosen.guidance
         self.classes, self.null_label = list(self.meta["classes"]), int(self.meta["null_label"])

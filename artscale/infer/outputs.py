@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from artscale.core.atomic import write_atomic, write_json_atomic
+from artscale.contracts.run_files import check_distilled
+from artscale.core.atomic import regular_files, write_atomic, write_json_atomic
+from artscale.core.checks import BadFile, class_names, mapping, printable, safe_component
+from artscale.core.checks import field as checked
 from artscale.core.errors import UserError
 from artscale.data.images import encode_image, resize_image
 
-TMP_SUFFIX = ".artscale-tmp"
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 REPORT_NAME = "report.json"  # a whole run's report, or the merge of its shards'
 SHARD_REPORT = re.compile(r"^report-(\d+)-of-(\d+)\.json$")
@@ -31,19 +33,27 @@ SHARD_REPORT_GLOB = "report-*-of-*.json"
 NAME_DIGITS = 8  # sample's file names: 00000012.png
 
 
-def write_image(path: Path, pixels: np.ndarray, original: tuple[int, int] | None, fmt: str, quality: int) -> None:
+def write_image(
+    out_dir: Path, rel: str, pixels: np.ndarray, original: tuple[int, int] | None, fmt: str, quality: int
+) -> None:
+    """OUT/rel, through write_atomic rooted at OUT: never through a symlink inside OUT, never outside it."""
     im = Image.fromarray(pixels, "RGB")
     if original and im.size != original:
         im = resize_image(im, original)
     data = encode_image(im, fmt, quality)
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")  # one name per output: a rerun overwrites a stale one
+    path = out_dir / rel
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data, tmp=tmp)
+        write_atomic(path, data, root=out_dir)
     except OSError as e:  # a full disk, a quota, a read-only mount: the run stops, what is written stays
         raise UserError(
             f"cannot write {path}: {e.strerror or e}; the outputs written so far are kept, run again to continue"
         ) from None
+
+
+def done(out_dir: Path, rels: list[str]) -> list[bool]:
+    """Whether each output OUT/rel is finished work: a regular file reached through no symlink. A link
+    there (to an outside file) is not done: the run replaces it with the output."""
+    return regular_files(out_dir, rels)
 
 
 def report_name(num_shards: int, shard_index: int) -> str:
@@ -54,7 +64,7 @@ def report_name(num_shards: int, shard_index: int) -> str:
 def write_report(out_dir: Path, report: dict) -> Path:
     """report.json (report-I-of-K.json for a shard), written atomically."""
     path = out_dir / report_name(report["num_shards"], report["shard_index"])
-    write_json_atomic(path, report, sort_keys=False, tmp=out_dir / f".{path.name}{TMP_SUFFIX}")
+    write_json_atomic(path, report, sort_keys=False)
     return path
 
 
@@ -67,8 +77,12 @@ class Item:
     out: str
 
 
-def plan(classes: list[str], class_name: str, count: int, ext: str) -> list[Item]:
-    """Every image of a sampling run in its fixed order: `all` is count images per class, in subfolders."""
+def plan(classes: list[str], class_name: str, count: int, ext: str, source: str | Path = "the model") -> list[Item]:
+    """Every image of a sampling run in its fixed order: `all` is count images per class, in subfolders.
+
+    The class names, read from `source` (a model, a report), become folder names: each must be one
+    safe path component (a BadFile naming `source` otherwise)."""
+    class_names(classes, source)
     if class_name == "all":
         return [Item(c, i, f"{name}/{i:0{NAME_DIGITS}d}{ext}") for c, name in enumerate(classes) for i in range(count)]
     if class_name not in classes:
@@ -101,6 +115,55 @@ RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "g
 SAMPLING_KEYS = ("sampling_from", "passes_per_step", "distilled")  # where steps, sampler, guidance came from
 
 
+# Timings and rates a report holds besides its counts: finite numbers >= 0.
+REPORT_TIMES = ("wall_s", "wall_s_max", "img_per_s")
+MAX_REPORT_NUMBER = 1e15
+
+
+def check_report(rep: Any, path: Path) -> dict[str, Any]:
+    """A generate or sample report.json (or a shard's): a JSON object whose counts are ints >= 0, whose
+    timings are finite numbers >= 0, and whose class names are safe path components (sample makes a
+    folder of each). BadFile (one line naming the field) where it is not; a missing key is the merge's
+    business (`_read_shard` names what a shard report lacks)."""
+    rep = mapping(rep, path)
+    for key, kind in {**GENERATE_FIELDS, **SAMPLE_FIELDS, "images_in_run": int, "after_listing": int}.items():
+        low, high = (0, MAX_REPORT_NUMBER) if kind is int else (None, None)
+        checked(rep, key, kind, path, low=low, high=high, default=None)
+    for key in REPORT_TIMES:
+        checked(rep, key, float, path, low=0, high=MAX_REPORT_NUMBER, default=None)
+    for i, name in enumerate(rep.get("classes") or []):
+        safe_component(name, path, f"classes[{i}]")
+    if rep.get("format") is not None and rep["format"] not in EXTENSIONS:
+        raise BadFile(
+            path, "format", f"must be one of {', '.join(EXTENSIONS)}, not {printable(repr(rep['format']))[:40]}"
+        )
+    _check_sampling_keys(rep, path, "")
+    variation = checked(rep, "variation", dict, path, default=None)
+    if variation is not None:
+        _check_sampling_keys(mapping(variation, path, "variation"), path, "variation.")
+    return rep
+
+
+SAMPLING_SOURCES = ("flag", "model", "default")
+
+
+def _check_sampling_keys(rep: dict[str, Any], path: Path, where: str) -> None:
+    """sampling_from (each of sampler, steps, guidance: flag, model or default), passes_per_step (1 or 2) and
+    distilled (a student's record, or null), where present."""
+    sources = checked(rep, "sampling_from", dict, path, default=None, where=where)
+    if sources is not None:
+        for key, source in mapping(sources, path, f"{where}sampling_from").items():
+            if key not in ("sampler", "steps", "guidance") or source not in SAMPLING_SOURCES:
+                raise BadFile(
+                    path,
+                    f"{where}sampling_from",
+                    f"maps sampler, steps and guidance to one of {', '.join(SAMPLING_SOURCES)}, "
+                    f"not {printable(repr(key))[:30]}: {printable(repr(source))[:30]}",
+                )
+    checked(rep, "passes_per_step", int, path, low=1, high=2, default=None, where=where)
+    check_distilled(rep.get("distilled"), path, f"{where}distilled")
+
+
 def _ranges(numbers: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     spans: list[list[int]] = []
@@ -122,6 +185,10 @@ def _read_shard(path: Path, shard: int, num_shards: int, kind: str, fields: dict
         return f"{path} is not a readable JSON report ({e})"
     if not isinstance(rep, dict):
         return f"{path} is not a {kind} report (not a JSON object)"
+    try:
+        check_report(rep, path)
+    except BadFile as e:
+        return str(e)
     lacking = [k for k, t in fields.items() if not isinstance(rep.get(k), t) or isinstance(rep.get(k), bool)]
     if lacking:
         return f"{path} is not a {kind} report (it lacks {', '.join(lacking)})"
@@ -166,7 +233,7 @@ def merge_reports(out_dir: str | Path, num_shards: int, sample: bool = False) ->
 def write_merged(out_dir: str | Path, num_shards: int, sample: bool = False) -> dict[str, Any]:
     """merge_reports, then OUT/report.json written atomically."""
     merged = merge_reports(out_dir, num_shards, sample)
-    write_json_atomic(Path(out_dir) / REPORT_NAME, merged, tmp=Path(out_dir) / f".{REPORT_NAME}{TMP_SUFFIX}")
+    write_json_atomic(Path(out_dir) / REPORT_NAME, merged)
     return merged
 
 
@@ -204,7 +271,8 @@ def _merge_generate(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, A
             raise UserError(f"shard {i} saw {rep['inputs_seen']} inputs but {where} holds {expected} for it")
     late = files_after_listing(listing) if listing is not None else []
     skipped = {s["path"] for rep in reports for s in rep["skipped_files"]}
-    missing = [e.out for e in entries if e.out and e.rel not in skipped and not (out_dir / e.out).is_file()]
+    wanted = [e.out for e in entries if e.out and e.rel not in skipped]
+    missing = [out for out, there in zip(wanted, done(out_dir, wanted)) if not there]
     if missing:
         raise UserError(f"{len(missing)} outputs are missing from {out_dir}, e.g. {missing[0]}")
     merged = {k: sum(rep[k] for rep in reports) for k in counts}
@@ -238,14 +306,15 @@ def _merge_sample(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, Any
                 f"{out_dir / report_name(num_shards, i)} is a different run than shard 0 "
                 f"(one of {', '.join(RUN_KEYS)} differs)"
             )
-    items = plan(first["classes"], first["class"], first["count"], EXTENSIONS[first["format"]])
+    source = out_dir / report_name(num_shards, 0)
+    items = plan(first["classes"], first["class"], first["count"], EXTENSIONS[first["format"]], source)
     for i, rep in enumerate(reports):
         owned = sum(map(len, shard_chunks(items, first["batch_size"], num_shards, i)))
         if rep["written"] + rep["already_done"] != owned or rep["images_in_shard"] != owned:
             raise UserError(
                 f"shard {i}: {rep['written']} written + {rep['already_done']} already there, but it owns {owned} images"
             )
-    missing = [it.out for it in items if not (out_dir / it.out).is_file()]
+    missing = [it.out for it, there in zip(items, done(out_dir, [it.out for it in items])) if not there]
     if missing:
         raise UserError(f"{len(missing)} images are missing from {out_dir}, e.g. {missing[0]}")
     return {

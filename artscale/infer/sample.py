@@ -11,6 +11,7 @@ under a temporary name and renamed; a chunk whose files all exist is skipped.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,13 +22,15 @@ import numpy as np
 import torch
 
 from artscale.contracts.onnx import DENOISER_INPUTS, DENOISER_OUTPUT, GPU_PROVIDERS
+from artscale.core.atomic import refuse_linked_folders
+from artscale.core.checks import printable
 from artscale.core.errors import UserError
 from artscale.core.progress import Progress
-from artscale.core.system import usable_cores
+from artscale.core.system import onnxruntime, usable_cores
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import Predict, sample, to_uint8, torch_predict
 from artscale.diffusion.schedulers import SAMPLERS, make_sampler
-from artscale.infer.outputs import EXTENSIONS, plan, shard_chunks, write_image, write_report
+from artscale.infer.outputs import EXTENSIONS, done, plan, shard_chunks, write_image, write_report
 from artscale.infer.session import denoiser_bytes_per_pixel, gpu_budget, open_session, placement
 
 CPU_CHUNK, GPU_CHUNK = 16, 64  # default images per chunk, --batch-size 0 (x2 network rows with guidance)
@@ -81,7 +84,7 @@ def bound_predict(session, device: torch.device, stream: torch.cuda.Stream | Non
     local = threading.local()
     run_options = None
     if cuda and stream is not None:
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         run_options = ort.RunOptions()  # the host does not wait for the stream at the end of a run
         run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -262,10 +265,11 @@ def first_channels(meta: dict[str, Any]) -> int:
 def open_model(model: Path, device: str, allow_cpu_fallback: bool, weights: str, threads: int) -> Opened:
     """The denoiser of an .onnx file or a run dir, ready to sample: see Opened."""
     if model.is_dir():
-        from artscale.contracts.run_dir import CONFIG_NAME, load_denoiser, read_json
+        from artscale.contracts.run_dir import CONFIG_NAME, load_denoiser
+        from artscale.contracts.run_files import read_config
 
         unet, meta = load_denoiser(model, weights)
-        meta = {**meta, "config": read_json(Path(meta["path"]) / CONFIG_NAME) or {}}  # old runs: their sampling
+        meta = {**meta, "config": read_config(Path(meta["path"]) / CONFIG_NAME) or {}}  # old runs: their sampling
         cuda = device != "cpu" and torch.cuda.is_available()
         if device == "cuda" and not cuda and not allow_cpu_fallback:
             raise UserError("--device cuda: torch sees no CUDA here; use --device cpu, or add --allow-cpu-fallback")
@@ -279,7 +283,7 @@ def open_model(model: Path, device: str, allow_cpu_fallback: bool, weights: str,
     from artscale.contracts.onnx import read_metadata
 
     session, used, stream = open_denoiser(model, device, allow_cpu_fallback)
-    meta = read_metadata(session)
+    meta = read_metadata(session, model)
     rows = max_rows(first_channels(meta), int(meta["image_size"])) if stream is not None else 0
     where = stream.device if stream is not None else torch.device("cpu")
     predict = session_predict(session, used, threads, stream, rows)
@@ -296,6 +300,15 @@ def session_predict(
     if stream is not None:
         return bound_predict(session, stream.device, stream, rows)
     return onnx_predict(session, streams=threads if used == "CPUExecutionProvider" else 0)
+
+
+def _stay_inside(out_dir: Path, items: list) -> None:
+    """Belt and braces to plan's rule for class names: every output path, normalised, lies inside OUT."""
+    root = os.path.abspath(out_dir)
+    for it in items:
+        path = os.path.normpath(os.path.join(root, it.out))
+        if os.path.commonpath([root, path]) != root or path == root:
+            raise UserError(f"{printable(it.out)}: an output path outside OUT_DIR {out_dir}; nothing written")
 
 
 def sample_images(
@@ -337,13 +350,16 @@ def sample_images(
     schedule = make_sampler(sampler, meta["scheduler"])  # the training scheduler's betas and prediction type
     size, null_label = int(meta["image_size"]), int(meta["null_label"])
     batch_size = batch_size or (CPU_CHUNK if used in ("CPUExecutionProvider", "torch-cpu") else GPU_CHUNK)
-    items = plan(list(meta["classes"]), class_name, count, EXTENSIONS[image_format])
+    items = plan(list(meta["classes"]), class_name, count, EXTENSIONS[image_format], model)
+    _stay_inside(out_dir, items)
     chunks = shard_chunks(items, batch_size, num_shards, shard_index)
 
     started = time.perf_counter()
     mine = sum(map(len, chunks))
-    todo = [c for c in chunks if not all((out_dir / it.out).exists() for it in c)]
-    already = mine - sum(not (out_dir / it.out).exists() for c in todo for it in c)
+    refuse_linked_folders(out_dir, [it.out for c in chunks for it in c])
+    there = dict(zip((it.out for c in chunks for it in c), done(out_dir, [it.out for c in chunks for it in c])))
+    todo = [c for c in chunks if not all(there[it.out] for it in c)]
+    already = sum(there.values())
     written = 0
     bar, lock = Progress(mine, "sample", unit="img", initial=already), threading.Lock()
 
@@ -370,10 +386,9 @@ def sample_images(
                 )
                 previous, pending = pending, []
                 for it, pixels in zip(chunk, images):
-                    path = out_dir / it.out
-                    if not path.exists():  # the rest of the chunk was written before an interruption
+                    if not there[it.out]:  # the rest of the chunk was written before an interruption
                         job = writers.submit(
-                            write_image, path, np.ascontiguousarray(pixels), None, image_format, quality
+                            write_image, out_dir, it.out, np.ascontiguousarray(pixels), None, image_format, quality
                         )
                         job.add_done_callback(tick)
                         pending.append(job)

@@ -21,6 +21,7 @@ import numpy as np
 
 from artscale.contracts.onnx import DENOISER_INPUTS, GPU_PROVIDERS, IMAGE_INPUT, IMAGE_OUTPUT, cuda_options
 from artscale.core.errors import UserError
+from artscale.core.system import onnxruntime
 
 # What a run of the article's model holds per pixel, from the CPU provider's memory for a large batch;
 # tests/infer/test_gpu.py checks it against what a CUDA run holds.
@@ -167,7 +168,7 @@ def open_session(
     these checks: its failure is one line with onnxruntime's own words, not a traceback later in
     a worker thread.
     """
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     ort.set_default_logger_severity(4)  # its C++ lines about missing libraries: we say it in one line
 

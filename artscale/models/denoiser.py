@@ -23,7 +23,7 @@ DENOISER_PRESETS: dict[str, tuple[tuple[int, ...], int, int]] = {
 # at 16x16 for 256 px); `base` at 32x32 and 16x16 like ADM (attention_resolutions="32,16,8",
 # https://arxiv.org/abs/2105.05233; these presets end at 16x16), with ADM's 64 channels per head. The
 # middle block attends in every preset (diffusers' default). `tiny` has no attention below the middle
-# block: a training step on CPU is slower with one more level (README). Runs record the structure they
+# block: a training step on CPU is slower with one more level (docs/benchmarks.md). Runs record the structure they
 # were built with (denoiser.json's UNet config), so a run started before a change here keeps its own.
 PRESET_ATTENTION: dict[str, tuple[int, int]] = {"tiny": (0, 8), "small": (1, 64), "base": (2, 64)}
 

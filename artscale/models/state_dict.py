@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,11 @@ def read_state_dict(path: Path, what: str = "checkpoint") -> dict[str, torch.Ten
             if path.suffix == ".safetensors"
             else torch.load(path, map_location="cpu", weights_only=True)
         )
-    except Exception as e:  # truncated zip, pickle with code in it, not a tensor file at all
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: never pass that on
+        raise UserError(
+            f"cannot read {what} {path}: it holds objects other than tensors (refused: loading it could run code)"
+        ) from None
+    except Exception as e:  # truncated zip, not a tensor file at all
         msg = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {msg[:200]}") from None
     if isinstance(obj, dict):

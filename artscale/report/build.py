@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from artscale import __version__
-from artscale.core.atomic import write_atomic
+from artscale.core.atomic import regular_file, remove_tree, write_atomic
 from artscale.core.errors import UserError
-from artscale.infer.outputs import EXTENSIONS, REPORT_NAME, SHARD_REPORT, SHARD_REPORT_GLOB, plan
+from artscale.infer.outputs import EXTENSIONS, REPORT_NAME, SHARD_REPORT, SHARD_REPORT_GLOB, check_report, plan
 from artscale.report.html import GENERATOR, Tile, card, contact_sheet, esc, fmt, fmt_seconds, kpis, kv_table, note, page
 from artscale.report.html import table as html_table
 from artscale.report.images import Thumbs, select
@@ -77,12 +77,12 @@ class Output:
 
 def _read_report(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"{path} is not a readable report ({e}); run the command that wrote it again") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a report of `artscale generate` or `artscale sample`")
-    return data
+    return check_report(data, path)
 
 
 def _kind(path: Path, report: dict[str, Any]) -> str:
@@ -100,7 +100,7 @@ def read_output(path: Path) -> Output | None:
         if m := SHARD_REPORT.match(p.name):
             shards.append(((int(m.group(2)), int(m.group(1))), p))
     shard_reports = [(p, _read_report(p)) for _, p in sorted(shards)]
-    report = _read_report(path / REPORT_NAME) if (path / REPORT_NAME).is_file() else None
+    report = _read_report(path / REPORT_NAME) if regular_file(path / REPORT_NAME, path) else None
     if report is None and not shard_reports:
         return None
     first, where = (report, path / REPORT_NAME) if report is not None else shard_reports[0][::-1]
@@ -297,7 +297,8 @@ def _walk_outputs(root: Path) -> dict[str, list[tuple[str, str]]]:
 def _sample_items(out: Output) -> dict[str, list[tuple[str, str]]]:
     rep = out.main
     groups: dict[str, list[tuple[str, str]]] = {}
-    for it in plan(list(rep["classes"]), rep["class"], int(rep["count"]), EXTENSIONS[rep.get("format", "png")]):
+    source = out.path / REPORT_NAME if out.report is not None else out.shards[0][0]
+    for it in plan(list(rep["classes"]), rep["class"], int(rep["count"]), EXTENSIONS[rep.get("format", "png")], source):
         groups.setdefault(it.out.rpartition("/")[0] or rep["class"], []).append(("", it.out))
     return groups
 
@@ -311,7 +312,7 @@ def _sheet_card(out: Output, thumbs: Thumbs, limits: Limits) -> str:
         groups, where, what = _sample_items(out), "the sampling plan (report.json)", "images"
     total = sum(map(len, groups.values()))
     picked, k = select(groups, limits.max_shown, limits.per_folder)
-    outputs = thumbs.make([out.path / o for _, (_, o) in picked], THUMB_SIDE, THUMB_SIDE)
+    outputs = thumbs.make([out.path / o for _, (_, o) in picked], THUMB_SIDE, THUMB_SIDE, root=out.path)
     inputs = thumbs.make([in_dir / i for _, (i, _) in picked], THUMB_SIDE, THUMB_SIDE) if in_dir else []
     tiles = []
     for n, (folder, (rel, o)) in enumerate(picked):
@@ -330,7 +331,12 @@ def _sheet_card(out: Output, thumbs: Thumbs, limits: Limits) -> str:
 
 
 def output_section(out: Output, thumbs: Thumbs, limits: Limits) -> tuple[str, str]:
-    parts = [_numbers(out), _shards_card(out), _skipped_card(out), eval_card(sorted(out.path.glob("eval*.json")))]
+    parts = [
+        _numbers(out),
+        _shards_card(out),
+        _skipped_card(out),
+        eval_card(sorted(p for p in out.path.glob("eval*.json") if regular_file(p, out.path))),
+    ]
     parts.append(_sheet_card(out, thumbs, limits))
     what = "generation" if out.kind == "generate" else "sampling"
     return f"{what} output: {out.path.name}", "".join(p for p in parts if p)
@@ -339,15 +345,8 @@ def output_section(out: Output, thumbs: Thumbs, limits: Limits) -> tuple[str, st
 # ---- the page -------------------------------------------------------------------------------------
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path | None = None, limits: Limits = Limits()) -> Path:
-    """Write the report of `paths` (run dirs and output dirs, one section each) to OUT/index.html."""
-    started = time.perf_counter()
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise UserError("nothing to report: give a run dir or an output dir")
-    sources = [_source(p) for p in paths]
-    out = Path(out) if out is not None else default_out(paths[0], sources[0][0])
-    _check_out(out, [s.path for kind, s in sources if kind == "output"])
+def _build(out: Path, paths: list[Path], sources: list, limits: Limits) -> Thumbs:
+    """index.html and thumbs/ of `sources` in OUT; the thumbnails made, for the summary line."""
     out.mkdir(parents=True, exist_ok=True)
     thumbs = Thumbs(out)
     sections, toc = [], []
@@ -363,8 +362,29 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, lim
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     title = "artscale report" + (f": {paths[0].name}" if len(paths) == 1 else "")
     html = page(title, f"written {stamp} by artscale {__version__}", toc, sections)
-    write_atomic(out / "index.html", html, tmp=out / ".index.html.tmp")
+    write_atomic(out / "index.html", html)
     thumbs.prune()
+    return thumbs
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path | None = None, limits: Limits = Limits()) -> Path:
+    """Write the report of `paths` (run dirs and output dirs, one section each) to OUT/index.html."""
+    started = time.perf_counter()
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("nothing to report: give a run dir or an output dir")
+    sources = [_source(p) for p in paths]
+    out = Path(out) if out is not None else default_out(paths[0], sources[0][0])
+    _check_out(out, [s.path for kind, s in sources if kind == "output"])
+    existed = out.is_dir()
+    new = not existed or not any(out.iterdir())
+    try:
+        thumbs = _build(out, paths, sources, limits)
+    except BaseException:
+        if new:  # nothing half-built stays behind: a rerun finds the folder as it was, and works
+            for made in [*out.iterdir()] if existed else [out]:
+                remove_tree(made)
+        raise
     index = out / "index.html"
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(

@@ -71,7 +71,9 @@ h4.folder { margin: 10px 0 4px; font-size: 13px; font-family: ui-monospace, mono
 
 
 def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """HTML text of any value; a file name's undecodable bytes (held as surrogates) become U+FFFD."""
+    text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return html.escape(text, quote=True)
 
 
 def fmt(value: Any) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from artscale.core.atomic import write_atomic, write_json_atomic
+from artscale.core.atomic import open_folder, regular_file, write_atomic, write_json_atomic
 from artscale.core.system import usable_cores
 from artscale.data.images import SkipImage, encode_image, load_image
 from artscale.report.html import Shown
@@ -47,11 +47,11 @@ def select(groups: dict[str, list], max_shown: int, per_folder: int) -> tuple[li
     return [(f, groups[f][i]) for f in folders for i in spread(len(groups[f]), k)], k
 
 
-def _make(src: Path, dst_dir: Path, stem: str, side: int, lossless: bool) -> tuple[str, list[int]]:
+def _make(src: Path, out: Path, stem: str, side: int, lossless: bool) -> tuple[str, list[int]]:
     im, original = load_image(src, (side, side), resize="fit")
     fmt = "png" if lossless or max(im.size) <= PNG_UP_TO else "jpg"
     name = f"{stem}.{fmt}"
-    write_atomic(dst_dir / name, encode_image(im, fmt, 85), tmp=dst_dir / f".{name}.tmp")
+    write_atomic(out / THUMBS / name, encode_image(im, fmt, 85), root=out)
     return name, [im.width, im.height, *original]
 
 
@@ -59,18 +59,21 @@ class Thumbs:
     """Thumbnails under OUT/thumbs/, made in threads (Pillow decodes and encodes without the GIL)."""
 
     def __init__(self, out: Path) -> None:
-        self.dir = Path(out) / THUMBS
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.out = Path(out)
+        self.dir = self.out / THUMBS
+        os.close(open_folder(self.out, THUMBS))  # made, or refused when it is a link
         try:
-            known = json.loads((self.dir / INDEX).read_text())
+            known = json.loads((self.dir / INDEX).read_text()) if regular_file(self.dir / INDEX, self.out) else {}
         except (OSError, ValueError):
             known = {}
         self.known: dict[str, list[int]] = known if isinstance(known, dict) else {}
         self.used: dict[str, list[int]] = {}
         self.made = 0
 
-    def _one(self, src: Path, side: int, lossless: bool) -> tuple[str, list[int]] | str:
+    def _one(self, src: Path, side: int, lossless: bool, root: Path | None) -> tuple[str, list[int]] | str:
         """(thumbnail name, sizes), or why there is none."""
+        if root is not None and not regular_file(src, root):  # a link planted in an output dir: not its output
+            return "a symbolic link or not a file: not read" if os.path.lexists(src) else "not on disk"
         try:
             st = os.stat(src)
         except OSError:
@@ -78,10 +81,10 @@ class Thumbs:
         key = f"{os.path.abspath(src)}|{st.st_size}|{st.st_mtime_ns}|{side}|{lossless}"
         stem = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
         for name in (f"{stem}.png", f"{stem}.jpg"):
-            if name in self.known and (self.dir / name).is_file():
+            if name in self.known and regular_file(self.dir / name, self.out):
                 return name, self.known[name]
         try:
-            name, sizes = _make(src, self.dir, stem, side, lossless)
+            name, sizes = _make(src, self.out, stem, side, lossless)
         except SkipImage as e:
             return str(e)
         self.known[name] = sizes  # another section showing the same file takes this one
@@ -89,14 +92,21 @@ class Thumbs:
         return name, sizes
 
     def make(
-        self, sources: Sequence[Path], side: int, box: int, max_scale: int = 8, lossless: bool = False
+        self,
+        sources: Sequence[Path],
+        side: int,
+        box: int,
+        max_scale: int = 8,
+        lossless: bool = False,
+        root: Path | None = None,
     ) -> list[Shown]:
         """The thumbnails of `sources` (at most `side` pixels; PNG when `lossless`, else JPEG unless tiny),
         each drawn to fit `box` CSS pixels: a small image enlarged by a whole factor (pixelated, at most
-        `max_scale`), a larger one shrunk to fit."""
+        `max_scale`), a larger one shrunk to fit. With `root` (an output dir), only regular files
+        reached from it through no symlink are read: a link there is not artscale's output."""
         unique = list(dict.fromkeys(sources))  # each file made once, by one thread
         with ThreadPoolExecutor(max(1, usable_cores())) as pool:
-            done = dict(zip(unique, pool.map(lambda p: self._one(p, side, lossless), unique)))
+            done = dict(zip(unique, pool.map(lambda p: self._one(p, side, lossless, root), unique)))
         results = [done[p] for p in sources]
         shown = []
         for src, result in zip(sources, results):
@@ -123,5 +133,5 @@ class Thumbs:
             if p.name != INDEX and p.name not in self.used:
                 p.unlink(missing_ok=True)
                 removed += 1
-        write_json_atomic(self.dir / INDEX, self.used, tmp=self.dir / f".{INDEX}.tmp")
+        write_json_atomic(self.dir / INDEX, self.used, root=self.out)
         return removed

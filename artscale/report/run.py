@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from artscale.core.checks import field as checked
+from artscale.core.checks import mapping, printable
 from artscale.data.grids import PAD, tile_size
 from artscale.report.html import Series, card, esc, fmt, fmt_seconds, grid_figure, kpis, kv_table, line_plot, note
 from artscale.report.html import table as html_table
@@ -29,14 +31,37 @@ ORDER = ("loss", "mse", "perceptual", "lr", "grad_norm", "img_per_s", "data_wait
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
 
+def _distances(record: dict[str, Any], path: Path, where: str) -> None:
+    """FID and KID figures: finite numbers (or null, where a side had too few images), counts >= 0."""
+    for key in ("fid", "kid_mean", "kid_std"):
+        if record.get(key) is not None:
+            checked(record, key, float, path, where=where)
+    for key in ("images", "generated", "real", "skipped"):
+        if not isinstance(record.get(key), dict):
+            checked(record, key, int, path, low=0, default=None, where=where)
+
+
+def check_eval(r: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An eval.json of `artscale eval` (artscale.metrics.fid): BadFile naming the field where it is not one."""
+    _distances(r, path, "")
+    for side in ("generated", "real"):
+        _distances(mapping(checked(r, side, dict, path), path, side), path, f"{side}.")
+    per = mapping(checked(r, "per_class", dict, path, default={}), path, "per_class")
+    for name, m in per.items():
+        _distances(mapping(m, path, f"per_class.{printable(name)[:40]}"), path, f"per_class.{printable(name)[:40]}.")
+    return r
+
+
 def eval_card(paths: list[Path]) -> str:
     """FID and KID from the eval.json files `artscale eval` wrote (other JSON files are passed over)."""
-    found = [(p, r) for p in paths if (r := read_json(p)) is not None and "fid" in r and "generated" in r]
+    found = [
+        (p, check_eval(r, p)) for p in paths if (r := read_json(p)) is not None and "fid" in r and "generated" in r
+    ]
     if not found:
         return ""
     body = []
@@ -174,7 +199,7 @@ def _grids_card(run: Any, thumbs: Thumbs, classes: list[str], size: int, objecti
             "Sample grids", note("no sample grids yet (samples/step-*.png, every sample_every steps)"), "samples"
         )
     picked = [run.samples[i] for i in spread(len(run.samples), MAX_GRIDS)]
-    shown = thumbs.make([p for _, p in picked], GRID_SIDE, GRID_BOX, max_scale=4, lossless=True)
+    shown = thumbs.make([p for _, p in picked], GRID_SIDE, GRID_BOX, max_scale=4, lossless=True, root=run.path)
     what = (
         "one row per class, drawn from fixed noise"
         if objective == "diffusion"

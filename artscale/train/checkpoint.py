@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
+import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ from artscale.contracts.run_dir import (
     latest_checkpoint,
     list_checkpoints,
     load_weights,
-    read_json,
     step_dir_name,
     unet_config,
 )
-from artscale.core.atomic import write_json_atomic
+from artscale.contracts.run_files import broken_pickle, read_denoiser, read_state
+from artscale.core.atomic import UnsafePath, fresh_dir, remove_tree, write_json_atomic
 from artscale.core.errors import UserError
 from artscale.models.state_dict import read_state_dict
+from artscale.train.config import saved_config
 
 # How long a rank waits to see the checkpoint rank 0 resumes from (a shared filesystem's caches lag by seconds).
 RESUME_WAIT_S = 60.0
@@ -44,20 +46,18 @@ def save_final(
     """Write run_dir/final (safetensors + config + step, then what `extras(dir)` adds: EMA weights,
     denoiser.json) under a temporary name, then swap it in."""
     final = Path(run_dir) / "final"
-    tmp = final.with_name("final" + UNFINISHED_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(final.with_name("final" + UNFINISHED_SUFFIX))  # never a planted link's target
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS_NAME))
     write_json_atomic(tmp / CONFIG_NAME, config)
     write_json_atomic(tmp / STATE_NAME, {"step": step})
     if extras is not None:
         extras(tmp)
     old = final.with_name("final.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    if final.exists() or final.is_symlink():
+        remove_tree(old)
         final.replace(old)
     tmp.replace(final)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
     return final
 
 
@@ -103,7 +103,7 @@ def resume_denoiser(checkpoint: Path, fresh: torch.nn.Module) -> torch.nn.Module
     where the checkpoint holds no record. A record whose weight shapes differ from the config's is refused."""
     from diffusers import UNet2DModel
 
-    meta = read_json(checkpoint / DENOISER_NAME)
+    meta = read_denoiser(checkpoint / DENOISER_NAME)
     if meta is None:
         return fresh
     recorded = unet_config(meta)
@@ -117,8 +117,10 @@ def resume_denoiser(checkpoint: Path, fresh: torch.nn.Module) -> torch.nn.Module
 
 def check_run_dir(run_dir: str | Path, config: dict[str, Any], force: bool) -> None:
     """Refuse to continue a run dir whose saved config.json defines a different run (unless forced)."""
-    saved = read_json(Path(run_dir) / CONFIG_NAME)
-    if saved is None or force:
+    if force:
+        return
+    saved = saved_config(Path(run_dir) / CONFIG_NAME)
+    if saved is None:
         return
     changed = [k for k in RUN_DEFINING_KEYS if k in saved and saved[k] != config.get(k)]
     if changed:
@@ -231,9 +233,25 @@ class CheckpointManager:
         models.pop(0)  # loaded: accelerate would look for its own (wrapped) keys
 
     def load(self, path: Path) -> dict[str, Any]:
-        """Model, optimizer, scaler and RNG state from `path`; returns its trainer state."""
-        self.accelerator.load_state(str(path))
-        state = read_json(path / STATE_NAME) or {}
+        """Model, optimizer, scaler and RNG state from `path`; returns its trainer state. A checkpoint
+        whose files are damaged is one line naming it, what is wrong and what to do."""
+        try:
+            state = read_state(path / STATE_NAME) or {}
+            saved_config(path / CONFIG_NAME)
+            rng = broken_pickle(path, "random_states")  # accelerate would log it and resume with other random streams
+            if rng:
+                raise UserError(rng)
+            try:
+                self.accelerator.load_state(str(path))
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile):
+                # torch's own messages advise weights_only=False (running the file's code): never shown
+                raise UserError(broken_pickle(path) or "accelerate's files in it do not load") from None
+        except UserError as e:
+            older = [p for _, p in list_checkpoints(path.parent.parent) if p.name < path.name]
+            instead = f"resume={older[-1]}" if older else "start again in a new run_dir"
+            raise UserError(
+                f"cannot resume from checkpoint {path}: {e}; remove that checkpoint, or {instead}"
+            ) from None
         self.last_saved = state.get("step")
         return state
 
@@ -246,9 +264,16 @@ class CheckpointManager:
         acc = self.accelerator
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + UNFINISHED_SUFFIX)
+        # rank 0 makes the folder every rank saves into; a link planted at its name (or a checkpoints/
+        # that is a link) is refused on every rank before any writes, which would follow it
+        unsafe: UnsafePath | None = None
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
+            try:
+                fresh_dir(tmp, root=self.root.parent)
+            except UnsafePath as e:
+                unsafe = e
+        if acc.reduce(torch.tensor(float(unsafe is not None), device=acc.device), "sum").item():
+            raise unsafe or UnsafePath(f"could not write checkpoint {final}: refused on the main process")
         error: Exception | None = None
         try:
             acc.save_state(str(tmp))
@@ -264,13 +289,13 @@ class CheckpointManager:
         failed = acc.reduce(torch.tensor(float(error is not None), device=acc.device), "sum").item()
         if failed:
             if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
             kept = latest_checkpoint(self.root.parent)
             why = f"{type(error).__name__}: {error}" if error else "failed on another rank"
             raise UserError(f"could not write checkpoint {final} ({why}); kept {kept or 'no earlier checkpoint'}")
         if acc.is_main_process:
-            if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
-                shutil.rmtree(final)
+            if final.exists() or final.is_symlink():  # the same step saved again (a resumed run with nothing left)
+                remove_tree(final)
             tmp.replace(final)
             self._prune()
         acc.wait_for_everyone()
@@ -279,6 +304,6 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for _, path in list_checkpoints(self.root.parent)[: -self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         for leftover in self.root.glob("step-*" + UNFINISHED_SUFFIX):  # from a run killed while saving
-            shutil.rmtree(leftover, ignore_errors=True)
+            remove_tree(leftover)

@@ -14,6 +14,8 @@ import hashlib
 
 import torch
 
+from artscale.core.errors import UserError
+
 EMA_NAME = "ema.safetensors"
 
 
@@ -43,8 +45,14 @@ class Ema:
             out[name] = shadow.detach().cpu().clone().contiguous()
         return out
 
-    def load(self, state_dict: dict[str, torch.Tensor], step: int) -> None:
-        """Back to where a checkpoint left it: the averaged weights and the warm-up's step count."""
+    def load(self, state_dict: dict[str, torch.Tensor], step: int, source: str = "ema weights") -> None:
+        """Back to where a checkpoint left it: the averaged weights and the warm-up's step count. Weights
+        that do not fit the model (a damaged or foreign file at `source`) are one line naming it."""
+        for name, shadow in zip(self.names, self.ema.shadow_params):
+            got = state_dict.get(name)
+            if got is None or got.shape != shadow.shape:
+                what = "lacks" if got is None else f"has shape {tuple(got.shape)} for"
+                raise UserError(f"{source} {what} {name} (the model's is {tuple(shadow.shape)})")
         for name, shadow in zip(self.names, self.ema.shadow_params):
             shadow.copy_(state_dict[name])
         self.ema.optimization_step = step

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from artscale.contracts.run_dir import read_metrics
-from artscale.core.atomic import write_atomic
+from artscale.contracts.run_files import read_metrics
+from artscale.core.atomic import append_text, write_atomic
 from artscale.core.progress import Progress
 from artscale.data.grids import grid_image
 from artscale.data.images import encode_image
@@ -139,8 +139,7 @@ class StepLog:
         """Already reduced metrics, from every rank: the trackers and metrics.jsonl get them once."""
         self.acc.log(metrics, step=step)
         if self.acc.is_main_process:
-            with self.metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            append_text(self.metrics_file, json.dumps({"step": step, **metrics}) + "\n", sync=False)
 
     def state(self) -> dict[str, Any]:
         """The trainer state a checkpoint keeps (every rank calls this at the same step)."""
@@ -222,9 +221,8 @@ class Samples:
             images, columns, caption = torch.stack([self.images, out], 1).flatten(0, 1), 2, "input | output"
         net.train(was_training)
         im = grid_image(images, columns)  # small pieces enlarged (grids.py): judged by eye
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:06d}.png"
-        write_atomic(path, encode_image(im, "png"))
+        write_atomic(path, encode_image(im, "png"), root=self.dir.parent)  # samples/ made, never followed
         for tracker in self.acc.trackers:
             if tracker.name == "wandb":
                 import wandb

@@ -4,13 +4,12 @@
 `accelerate launch launch/train.py` run it, on one CPU, one GPU, many GPUs or many nodes.
 
 A step is an optimizer step everywhere: logs, lr schedule, checkpoints, resume. Rank checks live
-in the helpers (StepLog, Samples, CheckpointManager: train_log.py, checkpoint.py), not in the loop;
-what is checked and set up before the first step is in train_setup.py.
+in the helpers (StepLog, Samples, CheckpointManager: log.py, checkpoint.py), not in the loop;
+what is checked and set up before the first step is in setup.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -29,7 +28,7 @@ from artscale.data.loader import DataSpec, data_spec, train_loader
 from artscale.models.article import ConvDiffusionModel
 from artscale.models.state_dict import read_state_dict
 from artscale.train.checkpoint import CheckpointManager, check_run_dir, save_final, shared_resume_point
-from artscale.train.config import TrainConfig, load_config
+from artscale.train.config import TrainConfig, load_config, train_parser
 from artscale.train.ema import Ema
 from artscale.train.log import Samples, StepLog, rewind_metrics, to_device, validate
 from artscale.train.losses import HybridLoss
@@ -281,7 +280,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     fmt = torch.channels_last if cfg.use_channels_last() else torch.contiguous_format
     net, loss_fn = net.to(memory_format=fmt), loss_fn.to(memory_format=fmt)
     optimizer = adam(net.parameters(), plan.lr, acc.device)
-    model, optimizer = acc.prepare(net, optimizer)  # DDP, then torch.compile when compile=true (train_setup.py)
+    model, optimizer = acc.prepare(net, optimizer)  # DDP, then torch.compile when compile=true (setup.py)
     ema = Ema(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = CheckpointManager(acc, run_dir, cfg.to_dict(), net, cfg.checkpoint_every, cfg.keep_checkpoints)
     state = ckpt.load(resume_from) if resume_from else {}
@@ -289,7 +288,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     if ema is not None and resume_from:
         if not (resume_from / EMA_NAME).is_file():
             raise UserError(f"{resume_from} holds no {EMA_NAME} (trained with ema_decay=0): resume with ema_decay=0")
-        ema.load(read_state_dict(resume_from / EMA_NAME), int(state.get("ema_step", 0)))
+        ema.load(read_state_dict(resume_from / EMA_NAME), int(state.get("ema_step", 0)), str(resume_from / EMA_NAME))
     objective = build_objective(cfg, spec, acc, loss_fn, start, teacher)
     ckpt.extras = extras = _extras(net, objective, spec, cfg, ema, teacher[1] if teacher else None)
     if start > plan.total_steps:
@@ -384,17 +383,6 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
 
 def main(argv: list[str]) -> int:
     """`[--config FILE] [key=value ...]` -> train; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="artscale train",
-        description="train (same code as python -m artscale.train, accelerate launch -m artscale.train, "
-        "accelerate launch launch/train.py)",
-    )
-    parser.add_argument(
-        "--config", default=None, help="a YAML file of config keys, or a packaged preset's name (artscale configs)"
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config keys (see the README); override the file"
-    )
-    args = parser.parse_args(argv)
+    args = train_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return train(load_config(args.config, args.overrides))

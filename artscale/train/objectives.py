@@ -135,7 +135,7 @@ class Diffusion:
 
     def _attention(self) -> contextlib.AbstractContextManager:
         """On CPU, attention by plain matmul + softmax: torch's CPU flash-attention backward is slow on the
-        tiny UNet's small middle block (bench/train_step.py, README "Benchmarks"); GPUs keep their default."""
+        tiny UNet's small middle block (bench/train_step.py, docs/benchmarks.md); GPUs keep their default."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel

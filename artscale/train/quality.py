@@ -103,7 +103,7 @@ class Evals:
                 where = " on every process" if acc.num_processes > 1 else ""
                 raise UserError(f"eval_inception={weights}: no such file{where} (torch-fidelity's {INCEPTION_FILE})")
             acc.print(
-                f"eval_every={self.every}: no Inception-v3 weights at {path} (see the README: Evaluate samples; "
+                f"eval_every={self.every}: no Inception-v3 weights at {path} (docs/install.md, offline weights; "
                 "or set eval_inception=FILE): no KID/FID in this run"
             )
             self.every = 0
@@ -204,8 +204,11 @@ class Evals:
                 return False
             if self.acc.is_main_process:
                 self.real = found
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, save({"features": found[0].float().contiguous(), "labels": found[1]}))
+                write_atomic(
+                    path,
+                    save({"features": found[0].float().contiguous(), "labels": found[1]}),
+                    root=self.cfg.run_dir,  # eval/ made inside the run dir, never through a link
+                )
         self.real_ready = True
         return True
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from artscale.core.atomic import write_atomic
 from artscale.core.errors import UserError
 from artscale.core.hardware import (
     Precision,
@@ -66,7 +67,7 @@ def check_gpu(env: Mapping[str, str], cuda_available: bool) -> None:
             f"GPUs were asked for ({why}) but torch sees no CUDA device: torch {torch.__version__} is built for "
             f"CUDA {torch.version.cuda or 'none (a CPU-only build)'}; {driver.summary}"
             f"{'; ' + verdict.text if verdict.ok is False and driver.version else ''}. `artscale doctor --need cuda` names the fix "
-            "(CUDA 12 drivers: the README's GPU drivers paragraph), or run on CPU with ACCELERATE_USE_CPU=1"
+            "(CUDA 12 drivers: docs/install.md), or run on CPU with ACCELERATE_USE_CPU=1"
         )
 
 
@@ -191,7 +192,7 @@ def _wandb_id(acc: Any, run_dir: Path) -> str | None:
         return None
     path = run_dir / "wandb_id"
     if not path.is_file():
-        path.write_text(uuid.uuid4().hex[:12] + "\n")
+        write_atomic(path, uuid.uuid4().hex[:12] + "\n")
     return path.read_text().strip()
 
 

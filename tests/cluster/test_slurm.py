@@ -653,3 +653,11 @@ def test_the_node_entry_answers_under_its_name_and_the_name_older_scripts_ran(mo
     """A job queued with an sbatch script from before the layout runs `python -m artscale.slurm` after an upgrade."""
     r = subprocess.run([sys.executable, "-m", module, "finished", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m artscale.cluster finished"), r.stderr
+
+
+def test_the_node_entry_takes_training_arguments_that_start_with_config(tmp_path):
+    """`submit train --config X` on a cluster: train.sbatch runs `python -m artscale.cluster node|finished
+    --config X key=value`, all of it training's (argparse's REMAINDER alone refused the leading flag)."""
+    args = ["--config", "diffusion-cpu", f"run_dir={tmp_path / 'run'}"]
+    r = subprocess.run([sys.executable, "-m", "artscale.cluster", "finished", *args], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == "", r.stderr  # not finished: no final/ yet

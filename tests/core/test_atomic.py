@@ -15,7 +15,7 @@ def test_bytes_text_and_json_land_whole_and_leave_no_tmp(tmp_path):
     write_atomic(tmp_path / "a.bin", b"\x00\x01")
     write_atomic(tmp_path / "b.txt", "caf\u00e9\n")
     write_json_atomic(tmp_path / "c.json", {"b": 1, "a": [2]})
-    write_json_atomic(tmp_path / "d.json", {"b": 1, "a": 2}, sort_keys=False, tmp=tmp_path / ".d.json.mine")
+    write_json_atomic(tmp_path / "d.json", {"b": 1, "a": 2}, sort_keys=False)
     assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
     assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "caf\u00e9\n"
     assert (tmp_path / "c.json").read_text() == json.dumps({"a": [2], "b": 1}, indent=2) + "\n"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from artscale.core.checks import BadFile, field, mapping, printable, safe_component
+from artscale.core.checks import BadFile, class_names, field, mapping, printable, safe_component
 from artscale.core.errors import UserError
 
 
@@ -52,3 +52,15 @@ def test_safe_component_kept(name):
 def test_printable_escapes_control_characters():
     assert printable("red\x1b[31mX\n") == "red\\x1b[31mX\\n"
     assert printable("plain") == "plain"
+
+
+def test_class_names_a_list_of_distinct_safe_names():
+    assert class_names(["a", "b c"], "m.json") == ["a", "b c"]
+    for bad, message in (
+        ("a", r"^m.json: classes must be a list of class names, not str$"),
+        (["a", 1], r"^m.json: classes\[1\] must be a string, not int$"),
+        (["a", "a"], r"^m.json: classes\[1\] 'a' is listed twice$"),
+        (["ok", "../x"], r"^m.json: classes\[1\] '../x' must be one folder name"),
+    ):
+        with pytest.raises(BadFile, match=message):
+            class_names(bad, "m.json")

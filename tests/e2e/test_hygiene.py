@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_code_and_help_do_not_cite_files_users_lack():
     dirs = ("artscale", "bench", "launch", "slurm", "tests")  # artscale/ holds the presets and sbatch scripts
     files = [p for d in dirs for p in (ROOT / d).rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".yaml", "")]
+    files += [ROOT / "pyproject.toml", *(ROOT / "tools").glob("*.py")]
     bad = [
         f"{p.relative_to(ROOT)}"
         for p in files

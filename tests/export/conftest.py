@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -28,11 +29,15 @@ def val_shards() -> Callable[[Path, int, int], Path]:
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+        tar_bytes = (root / "val-000000.tar").read_bytes()
+        sha = hashlib.sha256(tar_bytes).hexdigest()
         manifest = {
             "classes": ["painting"],
             "image_size": size,
             "image_format": "png",
-            "shards": [{"name": "val-000000.tar", "split": "val", "count": count}],
+            "shards": [
+                {"name": "val-000000.tar", "split": "val", "count": count, "bytes": len(tar_bytes), "sha256": sha}
+            ],
             "splits": {"train": {"count": 0, "shards": 0}, "val": {"count": count, "shards": 1}},
         }
         (root / "manifest.json").write_text(json.dumps(manifest))

@@ -18,11 +18,10 @@ import pytest
 from PIL import Image
 
 from artscale.contracts.onnx import describe_onnx
+from artscale.core.atomic import TMP_SUFFIX
 from artscale.core.errors import UserError
 from artscale.data.listing import list_inputs, output_names
-from artscale.export.article import export_onnx
 from artscale.infer.generate import generate, native_size
-from artscale.infer.outputs import TMP_SUFFIX
 from artscale.infer.session import (
     BYTES_PER_PIXEL,
     CPU_BATCH,
@@ -47,13 +46,6 @@ def _cuda_usable() -> bool:
     except OSError:
         return False
     return True
-
-
-@pytest.fixture(scope="module")
-def model16(tmp_path_factory, make_run_dir) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    export_onnx(make_run_dir(root / "run", size=16), root / "m16.onnx")
-    return root / "m16.onnx"
 
 
 GOOD = {  # input -> output, for --format png

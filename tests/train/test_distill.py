@@ -278,3 +278,110 @@ def test_the_student_at_its_steps_keeps_the_teachers_quality(
     assert np.mean(b["accuracy"]) >= np.mean(a["accuracy"]) - 0.02
     assert min(ratio) >= 0.9
     assert distill_cpu_s <= 2 * quality_teacher.cpu_s
+
+
+# --- the sampling and distilled records read back: denoiser.json, ONNX metadata, report.json ---------------
+
+SAMPLING = {"sampler": "ddim", "steps": 4, "guidance": 2.0, "guidance_baked": True}
+DISTILLED = {
+    "teacher": "/runs/teacher",
+    "teacher_step": 400,
+    "teacher_weights": "ema",
+    "steps": 4,
+    "teacher_substeps": 5,
+    "teacher_sampler": "dpm++",
+    "guidance": 2.0,
+    "guidance_input": False,
+}
+BAD_RECORDS = [
+    ("sampling", {"steps": "4"}, "sampling.steps must be int, not str '4'"),
+    ("sampling", {"steps": 0}, "sampling.steps must be >= 1, not 0"),
+    ("sampling", {"guidance": float("nan")}, "sampling.guidance must be a finite number, not nan"),
+    ("sampling", {"sampler": "euler"}, "sampling.sampler must be one of ddim, dpm++, not 'euler'"),
+    ("sampling", {"guidance_baked": "yes"}, "sampling.guidance_baked must be bool"),
+    ("distilled", {"teacher": "/runs/t\x1b[2J"}, "distilled.teacher must be a path without control characters"),
+    ("distilled", {"teacher": 7}, "distilled.teacher must be str, not int 7"),
+    ("distilled", {"teacher_substeps": 0}, "distilled.teacher_substeps must be >= 1, not 0"),
+    ("distilled", {"guidance": float("inf")}, "distilled.guidance must be a finite number, not inf"),
+    ("distilled", {"teacher_step": -1}, "distilled.teacher_step must be >= 0, not -1"),
+    ("distilled", {"teacher_sampler": "heun"}, "distilled.teacher_sampler must be one of ddim, dpm++"),
+]
+
+
+def denoiser_record(**changes) -> dict:
+    record = {"unet": {}, "scheduler": {"num_train_timesteps": 1000}, "classes": ["a", "b"], "null_label": 2}
+    return {**record, "prediction_type": "v_prediction", "image_size": 16, **changes}
+
+
+@pytest.mark.parametrize("key,change,message", BAD_RECORDS)
+def test_a_denoiser_json_with_a_bad_sampling_or_distilled_record_names_the_field(tmp_path, key, change, message):
+    from artscale.contracts.run_files import read_denoiser
+
+    path = tmp_path / "denoiser.json"
+    path.write_text(json.dumps(denoiser_record(sampling=SAMPLING, distilled=DISTILLED)))
+    assert read_denoiser(path)["distilled"] == DISTILLED
+    path.write_text(
+        json.dumps(denoiser_record(**{key: {**{"sampling": SAMPLING, "distilled": DISTILLED}[key], **change}}))
+    )
+    with pytest.raises(UserError) as e:
+        read_denoiser(path)
+    assert f"{path}: {message}" in str(e.value)
+
+
+def onnx_with(props: dict[str, str], path: Path) -> Path:
+    """An identity model carrying a diffusion denoiser's metadata: what read_metadata reads."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("key,change,message", BAD_RECORDS[:3] + BAD_RECORDS[5:8])
+def test_onnx_metadata_with_a_bad_sampling_or_distilled_record_names_the_field(tmp_path, key, change, message):
+    import onnxruntime as ort
+
+    from artscale.contracts.onnx import describe_onnx, read_metadata
+
+    base = {"objective": "diffusion", "classes": '["a", "b"]', "null_label": "2", "image_size": "16"}
+    base |= {"prediction_type": "v_prediction", "scheduler": '{"num_train_timesteps": 1000}'}
+    good = onnx_with(
+        {**base, "sampling": json.dumps(SAMPLING), "distilled": json.dumps(DISTILLED)}, tmp_path / "g.onnx"
+    )
+    meta = read_metadata(ort.InferenceSession(str(good), providers=["CPUExecutionProvider"]), good)
+    assert (meta["sampling"], meta["distilled"]) == (SAMPLING, DISTILLED)
+    assert "distilled student of /runs/teacher (step 400): 4 steps, guidance 2 baked in" in describe_onnx(good)
+    record = {**{"sampling": SAMPLING, "distilled": DISTILLED}[key], **change}
+    bad = onnx_with({**base, key: json.dumps(record)}, tmp_path / "b.onnx")
+    with pytest.raises(UserError) as e:
+        read_metadata(ort.InferenceSession(str(bad), providers=["CPUExecutionProvider"]), bad)
+    assert f"{bad}: metadata {message}" in str(e.value)
+    assert "\x1b" not in describe_onnx(bad) and f"unreadable: {bad}: metadata {key}." in describe_onnx(bad)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"passes_per_step": 3}, "passes_per_step must be <= 2, not 3"),
+        ({"sampling_from": {"steps": "guessed"}}, "sampling_from maps sampler, steps and guidance to one of"),
+        ({"sampling_from": ["flag"]}, "sampling_from must be dict, not list"),
+        ({"distilled": {**DISTILLED, "teacher": "a\nb"}}, "distilled.teacher must be a path without control"),
+        ({"variation": {"passes_per_step": 0}}, "variation.passes_per_step must be >= 1, not 0"),
+    ],
+)
+def test_a_report_json_with_bad_sampling_keys_names_the_field(tmp_path, change, message):
+    from artscale.infer.outputs import check_report
+
+    path = tmp_path / "report.json"
+    good = {"written": 2, "sampling_from": {"sampler": "model", "steps": "flag", "guidance": "default"}}
+    good |= {"passes_per_step": 1, "distilled": DISTILLED}
+    assert check_report(good, path) == good
+    with pytest.raises(UserError) as e:
+        check_report({**good, **change}, path)
+    assert f"{path}: {message}" in str(e.value)
