@@ -225,9 +225,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     which.add_argument(
         "--class-from-parent", action="store_true", default=S, help="each file's parent folder names its class"
     )
-    d.add_argument("--steps", type=int, default=S, help="sampler steps over the whole schedule (default 20)")
-    d.add_argument("--sampler", choices=["ddim", "dpm++"], default=S, help="default dpm++")
-    d.add_argument("--guidance", type=float, default=S, help="classifier-free guidance (default 3)")
+    d.add_argument("--steps", type=int, default=S, help="sampler steps over the whole schedule (default: the model's)")
+    d.add_argument("--sampler", choices=["ddim", "dpm++"], default=S, help="default: the model's")
+    d.add_argument("--guidance", type=float, default=S, help="classifier-free guidance (default: the model's)")
     d.add_argument("--seed", type=int, default=S, help="a file's noise comes from (seed, its relative path)")
 
 
@@ -256,9 +256,13 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", type=Path, help="where the images (named by index) and report.json go")
     p.add_argument("--count", type=int, default=16, help="images (per class with --class all; default 16)")
     p.add_argument("--class", dest="class_name", default="all", help="a class name, or all: --count per class")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--sampler", choices=["ddim", "dpm++"], default="dpm++", help="DPM-Solver++(2M) (default) or DDIM")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: off; default 3)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, from its run)")
+    p.add_argument(
+        "--sampler", choices=["ddim", "dpm++"], default=None, help="DPM-Solver++(2M) or DDIM (default: the model's)"
+    )
+    p.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (1: off; default: the model's)"
+    )
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise of (seed, i) alone")
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: 16 on CPU, 64 on a GPU)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for a run dir: EMA (default) or raw")

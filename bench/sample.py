@@ -11,6 +11,11 @@ Random-init weights (speed does not depend on them). 20 steps of DPM-Solver++(2M
 The machine may be shared: CPU seconds per image (process time, all threads) are reported too.
 Prints one JSON line.
 
+--student S.onnx --teacher T.onnx: a distilled student at its own defaults (its steps, one pass per step)
+against its teacher at --teacher-steps DPM++ steps (default 20,10; the teacher's recorded guidance), on the
+CPU, --images per class, one JSON line with img/s, CPU s per image and the student's speedup over each.
+    .venv/bin/python bench/sample.py --student student.onnx --teacher teacher.onnx --images 16 --rounds 2
+
 --onnx A.onnx,B.onnx --run RUN_DIR (bench/gpu_check.sh's sampling section, on --device cuda): for each
 ONNX file `artscale sample` against onnxruntime alone on the same session, its inputs and output bound
 once (the same 2 x batch rows, steps x chunks runs, nothing else), then `artscale sample RUN_DIR` on
@@ -263,6 +268,39 @@ def device_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def distill_bench(student: Path, teacher: Path, images: int, batch: int, rounds: int, teacher_steps: list[int]) -> dict:
+    """A distilled student's ONNX at its own defaults (steps, one pass per step) against its teacher's ONNX at
+    each of `teacher_steps` (DPM++, the teacher's recorded guidance), on the CPU, `images` per class; each round
+    measures all in turn and the best round of each counts (the machine may be shared)."""
+    runs = {"student": (student, {})} | {
+        f"teacher_{n}": (teacher, {"steps": n, "sampler": "dpm++"}) for n in teacher_steps
+    }
+    ips: dict[str, float] = {}
+    cpu_s: dict[str, float] = {}
+    used: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, (model, flags) in runs.items():
+                out = Path(tmp) / f"{name}-{r}"
+                kw = dict(count=images, seed=0, batch_size=batch, device="cpu", **flags)
+                _, spent = timed(sample_images, model, out, **kw)
+                report = json.loads((out / "report.json").read_text())
+                ips[name] = max(ips.get(name, 0.0), report["img_per_s"])
+                cpu_s[name] = min(cpu_s.get(name, math.inf), spent / report["written"])
+                used[name] = {k: report[k] for k in ("sampler", "steps", "guidance", "passes_per_step", "written")}
+    return {
+        "bench": "distill",
+        "cores": usable_cores(),
+        "rounds": rounds,
+        "batch_size": batch,
+        "runs": used,
+        "img_per_s": ips,
+        "cpu_s_per_img": cpu_s,
+        "student_speedup": {name: ips["student"] / ips[name] for name in ips if name != "student"},
+        "student_speedup_cpu_time": {name: cpu_s[name] / cpu_s["student"] for name in cpu_s if name != "student"},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny:32", help="preset:size,... (default tiny:32)")
@@ -275,7 +313,15 @@ def main() -> None:
     parser.add_argument("--run", default="", help="with --onnx: the run dir they came from, sampled on torch")
     parser.add_argument("--device", default="cuda", help="with --onnx/--run: auto, cpu or cuda")
     parser.add_argument("--jsonl", default="", help="with --onnx/--run: also append the lines to this file")
+    parser.add_argument("--student", default="", help="a distilled student's .onnx: against --teacher (see above)")
+    parser.add_argument("--teacher", default="", help="with --student: its teacher's .onnx")
+    parser.add_argument("--teacher-steps", default="20,10", help="with --student: the teacher's DPM++ steps to time")
     args = parser.parse_args()
+    if args.student:
+        steps = [int(n) for n in args.teacher_steps.split(",") if n]
+        line = distill_bench(Path(args.student), Path(args.teacher), args.images, args.batch_size, args.rounds, steps)
+        print(json.dumps(line, default=lambda v: round(v, 3)))
+        return
     if args.onnx or args.run:
         sys.exit(device_bench(args))
     results = []

@@ -269,7 +269,7 @@ def manifest() -> Callable[[Path], dict]:
     return read
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def art_shards(tmp_path_factory) -> Path:
     """5 visibly different classes x 48 images (the demo's procedural drawers), packed at 16 px."""
     from artscale.data.pack import pack

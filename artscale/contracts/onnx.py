@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 
+from artscale.contracts.run_files import check_distilled, check_sampler_keys, check_sampling
 from artscale.core.checks import MAX_CLASSES, BadFile, class_names, field, mapping, printable
 from artscale.core.errors import UserError
 
@@ -90,6 +91,7 @@ def read_metadata(session, path: str | Path = "the ONNX model") -> dict[str, Any
     if channels is not None and not all(type(c) is int and 1 <= c <= 65536 for c in channels):
         raise BadFile(path, "metadata config.block_out_channels", "must be a list of whole numbers in 1..65536")
     field(config, "denoiser", str, path, where="metadata config.", default="base")
+    check_sampler_keys(config, path, "metadata config.")
     return {
         "scheduler": _scheduler(_json(props, "scheduler", path), path),
         "classes": classes,
@@ -99,7 +101,28 @@ def read_metadata(session, path: str | Path = "the ONNX model") -> dict[str, Any
         "weights": props.get("weights", ""),
         "step": props.get("step", ""),
         "config": config,  # the training config: the UNet's shape
+        # the run's sampler, steps, guidance, and a student's record (None: an older export, or no student)
+        "sampling": check_sampling(_json(props, "sampling", path, "null"), path, "metadata sampling"),
+        "distilled": check_distilled(_json(props, "distilled", path, "null"), path, "metadata distilled"),
     }
+
+
+def _sampling_line(props: dict[str, str], path: str | Path) -> str:
+    """What the model samples with, checked as read_metadata checks it ("": not recorded, an older export);
+    a bad record is named, not shown."""
+    try:
+        sampling = check_sampling(_json(props, "sampling", path, "null"), path, "metadata sampling")
+        student = check_distilled(_json(props, "distilled", path, "null"), path, "metadata distilled")
+    except BadFile as e:
+        return f"unreadable: {printable(str(e))}"
+    if student:
+        return (
+            f"distilled student of {student['teacher']} (step {student.get('teacher_step')}): "
+            f"{student['steps']} steps, guidance {student['guidance']:g} baked in, one pass per step"
+        )
+    if sampling:
+        return f"samples with {sampling['sampler']} {sampling['steps']} steps, guidance {sampling['guidance']:g}"
+    return ""
 
 
 def describe_onnx(path: str | Path) -> str:
@@ -132,6 +155,9 @@ def describe_onnx(path: str | Path) -> str:
         "metadata:",
     ]
     lines += [f"  {printable(p.key)}: {printable(p.value)}" for p in proto.metadata_props] or ["  (none)"]
+    props = {p.key: p.value for p in proto.metadata_props}
+    if props.get("objective") == "diffusion" and (line := _sampling_line(props, path)):
+        lines.append(line)
     return "\n".join(lines)
 
 

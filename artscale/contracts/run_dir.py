@@ -298,6 +298,9 @@ def describe(path: str | Path) -> str:
             if final
             else "  final weights: none yet"
         )
+        folders = [path / "final"] + [p for _, p in reversed(found)]
+        denoiser = next((read_denoiser(f / DENOISER_NAME) for f in folders if (f / DENOISER_NAME).is_file()), None)
+        lines += describe_denoiser(denoiser, config)
         return "\n".join(lines)
     if path.is_dir() and (path / STATE_NAME).is_file():
         state = read_state(path / STATE_NAME) or {}
@@ -314,6 +317,31 @@ def describe(path: str | Path) -> str:
     lines.append(f"weights {weights.path}: ConvDiffusionModel, {len(weights.state_dict)} tensors, {params:,} values")
     lines.append(f"  step: {weights.step if weights.step is not None else 'unknown (article .pth)'}")
     return "\n".join(lines)
+
+
+def describe_denoiser(meta: dict[str, Any] | None, config: dict[str, Any] | None = None) -> list[str]:
+    """`artscale info`'s lines on a diffusion run: what it samples with by default, and a student's teacher."""
+    if not meta:
+        return []
+    config = config or {}
+    sampling = meta.get("sampling") or {
+        "sampler": config.get("sampler", "dpm++"),
+        "steps": config.get("sample_steps", 20),
+        "guidance": config.get("guidance", 3.0),
+    }
+    passes = 1 if sampling.get("guidance_baked") or sampling["guidance"] == 1 else 2
+    lines = [
+        f"  diffusion denoiser: {len(meta.get('classes') or [])} classes, {meta.get('image_size')} px; samples with "
+        f"{sampling['sampler']} {sampling['steps']} steps, guidance {sampling['guidance']:g} "
+        f"({passes} pass{'es' * (passes > 1)} per step)"
+    ]
+    if student := meta.get("distilled"):
+        lines.append(
+            f"  distilled from {student.get('teacher')} (step {student.get('teacher_step')}, "
+            f"{student.get('teacher_weights')} weights): {student.get('steps')} steps, guidance "
+            f"{student.get('guidance'):g} baked in, {student.get('teacher_substeps')} teacher steps per step"
+        )
+    return lines
 
 
 def is_diffusion_source(source: str | Path) -> bool:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from artscale.core.checks import BadFile, field, mapping, safe_component
+from artscale.core.checks import BadFile, field, mapping, printable, safe_component
 from artscale.core.system import multiple_of_8
 
 MAX_STEP = 10**12
@@ -23,6 +23,13 @@ MAX_IMAGE_SIZE = 16384
 # training wrote. NaN and inf are kept: a diverged run logs them, and that is what its report must show.
 MAX_METRIC = 3.5e38
 # Files accelerate's save_state writes that load_state unpickles (with torch.load(weights_only=True)).
+# What a diffusion model says it samples with (denoiser.json's and the ONNX metadata's `sampling`,
+# a student's `distilled`, the training config's sampler keys): the samplers artscale has, and ranges
+# beyond which no run of it trains.
+SAMPLERS = ("ddim", "dpm++")
+MAX_SAMPLE_STEPS = 10_000
+MAX_GUIDANCE = 1e6
+MAX_SUBSTEPS = 1000
 ACCELERATE_PICKLES = re.compile(r"^(optimizer|scheduler|sampler|dl_state_dict|scaler|random_states|custom_checkpoint)")
 
 
@@ -69,7 +76,59 @@ def read_config(path: Path) -> dict[str, Any] | None:
         field(config, key, int, path, low=0, high=MAX_STEP, default=None)
     for key in ("lr", "epochs"):
         field(config, key, float, path, low=0, default=None)
+    check_sampler_keys(config, path)
     return config
+
+
+def _sampler(record: dict[str, Any], key: str, path: Path | str, where: str, required: bool = True) -> str | None:
+    """record[key]: one of SAMPLERS (or absent, where not required)."""
+    value = field(record, key, str, path, where=where, **({} if required else {"default": None}))
+    if value is not None and value not in SAMPLERS:
+        raise BadFile(path, f"{where}{key}", f"must be one of {', '.join(SAMPLERS)}, not {printable(repr(value))[:40]}")
+    return value
+
+
+def check_sampler_keys(config: dict[str, Any], path: Path | str, where: str = "") -> dict[str, Any]:
+    """A training config's sampler, sample_steps and guidance (what an older model samples with), where present."""
+    _sampler(config, "sampler", path, where, required=False)
+    field(config, "sample_steps", int, path, low=1, high=MAX_SAMPLE_STEPS, default=None, where=where)
+    field(config, "guidance", float, path, low=0, high=MAX_GUIDANCE, default=None, where=where)
+    return config
+
+
+def check_sampling(value: Any, path: Path | str, name: str = "sampling") -> dict[str, Any] | None:
+    """A model's `sampling` record ({sampler, steps, guidance, guidance_baked}), or None where it has none."""
+    if value is None:
+        return None
+    record, where = mapping(value, path, name), f"{name}."
+    _sampler(record, "sampler", path, where)
+    field(record, "steps", int, path, low=1, high=MAX_SAMPLE_STEPS, where=where)
+    field(record, "guidance", float, path, low=0, high=MAX_GUIDANCE, where=where)
+    field(record, "guidance_baked", bool, path, default=False, where=where)
+    return record
+
+
+def check_distilled(value: Any, path: Path | str, name: str = "distilled") -> dict[str, Any] | None:
+    """A distilled student's record (its teacher's path, step and weights, its steps, the teacher's substeps,
+    sampler and the guidance baked in), or None for a model that is no student. The teacher's path is shown
+    by info and report: text without control characters."""
+    if value is None:
+        return None
+    record, where = mapping(value, path, name), f"{name}."
+    teacher = field(record, "teacher", str, path, where=where)
+    if not teacher or printable(teacher) != teacher:
+        raise BadFile(
+            path, f"{where}teacher", f"must be a path without control characters, not {printable(repr(teacher))[:80]}"
+        )
+    field(record, "teacher_step", (int, type(None)), path, low=0, high=MAX_STEP, default=None, where=where)
+    if field(record, "teacher_weights", str, path, where=where) not in ("ema", "raw"):
+        raise BadFile(path, f"{where}teacher_weights", "must be ema or raw")
+    field(record, "steps", int, path, low=1, high=MAX_SAMPLE_STEPS, where=where)
+    field(record, "teacher_substeps", int, path, low=1, high=MAX_SUBSTEPS, where=where)
+    _sampler(record, "teacher_sampler", path, where)
+    field(record, "guidance", float, path, low=1, high=MAX_GUIDANCE, where=where)
+    field(record, "guidance_input", bool, path, default=False, where=where)
+    return record
 
 
 UNET_INTS = ("sample_size", "layers_per_block", "norm_num_groups", "num_class_embeds", "in_channels", "out_channels")
@@ -97,6 +156,8 @@ def read_denoiser(path: Path) -> dict[str, Any] | None:
     size = field(meta, "image_size", int, path, low=8, high=MAX_IMAGE_SIZE)
     if not multiple_of_8(size):
         raise BadFile(path, "image_size", f"must be a multiple of 8, not {size}")
+    check_sampling(meta.get("sampling"), path)
+    check_distilled(meta.get("distilled"), path)
     return meta
 
 

@@ -148,6 +148,7 @@ def export_denoiser(
         "classes": json.dumps(classes),
         "null_label": str(meta["null_label"]),
         "weights": weights,
+        **{k: json.dumps(meta[k], sort_keys=True) for k in ("sampling", "distilled") if meta.get(k)},
     }
     weights_file = Path(meta["path"]) / (EMA_NAME if weights == "ema" else WEIGHTS_NAME)
     props = skeleton.metadata(
@@ -163,8 +164,10 @@ def export_denoiser(
 
     report = skeleton.publish(out, data, props, (*skeleton.REPORTED, "weights"), parity=recorded)
     also = skeleton.on_other_providers(by_provider, lambda m: f"{m['max_abs_diff']:.2g} (allowed {m['tolerance']:g})")
+    student = meta.get("distilled")
+    kind = f"distilled student, {student['steps']} steps" if student else "diffusion denoiser"
     print(
-        f"exported {out} (diffusion denoiser, {props['precision']}, {weights} weights, {size} px, "
+        f"exported {out} ({kind}, {props['precision']}, {weights} weights, {size} px, "
         f"step {props['step'] or '?'}): parity on {parity_source} at timesteps {list(PARITY_TIMESTEPS)}, "
         f"batch sizes {list(PARITY_BATCHES)}: max abs diff {measured['max_abs_diff']:.2g} (allowed {tolerance:g}){also}"
     )

@@ -257,6 +257,10 @@ def export_diffusers(
         raise UserError(f"--grid-count {grid_count}: must be >= 0 (0: no sample grid)")
     _check_out(out)
     unet, meta = load_denoiser(source, weights)
+    if meta.get("distilled"):  # diffusers' pipelines would apply guidance on top of the baked-in one
+        raise UserError(
+            f"{source} is a distilled student (guidance baked in): export it to ONNX, not --format diffusers"
+        )
     folder = Path(meta["path"])
     config = _run_config(folder)
     scheduler = DDPMScheduler.from_config(meta["scheduler"])

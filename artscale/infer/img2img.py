@@ -13,7 +13,7 @@ from artscale.core.errors import UserError
 from artscale.diffusion.noise import noise_for
 from artscale.diffusion.sampling import Predict, sample, to_model, to_uint8
 from artscale.diffusion.schedulers import make_sampler
-from artscale.infer.sample import bound_predict, first_channels, onnx_predict
+from artscale.infer.sample import bound_predict, first_channels, onnx_predict, resolve_sampling
 from artscale.infer.session import denoiser_bytes_per_pixel
 
 
@@ -67,17 +67,20 @@ class Variations:
         class_name: str = "",
         class_from_parent: bool = False,
         strength: float = 0.6,
-        steps: int = 20,
-        sampler: str = "dpm++",
-        guidance: float = 3.0,
+        steps: int | None = None,
+        sampler: str | None = None,
+        guidance: float | None = None,
         seed: int = 0,
         model: str | Path = "the ONNX model",
     ) -> None:
+        """steps, sampler, guidance: None takes the model's own (sample.resolve_sampling)."""
         from artscale.contracts.onnx import read_metadata
 
-        if not 0.0 <= strength <= 1.0 or steps < 1:
+        if not 0.0 <= strength <= 1.0 or (steps is not None and steps < 1):
             raise UserError(f"--strength {strength} --steps {steps}: need 0 <= strength <= 1 and steps >= 1")
         self.meta = read_metadata(session, model)
+        chosen = resolve_sampling(self.meta, sampler, steps, guidance)
+        sampler, steps, guidance = chosen.sampler, chosen.steps, chosen.guidance
         self.classes, self.null_label = list(self.meta["classes"]), int(self.meta["null_label"])
         if class_name and class_name not in self.classes:
             raise UserError(f"--class {class_name}: not one of the model's classes ({', '.join(self.classes)})")
@@ -88,12 +91,19 @@ class Variations:
             self.predict = bound_predict(session, self.device, self.stream)
         else:
             self.predict = onnx_predict(session)
-        rows = 2 if guidance != 1.0 else 1  # cond and uncond: what generate sizes a batch by
+        rows = 2 if chosen.loop_guidance != 1.0 else 1  # cond and uncond: what generate sizes a batch by
         self.bytes_per_pixel = denoiser_bytes_per_pixel(first_channels(self.meta), rows)
         self.class_name, self.class_from_parent = class_name, class_from_parent
-        self.opts = dict(seed=seed, steps=steps, guidance=guidance, strength=strength)
+        self.opts = dict(seed=seed, steps=steps, guidance=chosen.loop_guidance, strength=strength)
         self.sampler = sampler
-        self.settings = dict(class_name=class_name, class_from_parent=class_from_parent, sampler=sampler, **self.opts)
+        self.settings = dict(
+            class_name=class_name,
+            class_from_parent=class_from_parent,
+            sampler=sampler,
+            **{**self.opts, "guidance": guidance},
+            sampling_from=chosen.sources,
+            passes_per_step=rows,
+        )
         torch.set_num_threads(1)  # each inference stream runs its own loop; torch's ops are the scheduler's few
 
     def skip_reason(self, rel: str) -> str:

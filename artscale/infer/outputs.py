@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from artscale.contracts.run_files import check_distilled
 from artscale.core.atomic import regular_files, write_atomic, write_json_atomic
 from artscale.core.checks import BadFile, class_names, mapping, printable, safe_component
 from artscale.core.checks import field as checked
@@ -111,6 +112,7 @@ SAMPLE_FIELDS = {
 }
 # A sampling run's settings: every shard must have run the same.
 RUN_KEYS = ("model", "class", "classes", "count", "seed", "steps", "sampler", "guidance", "batch_size", "format")
+SAMPLING_KEYS = ("sampling_from", "passes_per_step", "distilled")  # where steps, sampler, guidance came from
 
 
 # Timings and rates a report holds besides its counts: finite numbers >= 0.
@@ -135,7 +137,31 @@ def check_report(rep: Any, path: Path) -> dict[str, Any]:
         raise BadFile(
             path, "format", f"must be one of {', '.join(EXTENSIONS)}, not {printable(repr(rep['format']))[:40]}"
         )
+    _check_sampling_keys(rep, path, "")
+    variation = checked(rep, "variation", dict, path, default=None)
+    if variation is not None:
+        _check_sampling_keys(mapping(variation, path, "variation"), path, "variation.")
     return rep
+
+
+SAMPLING_SOURCES = ("flag", "model", "default")
+
+
+def _check_sampling_keys(rep: dict[str, Any], path: Path, where: str) -> None:
+    """sampling_from (each of sampler, steps, guidance: flag, model or default), passes_per_step (1 or 2) and
+    distilled (a student's record, or null), where present."""
+    sources = checked(rep, "sampling_from", dict, path, default=None, where=where)
+    if sources is not None:
+        for key, source in mapping(sources, path, f"{where}sampling_from").items():
+            if key not in ("sampler", "steps", "guidance") or source not in SAMPLING_SOURCES:
+                raise BadFile(
+                    path,
+                    f"{where}sampling_from",
+                    f"maps sampler, steps and guidance to one of {', '.join(SAMPLING_SOURCES)}, "
+                    f"not {printable(repr(key))[:30]}: {printable(repr(source))[:30]}",
+                )
+    checked(rep, "passes_per_step", int, path, low=1, high=2, default=None, where=where)
+    check_distilled(rep.get("distilled"), path, f"{where}distilled")
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -293,6 +319,7 @@ def _merge_sample(out_dir: Path, reports: list[dict[str, Any]]) -> dict[str, Any
         raise UserError(f"{len(missing)} images are missing from {out_dir}, e.g. {missing[0]}")
     return {
         **{k: first.get(k) for k in RUN_KEYS},
+        **{k: first[k] for k in SAMPLING_KEYS if k in first},
         "out_dir": str(out_dir),
         "images_in_run": len(items),
         "written": sum(r["written"] for r in reports),

@@ -182,6 +182,62 @@ def open_denoiser(
     return session, used, stream if used in GPU_PROVIDERS else None
 
 
+class Sampling(NamedTuple):
+    """The sampler, steps and guidance a run uses, where each came from ("flag", "model", or "default": neither
+    the flag nor the model says), and the guidance the loop applies (1 for a student whose guidance is baked in:
+    one pass per step)."""
+
+    sampler: str
+    steps: int
+    guidance: float
+    loop_guidance: float
+    sources: dict[str, str]
+    distilled: dict[str, Any] | None
+
+
+# What a model that records nothing samples with (artscale's defaults before runs recorded theirs).
+FALLBACK_SAMPLING = {"sampler": "dpm++", "steps": 20, "guidance": 3.0}
+
+
+def resolve_sampling(
+    meta: dict[str, Any], sampler: str | None = None, steps: int | None = None, guidance: float | None = None
+) -> Sampling:
+    """A flag where given, else the model's `sampling` record (denoiser.json, ONNX metadata), else its training
+    config's sampler, sample_steps and guidance, else FALLBACK_SAMPLING. A distilled student's guidance is fixed:
+    another --guidance is refused in one line."""
+    record = meta.get("sampling") or {}
+    config = meta.get("config") or {}
+    recorded = {
+        "sampler": record.get("sampler", config.get("sampler")),
+        "steps": record.get("steps", config.get("sample_steps")),
+        "guidance": record.get("guidance", config.get("guidance")),
+    }
+    flags = {"sampler": sampler, "steps": steps, "guidance": guidance}
+    chosen, sources = {}, {}
+    for key, flag in flags.items():
+        if flag is not None:
+            chosen[key], sources[key] = flag, "flag"
+        elif recorded[key] is not None:
+            chosen[key], sources[key] = recorded[key], "model"
+        else:
+            chosen[key], sources[key] = FALLBACK_SAMPLING[key], "default"
+    if chosen["sampler"] not in SAMPLERS:
+        raise UserError(f"sampler {chosen['sampler']!r}: choose one of {', '.join(SAMPLERS)}")
+    distilled = meta.get("distilled") or None
+    loop_guidance = float(chosen["guidance"])
+    if record.get("guidance_baked"):
+        baked = float(record["guidance"])
+        if guidance is not None and float(guidance) != baked:
+            raise UserError(
+                f"--guidance {guidance:g}: this model is a distilled student with guidance {baked:g} baked in; "
+                f"leave --guidance out (or give {baked:g}), or sample its teacher"
+            )
+        loop_guidance = 1.0
+    return Sampling(
+        str(chosen["sampler"]), int(chosen["steps"]), float(chosen["guidance"]), loop_guidance, sources, distilled
+    )
+
+
 class Opened(NamedTuple):
     """What sample_images runs: the predict, the denoiser's metadata, where it runs, and how."""
 
@@ -209,9 +265,11 @@ def first_channels(meta: dict[str, Any]) -> int:
 def open_model(model: Path, device: str, allow_cpu_fallback: bool, weights: str, threads: int) -> Opened:
     """The denoiser of an .onnx file or a run dir, ready to sample: see Opened."""
     if model.is_dir():
-        from artscale.contracts.run_dir import load_denoiser
+        from artscale.contracts.run_dir import CONFIG_NAME, load_denoiser
+        from artscale.contracts.run_files import read_config
 
         unet, meta = load_denoiser(model, weights)
+        meta = {**meta, "config": read_config(Path(meta["path"]) / CONFIG_NAME) or {}}  # old runs: their sampling
         cuda = device != "cpu" and torch.cuda.is_available()
         if device == "cuda" and not cuda and not allow_cpu_fallback:
             raise UserError("--device cuda: torch sees no CUDA here; use --device cpu, or add --allow-cpu-fallback")
@@ -259,9 +317,9 @@ def sample_images(
     *,
     count: int = 16,
     class_name: str = "all",
-    steps: int = 20,
-    sampler: str = "dpm++",
-    guidance: float = 3.0,
+    steps: int | None = None,
+    sampler: str | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     image_format: str = "png",
     quality: int = 95,
@@ -272,13 +330,14 @@ def sample_images(
     num_shards: int = 1,
     shard_index: int = 0,
 ) -> dict[str, Any]:
-    """Sample this shard's images of the run into OUT_DIR; returns the report (also written as JSON)."""
+    """Sample this shard's images of the run into OUT_DIR; returns the report (also written as JSON).
+    steps, sampler, guidance: None takes the model's own (resolve_sampling)."""
     model, out_dir = Path(model), Path(out_dir)
-    if count < 1 or steps < 1 or batch_size < 0:
+    if count < 1 or (steps is not None and steps < 1) or batch_size < 0:
         raise UserError("--count and --steps must be >= 1, --batch-size >= 0 (0: chosen for the device)")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise UserError(f"--shard-index {shard_index} --num-shards {num_shards}: need 0 <= shard-index < num-shards")
-    if sampler not in SAMPLERS:
+    if sampler is not None and sampler not in SAMPLERS:
         raise UserError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
     if image_format not in EXTENSIONS:
         raise UserError(f"--format {image_format}: choose one of {', '.join(EXTENSIONS)}")
@@ -286,6 +345,8 @@ def sample_images(
         raise UserError(f"OUT_DIR {out_dir} exists and is not a folder")
     opened = open_model(model, device, allow_cpu_fallback, weights, usable_cores())
     predict, meta, used, where = opened.predict, opened.meta, opened.provider, opened.device
+    chosen = resolve_sampling(meta, sampler, steps, guidance)
+    sampler, steps, guidance = chosen.sampler, chosen.steps, chosen.guidance
     schedule = make_sampler(sampler, meta["scheduler"])  # the training scheduler's betas and prediction type
     size, null_label = int(meta["image_size"]), int(meta["null_label"])
     batch_size = batch_size or (CPU_CHUNK if used in ("CPUExecutionProvider", "torch-cpu") else GPU_CHUNK)
@@ -320,7 +381,9 @@ def sample_images(
             for chunk in todo:
                 noise = noise_for(seed, [it.index for it in chunk], (3, size, size)).to(where)
                 labels = torch.tensor([it.label for it in chunk])
-                images = to_uint8(sample(predict, schedule, noise, labels, null_label, steps=steps, guidance=guidance))
+                images = to_uint8(
+                    sample(predict, schedule, noise, labels, null_label, steps=steps, guidance=chosen.loop_guidance)
+                )
                 previous, pending = pending, []
                 for it, pixels in zip(chunk, images):
                     if not there[it.out]:  # the rest of the chunk was written before an interruption
@@ -358,6 +421,9 @@ def sample_images(
         "steps": steps,
         "sampler": sampler,
         "guidance": guidance,
+        "sampling_from": chosen.sources,  # each of sampler, steps, guidance: flag, model or default
+        "passes_per_step": 2 if chosen.loop_guidance != 1.0 else 1,
+        "distilled": chosen.distilled,
         "seed": seed,
         "batch_size": batch_size,
         "format": image_format,
@@ -368,6 +434,7 @@ def sample_images(
     path = write_report(out_dir, report)
     print(
         f"sampled {written} images ({already} already there) in {wall:.1f} s, {report['img_per_s']} img/s "
-        f"on {used} ({sampler}, {steps} steps, guidance {guidance}); report: {path}"
+        f"on {used} ({sampler}, {steps} steps, guidance {guidance:g}{', baked in' if chosen.distilled else ''}); "
+        f"report: {path}"
     )
     return report

@@ -267,7 +267,7 @@ def train_seconds(metrics: list[dict], global_batch: int) -> float:
 
 def run_section(path: Path, thumbs: Thumbs) -> tuple[str, str]:
     """(title, HTML) of a run dir."""
-    from artscale.contracts.run_dir import read_run_dir
+    from artscale.contracts.run_dir import describe_denoiser, read_run_dir
 
     run = read_run_dir(path)
     config = run.config or {}
@@ -294,6 +294,8 @@ def run_section(path: Path, thumbs: Thumbs) -> tuple[str, str]:
         ("global batch", global_batch or None),
     ]
     body = kpis(summary)
+    for line in describe_denoiser(run.denoiser, config):  # what it samples with; a student's teacher
+        body += note(line.strip())
     if run.unreadable_metrics:
         n = run.unreadable_metrics
         body += note(f"metrics.jsonl: {n} unreadable line{'s' * (n > 1)} skipped (a torn or corrupt line)", warn=True)

@@ -91,6 +91,9 @@ RUN_DEFINING_KEYS = (
     "min_snr_gamma",
     "cond_drop",
     "ema_decay",
+    "teacher",
+    "teacher_substeps",
+    "teacher_sampler",
 )
 
 

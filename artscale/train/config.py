@@ -65,8 +65,9 @@ class TrainConfig:
     #: clip the gradient norm to this; 0 disables clipping (the norm is still logged)
     max_grad_norm: float = bounded(0.0, 0, MAX_WEIGHT)
     #: reconstruct: the article's image-to-image model; diffusion: a class-conditional denoiser
-    #: (diffusers' UNet2DModel) that draws new images from noise (docs/diffusion.md)
-    objective: Literal["reconstruct", "diffusion"] = "reconstruct"
+    #: (diffusers' UNet2DModel) that draws new images from noise (docs/diffusion.md); distill: a few-step
+    #: student of a diffusion run (`teacher`), its guidance baked in
+    objective: Literal["reconstruct", "diffusion", "distill"] = "reconstruct"
     # loss
     #: VGG16 term; -1: the objective's default (1.0 reconstruct, 0 diffusion, where it applies to the
     #: predicted clean image at low-noise timesteps only)
@@ -93,6 +94,14 @@ class TrainConfig:
     sampler: Literal["ddim", "dpm++"] = "dpm++"  # DPM-Solver++(2M) or DDIM
     sample_steps: int = bounded(20, 1, 10_000)  # sampler steps for the grids and eval_every
     guidance: float = bounded(3.0, 0, MAX_WEIGHT)  # classifier-free guidance scale; 1: none
+    # distill: a few-step student of a diffusion run (one phase, TRACT-style: arXiv 2303.04248)
+    #: a diffusion run dir: the teacher, whose EMA weights the student starts from. The student samples in
+    #: sample_steps DDIM steps (sampler=ddim) of one pass each, the teacher's guidance `guidance` baked in
+    teacher: str = ""
+    #: the teacher's guided solver steps per student step: from data noised to the student's timestep, the
+    #: student learns where they land at its next timestep
+    teacher_substeps: int = bounded(4, 1, 1000)
+    teacher_sampler: Literal["ddim", "dpm++"] = "dpm++"  # DPM-Solver++(2M) within each student step, or DDIM
     # quality while training, with artscale eval's Inception features (artscale/train/quality.py)
     #: every eval_every steps (0: off), KID, and FID from 2048 images a side, against the val split.
     #: Diffusion: the EMA model draws eval_samples images per class with the sampler above;
@@ -135,7 +144,7 @@ class TrainConfig:
     pg_timeout_s: int = bounded(600, 1, 10**7)
 
     def __post_init__(self) -> None:
-        diffusion = self.objective == "diffusion"
+        diffusion = self.objective in ("diffusion", "distill")
         if self.perceptual_weight == -1.0:
             self.perceptual_weight = 0.0 if diffusion else 1.0
         if self.ema_decay == -1.0:
@@ -236,6 +245,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.num_workers < -1:
         raise UserError(f"config num_workers={cfg.num_workers}: must be >= 0, or -1 (chosen for the device)")
     _validate_diffusion(cfg)
+    _validate_distill(cfg)
     return cfg
 
 
@@ -253,6 +263,17 @@ def _validate_diffusion(cfg: TrainConfig) -> None:
         raise UserError(
             "config zero_terminal_snr=true needs prediction_type=v_prediction (epsilon is undefined at zero SNR)"
         )
+
+
+def _validate_distill(cfg: TrainConfig) -> None:
+    if cfg.objective != "distill":
+        return
+    if not cfg.teacher:
+        raise UserError("config objective=distill needs teacher=RUN_DIR (a diffusion run dir)")
+    if cfg.sampler != "ddim":
+        raise UserError(f"config sampler={cfg.sampler}: a distilled student samples with ddim (its training's steps)")
+    if cfg.guidance < 1:
+        raise UserError(f"config guidance={cfg.guidance}: the guidance a student learns must be >= 1 (1: none)")
 
 
 def _read_file(p: Path) -> dict[str, Any]:

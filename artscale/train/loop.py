@@ -134,14 +134,21 @@ class StopSignals:
         self.requested = "SIGINT"
 
 
-def build_net(cfg: TrainConfig, spec: DataSpec, resume_from: Path | None = None) -> torch.nn.Module:
+def build_net(
+    cfg: TrainConfig, spec: DataSpec, resume_from: Path | None = None, teacher: torch.nn.Module | None = None
+) -> torch.nn.Module:
     """The article's ConvDiffusionModel, or (objective=diffusion) a UNet denoiser over the manifest's classes:
-    the preset's, or when resuming the one the checkpoint records (a preset's structure may have changed since)."""
+    the preset's, or when resuming the one the checkpoint records (a preset's structure may have changed since).
+    objective=distill: a copy of the teacher (then the checkpoint's weights when resuming)."""
     if cfg.objective == "reconstruct":
         return ConvDiffusionModel()
     from artscale.models.denoiser import preset_denoiser
     from artscale.train.checkpoint import resume_denoiser
 
+    if teacher is not None:
+        from artscale.train.distill import student_from
+
+        return student_from(teacher)
     if not spec.classes:
         raise UserError(f"data={cfg.data}: objective=diffusion needs a shards dir with a manifest (its classes)")
     net = preset_denoiser(
@@ -156,13 +163,38 @@ def build_net(cfg: TrainConfig, spec: DataSpec, resume_from: Path | None = None)
 
 
 def build_objective(
-    cfg: TrainConfig, spec: DataSpec, acc: Any, loss_fn: HybridLoss, start: int
+    cfg: TrainConfig,
+    spec: DataSpec,
+    acc: Any,
+    loss_fn: HybridLoss,
+    start: int,
+    teacher: tuple[torch.nn.Module, dict[str, Any]] | None = None,
 ) -> Reconstruct | Diffusion:
     """The objective the loop calls; a diffusion run's draws continue at micro-batch start x grad_accum."""
     if cfg.objective == "reconstruct":
         return Reconstruct(loss_fn, acc.autocast, cfg.image_size)
     from artscale.diffusion.schedulers import train_scheduler
 
+    if teacher is not None:
+        from diffusers import DDPMScheduler
+
+        from artscale.train.distill import Distill
+
+        return Distill(
+            DDPMScheduler.from_config(teacher[1]["scheduler"]),  # the teacher's forward process, not the config's
+            teacher[0],
+            num_classes=len(spec.classes),
+            steps=cfg.sample_steps,
+            substeps=cfg.teacher_substeps,
+            teacher_sampler=cfg.teacher_sampler,
+            guidance=cfg.guidance,
+            cond_drop=cfg.cond_drop,
+            autocast=acc.autocast,
+            seed=cfg.seed,
+            rank=acc.process_index,
+            first_call=start * cfg.grad_accum,
+            device=acc.device,
+        )
     return Diffusion(
         train_scheduler(cfg.prediction_type, cfg.beta_schedule, cfg.zero_terminal_snr),
         num_classes=len(spec.classes),
@@ -181,10 +213,18 @@ def build_objective(
 
 
 def _extras(
-    net: torch.nn.Module, objective: Reconstruct | Diffusion, spec: DataSpec, cfg: TrainConfig, ema: Ema | None
+    net: torch.nn.Module,
+    objective: Reconstruct | Diffusion,
+    spec: DataSpec,
+    cfg: TrainConfig,
+    ema: Ema | None,
+    teacher_meta: dict[str, Any] | None = None,
 ) -> Any:
-    """What checkpoints and final/ hold beside the raw weights: ema.safetensors, denoiser.json."""
+    """What checkpoints and final/ hold beside the raw weights: ema.safetensors, denoiser.json (with the
+    sampling record `artscale sample` defaults to, and a student's `distilled` record)."""
     from safetensors.torch import save_file
+
+    from artscale.train.distill import distilled_record, sampling_record
 
     def write(folder: Path) -> None:
         if ema is not None:
@@ -195,9 +235,12 @@ def _extras(
                 "scheduler": {k: v for k, v in dict(objective.scheduler.config).items() if not k.startswith("_")},
                 "classes": spec.classes,
                 "null_label": objective.null_label,
-                "prediction_type": cfg.prediction_type,
+                "prediction_type": str(objective.scheduler.config.prediction_type),
                 "image_size": cfg.image_size,
+                "sampling": sampling_record(cfg),
             }
+            if teacher_meta is not None:
+                meta["distilled"] = distilled_record(cfg, teacher_meta)
             write_json_atomic(folder / DENOISER_NAME, meta)
 
     return write
@@ -214,6 +257,11 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
 
     cfg = absolute_paths(cfg)
     spec = data_spec(cfg.data, cfg.image_size)
+    teacher = None
+    if cfg.objective == "distill":  # a bad teacher stops here, before anything is written
+        from artscale.train.distill import load_teacher
+
+        teacher = load_teacher(cfg.teacher, cfg.image_size, spec.classes)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.to_dict(), cfg.force)
     precision = precision_for(cfg)
@@ -226,7 +274,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
     plan = Plan.make(cfg, spec, acc.num_processes)
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest conv kernels once
-    net = build_net(cfg, spec, resume_from).to(acc.device)
+    net = build_net(cfg, spec, resume_from, teacher[0] if teacher else None).to(acc.device)
     with acc.local_main_process_first():  # one process per node fills the node's VGG weights cache
         loss_fn = HybridLoss(cfg.vgg_weights, cfg.perceptual_weight).to(acc.device)
     fmt = torch.channels_last if cfg.use_channels_last() else torch.contiguous_format
@@ -241,8 +289,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> int:
         if not (resume_from / EMA_NAME).is_file():
             raise UserError(f"{resume_from} holds no {EMA_NAME} (trained with ema_decay=0): resume with ema_decay=0")
         ema.load(read_state_dict(resume_from / EMA_NAME), int(state.get("ema_step", 0)), str(resume_from / EMA_NAME))
-    objective = build_objective(cfg, spec, acc, loss_fn, start)
-    ckpt.extras = extras = _extras(net, objective, spec, cfg, ema)
+    objective = build_objective(cfg, spec, acc, loss_fn, start, teacher)
+    ckpt.extras = extras = _extras(net, objective, spec, cfg, ema, teacher[1] if teacher else None)
     if start > plan.total_steps:
         raise UserError(
             f"{resume_from} is at step {start}, past this run's last step {plan.total_steps}: raise max_steps or epochs"

@@ -142,11 +142,12 @@ class Diffusion:
 
         return sdpa_kernel(SDPBackend.MATH)
 
-    def _draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _draw(self, x0: torch.Tensor, high: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timesteps in [0, high), noise, label drops) of the next micro-batch; high 0: every training timestep."""
         g = self.generator.manual_seed(stable_seed(self.seed, self.rank, self.calls, bits=63))
         self.calls += 1
         n = x0.shape[0]
-        t = torch.randint(0, len(self.alphas_cumprod), (n,), generator=g, device=self.device)
+        t = torch.randint(0, high or len(self.alphas_cumprod), (n,), generator=g, device=self.device)
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         drop = torch.rand((n,), generator=g, device=self.device) < self.cond_drop
         return t, noise, drop

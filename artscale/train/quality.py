@@ -84,7 +84,7 @@ class Evals:
         self.every, self.net = cfg.eval_every, None
         self.real: tuple[torch.Tensor, torch.Tensor] | None = None  # val features and labels, main process
         self.real_ready = False  # on every rank: the main process has them
-        self.diffusion = cfg.objective == "diffusion"
+        self.diffusion = cfg.objective in ("diffusion", "distill")
         if not self.every:
             return
         if (spec.val_count or 0) < 2:
@@ -120,8 +120,8 @@ class Evals:
         fid = "KID and FID" if min(n, real) >= FEW_SAMPLES else f"KID (FID from {FEW_SAMPLES} images a side)"
         if self.diffusion:
             what = (
-                f"{n} images ({self.cfg.eval_samples} per class, {self.cfg.sampler} {self.cfg.sample_steps} steps, "
-                f"guidance {self.cfg.guidance:g})"
+                f"{n} images ({self.cfg.eval_samples} per class, {self.objective.sampler} {self.objective.sample_steps} "
+                f"steps, guidance {self.cfg.guidance:g})"
             )
         else:
             what = f"the model's outputs of the {n} val images"
@@ -271,12 +271,12 @@ class Evals:
             noise = noise_for(cfg.seed, [f"eval/{k}" for k in keys], (3, size, size)).to(device)
             x = sample(
                 torch_predict(net),
-                make_sampler(cfg.sampler, obj.scheduler.config),
+                make_sampler(obj.sampler, obj.scheduler.config),
                 noise,
                 torch.tensor(labels, device=device),
                 obj.null_label,
-                steps=cfg.sample_steps,
-                guidance=cfg.guidance,
+                steps=obj.sample_steps,
+                guidance=obj.guidance,  # a student's is baked in: 1, one pass per step
             )
             yield to_uint8(x), labels
 

@@ -181,7 +181,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local data, VGG and Inception paths made absolute: the saved config then means the same from any directory."""
     fixed = {
         k: str(Path(v).expanduser().resolve())
-        for k in ("data", "vgg_weights", "eval_inception")
+        for k in ("data", "vgg_weights", "eval_inception", "teacher")
         if (v := getattr(cfg, k)) not in ("", "imagenet", "random")
         and not is_url(v)  # s3://b/x is no path, even where an old local folder `s3:` exists
         and Path(v).expanduser().exists()

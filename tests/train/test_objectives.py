@@ -19,12 +19,7 @@ from safetensors.torch import load_file
 
 from artscale.contracts.run_dir import load_denoiser, load_weights
 from artscale.core.errors import UserError
-from artscale.data.loader import data_spec, val_loader
-from artscale.diffusion.noise import noise_for
-from artscale.diffusion.sampling import sample, torch_predict
-from artscale.diffusion.schedulers import make_sampler, train_scheduler
-
-QUALITY_STEPS = 400
+from artscale.diffusion.schedulers import train_scheduler
 
 
 @pytest.fixture(scope="session")
@@ -37,111 +32,31 @@ def diffusion(tiny):
     return overrides
 
 
-def real_images(shards: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out (val) split as uint8 [N, 16, 16, 3] and its labels."""
-    images, labels = [], []
-    for x, y, _, _ in val_loader(data_spec(str(shards), 16), batch_size=64, rank=0, world=1):
-        images.append(x.permute(0, 2, 3, 1).numpy())
-        labels.append(y.numpy())
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def features(images: np.ndarray) -> np.ndarray:
-    """A 4x4 thumbnail and an 8-bin histogram per channel: what tells these classes apart at a glance."""
-    x = images.astype(np.float64) / 255
-    n = len(x)
-    thumb = x.reshape(n, 4, 4, 4, 4, 3).mean(axis=(2, 4)).reshape(n, -1)
-    hist = np.stack([np.histogram(x[i, ..., c], bins=8, range=(0, 1))[0] for i in range(n) for c in range(3)])
-    return np.concatenate([thumb, hist.reshape(n, -1) / (16 * 16)], axis=1)
-
-
-def texture(images: np.ndarray) -> float:
-    """Mean absolute difference between neighbouring pixels: noise is far above real images."""
-    x = images.astype(np.float64)
-    return float((np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()) / 2)
-
-
-def spread(images: np.ndarray) -> float:
-    """Mean pairwise distance within a set (0 when every image is the same)."""
-    x = images.reshape(len(images), -1).astype(np.float64)
-    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
-    return float(d.sum() / (len(x) * (len(x) - 1)))
-
-
-def judge(samples: np.ndarray, labels: np.ndarray, shards: Path) -> dict[str, list[float]]:
-    """Per class: the share of its samples a nearest-centroid classifier (fitted on the real held-out images)
-    puts in it, and their spread over the real images' spread (1: as varied as the real ones)."""
-    real, real_labels = real_images(shards)
-    f_real = features(real)
-    mean, std = f_real.mean(0), f_real.std(0) + 1e-6
-    classes = int(labels.max()) + 1
-    centroids = np.stack([((f_real - mean) / std)[real_labels == c].mean(0) for c in range(classes)])
-    guess = (((features(samples) - mean) / std)[:, None] - centroids[None]) ** 2
-    right = guess.sum(-1).argmin(1) == labels
-    return {
-        "accuracy": [float(right[labels == c].mean()) for c in range(classes)],
-        "diversity": [spread(samples[labels == c]) / spread(real[real_labels == c]) for c in range(classes)],
-    }
-
-
 @pytest.mark.slow
-def test_a_short_run_draws_new_images_of_the_class_asked_for(art_shards, tmp_path, train_cli, tiny, metrics):
-    """The diffusion-cpu preset's recipe (the demo's), at 16 px for QUALITY_STEPS steps: every class drawn
+def test_a_short_run_draws_new_images_of_the_class_asked_for(art_shards, quality_teacher, quality, metrics):
+    """The diffusion-cpu preset's recipe (the demo's), at 16 px for its 400 steps: every class drawn
     recognisably and about as varied as the real images."""
-    from artscale.train.config import load_config
-
-    preset = load_config("diffusion-cpu")
-    run = tmp_path / "run"
-    t = time.monotonic()
-    proc = train_cli(
-        [
-            "--config",
-            "diffusion-cpu",
-            *tiny(
-                run,
-                art_shards,
-                f"batch_size={preset.batch_size}",
-                f"max_steps={QUALITY_STEPS}",
-                "log_every=50",
-                f"checkpoint_every={QUALITY_STEPS}",
-                f"val_every={QUALITY_STEPS}",
-            ),
-        ],
-        timeout=600,
-    )
-    train_s = time.monotonic() - t
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = quality_teacher.run
     model, meta = load_denoiser(run)
-    assert meta["weights"] == "ema" and meta["step"] == QUALITY_STEPS and len(meta["classes"]) == 5
-    per_class, classes = 16, len(meta["classes"])
+    assert meta["weights"] == "ema" and meta["step"] == quality_teacher.steps and len(meta["classes"]) == 5
+    preset = quality_teacher.preset
     t = time.monotonic()
-    labels = torch.arange(classes).repeat_interleave(per_class)
-    x = sample(
-        torch_predict(model),
-        make_sampler(preset.sampler, meta["scheduler"]),
-        noise_for(1, range(len(labels)), (3, 16, 16)),
-        labels,
-        meta["null_label"],
-        steps=preset.sample_steps,
-        guidance=preset.guidance,
-    )
-    samples = x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    found = quality(model, meta, preset.sampler, preset.sample_steps, preset.guidance)
     sample_s = time.monotonic() - t
-
-    found = judge(samples, labels.numpy(), art_shards)
-    noise = np.random.default_rng(0).integers(0, 256, samples.shape, dtype=np.uint8)
+    labels = found["labels"]
+    noise = np.random.default_rng(0).integers(0, 256, found["samples"].shape, dtype=np.uint8)
     acc, acc_noise = (
         float(np.mean(found["accuracy"])),
-        float(np.mean(judge(noise, labels.numpy(), art_shards)["accuracy"])),
+        float(np.mean(quality.judge(noise, labels, art_shards)["accuracy"])),
     )
-    ratio = texture(samples) / texture(real_images(art_shards)[0])
+    ratio = quality.texture(found["samples"]) / quality.texture(quality.real_images(art_shards)[0])
     diversity = min(found["diversity"])
     val = [m for m in metrics(run) if "val/loss" in m][-1]["val/loss"]
     print(
-        f"\n{QUALITY_STEPS} steps in {train_s:.0f} s, {len(labels)} samples in {sample_s:.1f} s: class accuracy "
-        f"{acc:.2f} (noise {acc_noise:.2f}), texture ratio {ratio:.2f}, diversity {diversity:.2f}, val/loss {val:.3f}"
-        f"\nper class ({', '.join(meta['classes'])}): accuracy {' '.join(f'{a:.2f}' for a in found['accuracy'])}, "
-        f"diversity {' '.join(f'{d:.2f}' for d in found['diversity'])}"
+        f"\n{quality_teacher.steps} steps in {quality_teacher.train_s:.0f} s, {len(labels)} samples in {sample_s:.1f} s: class "
+        f"accuracy {acc:.2f} (noise {acc_noise:.2f}), texture ratio {ratio:.2f}, diversity {diversity:.2f}, "
+        f"val/loss {val:.3f}\nper class ({', '.join(meta['classes'])}): accuracy "
+        f"{' '.join(f'{a:.2f}' for a in found['accuracy'])}, diversity {' '.join(f'{d:.2f}' for d in found['diversity'])}"
     )
     assert acc >= 0.9
     assert acc_noise <= 0.4  # chance is 0.2

@@ -18,7 +18,7 @@ VENV_BIN = Path(sys.executable).parent
 
 def test_the_presets_ship_inside_the_package():
     assert PRESETS_DIR == ROOT / "artscale" / "train" / "configs"
-    assert preset_names() == ["article", "diffusion", "diffusion-cpu"]
+    assert preset_names() == ["article", "diffusion", "diffusion-cpu", "distill-cpu"]
 
 
 @pytest.mark.parametrize("given", ["diffusion-cpu", "diffusion-cpu.yaml", "configs/diffusion-cpu.yaml"])
@@ -45,7 +45,7 @@ def test_neither_a_file_nor_a_preset_is_one_line_naming_the_presets(given, tmp_p
     with pytest.raises(UserError) as e:
         load_config(given)
     assert str(e.value) == (
-        f"config {given} is neither a file nor a preset; presets: article, diffusion, diffusion-cpu "
+        f"config {given} is neither a file nor a preset; presets: article, diffusion, diffusion-cpu, distill-cpu "
         "(artscale configs lists them)"
     )
 
@@ -54,7 +54,7 @@ def test_configs_lists_and_shows_the_presets(tmp_path, run_cli):
     listed = run_cli("configs", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    assert [line.split()[0] for line in lines[:3]] == preset_names()
+    assert [line.split()[0] for line in lines[:4]] == preset_names()
     assert lines[0].split(None, 1)[1] == (PRESETS_DIR / "article.yaml").read_text().splitlines()[0].lstrip("# ")
     assert "artscale configs show NAME" in lines[-1]
     shown = run_cli("configs", "show", "diffusion", cwd=tmp_path)
@@ -64,7 +64,7 @@ def test_configs_lists_and_shows_the_presets(tmp_path, run_cli):
     assert yaml.safe_load(shown.stdout)["objective"] == "diffusion"
     missing = run_cli("configs", "show", "difusion", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and missing.stdout == ""
-    assert "no preset named difusion; presets: article, diffusion, diffusion-cpu" in missing.stderr
+    assert "no preset named difusion; presets: article, diffusion, diffusion-cpu, distill-cpu" in missing.stderr
 
 
 def test_submit_takes_a_preset_name(tmp_path, run_cli):
